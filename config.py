@@ -1,0 +1,301 @@
+"""Typed, validated run configuration with one flat namespace of keys.
+
+Every key is declared once, next to the code that reads it, with ``register_options``:
+its type, default, allowed values and a help line. A run's configuration is built from
+YAML files (later files override earlier ones, ``defaults:`` pulls in a base file) and
+command-line overrides (``--key=value`` as a wandb agent passes them, or ``--key value``).
+Unknown keys, wrong types and out-of-range values raise ``ConfigError`` with one line that
+names the key (and, for unknown keys, the closest valid one).
+
+Per-task values (the original tunes some hyper-parameters per task) go in a ``per_task``
+mapping of the YAML file: ``per_task: {2: {nb_generation: 16}, 3: {nb_generation: 24}}``;
+``Config.for_task(t)`` returns the configuration in force during task ``t`` (1-based).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration problem; its message is one line meant for the user."""
+
+
+# Value kinds a key can have. "int_list" is a list of ints (e.g. class_order), written in YAML
+# as a list or on the command line as "3,1,2" or "[3,1,2]".
+KINDS = ("int", "float", "bool", "str", "int_list")
+
+
+@dataclass(frozen=True)
+class Option:
+    """Declaration of one configuration key."""
+
+    name: str
+    kind: str  # one of KINDS
+    default: Any
+    help: str  # one line: meaning, units, paper value
+    group: str = "general"
+    choices: tuple[Any, ...] | None = None
+    min: float | None = None  # inclusive bounds for numbers
+    max: float | None = None
+    nullable: bool = False  # whether null/None is an accepted value
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"option {self.name}: unknown kind {self.kind!r}")
+
+
+OPTIONS: dict[str, Option] = {}
+
+# YAML keys that are structure, not options.
+_STRUCTURE_KEYS = ("defaults", "per_task")
+
+
+def register_options(group: str, options: Iterable[Option]) -> None:
+    """Declare configuration keys; a key name may be declared only once."""
+    for opt in options:
+        if opt.name in OPTIONS or opt.name in _STRUCTURE_KEYS:
+            raise ValueError(f"configuration key {opt.name!r} is declared twice")
+        opt = Option(**{**opt.__dict__, "group": group})
+        coerce(opt, opt.default)  # the default itself must be valid
+        OPTIONS[opt.name] = opt
+
+
+def _closest(name: str) -> str:
+    match = difflib.get_close_matches(name, list(OPTIONS), n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _unknown_key(name: str, where: str) -> ConfigError:
+    return ConfigError(f"unknown configuration key '{name}' in {where}{_closest(name)}")
+
+
+def coerce(opt: Option, value: Any) -> Any:
+    """Return ``value`` converted to the option's kind, or raise ConfigError."""
+    bad = ConfigError(
+        f"key '{opt.name}': expected {opt.kind}"
+        + (f" (one of {', '.join(map(str, opt.choices))})" if opt.choices else "")
+        + f", got {value!r}"
+    )
+    if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+        if opt.nullable:
+            return None
+        raise bad
+    if opt.kind == "bool":
+        if isinstance(value, bool):
+            out = value
+        elif isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            out = value.lower() in ("true", "yes", "1", "on")
+        elif isinstance(value, int) and value in (0, 1):
+            out = bool(value)
+        else:
+            raise bad
+    elif opt.kind == "int":
+        if isinstance(value, str):
+            value = _parse_scalar(value)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise bad
+        if isinstance(value, float) and not value.is_integer():
+            raise bad
+        out = int(value)
+    elif opt.kind == "float":
+        if isinstance(value, str):
+            value = _parse_scalar(value)
+        if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+            raise bad
+        out = float(value)
+    elif opt.kind == "str":
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise bad
+        out = str(value)
+    else:  # int_list
+        if isinstance(value, str):
+            text = value.strip().strip("[]")
+            try:
+                value = [int(v) for v in text.split(",") if v.strip()]
+            except ValueError:
+                raise bad from None
+        if not isinstance(value, list | tuple) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        ):
+            raise bad
+        out = list(value)
+    if opt.choices is not None and out not in opt.choices:
+        raise bad
+    if opt.kind in ("int", "float"):
+        if opt.min is not None and out < opt.min:
+            raise ConfigError(f"key '{opt.name}': must be >= {opt.min}, got {out}")
+        if opt.max is not None and out > opt.max:
+            raise ConfigError(f"key '{opt.name}': must be <= {opt.max}, got {out}")
+    return out
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+class Config:
+    """Resolved configuration: attribute access to every declared key, read-only."""
+
+    def __init__(self, values: dict[str, Any], per_task: dict[int, dict[str, Any]] | None = None):
+        object.__setattr__(self, "_values", dict(values))
+        object.__setattr__(self, "_per_task", {int(k): dict(v) for k, v in (per_task or {}).items()})
+
+    def __getattr__(self, name: str) -> Any:
+        values = object.__getattribute__(self, "_values")
+        if name in values:
+            return values[name]
+        raise AttributeError(f"no configuration key '{name}'{_closest(name)}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("Config is read-only; use replace()")
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"values": self._values, "per_task": self._per_task}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        object.__setattr__(self, "_values", state["values"])
+        object.__setattr__(self, "_per_task", state["per_task"])
+
+    def __repr__(self) -> str:
+        return f"Config({self._values!r})"
+
+    @property
+    def per_task(self) -> dict[int, dict[str, Any]]:
+        return {k: dict(v) for k, v in self._per_task.items()}
+
+    def replace(self, **changes: Any) -> Config:
+        values = dict(self._values)
+        for name, value in changes.items():
+            if name not in OPTIONS:
+                raise _unknown_key(name, "replace()")
+            values[name] = coerce(OPTIONS[name], value)
+        return Config(values, self._per_task)
+
+    def for_task(self, task: int) -> Config:
+        """Configuration in force during ``task`` (1-based): per_task values applied."""
+        return Config({**self._values, **self._per_task.get(task, {})}, self._per_task)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dict(sorted(self._values.items()))
+        if self._per_task:
+            out["per_task"] = {k: dict(v) for k, v in sorted(self._per_task.items())}
+        return out
+
+    def save(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def defaults() -> dict[str, Any]:
+    return {name: opt.default for name, opt in OPTIONS.items()}
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict[str, Any], dict[int, dict]]:
+    """Read one config file (following ``defaults:``); return (values, per_task), not yet coerced."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"config file {path} includes itself through 'defaults'")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file {path}{where} is not valid YAML: {getattr(err, 'problem', err)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of key: value")
+    values: dict[str, Any] = {}
+    per_task: dict[int, dict] = {}
+    base = data.pop("defaults", None)
+    if base is not None:
+        for item in [base] if isinstance(base, str) else base:
+            base_values, base_tasks = _read_yaml(path.parent / item, (*seen, path.resolve()))
+            values.update(base_values)
+            for t, v in base_tasks.items():
+                per_task.setdefault(t, {}).update(v)
+    tasks = data.pop("per_task", None) or {}
+    if not isinstance(tasks, dict):
+        raise ConfigError(f"{path}: 'per_task' must map task numbers to mappings of key: value")
+    for t, vals in tasks.items():
+        if not isinstance(t, int) or t < 1 or not isinstance(vals, dict):
+            raise ConfigError(f"{path}: 'per_task' entries must be 'N: {{key: value}}' with N >= 1, got {t!r}")
+        for name in vals:
+            if name not in OPTIONS:
+                raise _unknown_key(name, f"{path} per_task {t}")
+        per_task.setdefault(t, {}).update(vals)
+    for name in data:
+        if name not in OPTIONS:
+            raise _unknown_key(name, str(path))
+    values.update(data)
+    return values, per_task
+
+
+def parse_overrides(args: Sequence[str]) -> dict[str, str]:
+    """Turn ``--key=value`` / ``--key value`` arguments into a mapping of raw strings."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or arg == "--":
+            raise ConfigError(f"unexpected argument '{arg}': overrides are written --key=value")
+        body = arg[2:]
+        if "=" in body:
+            name, value = body.split("=", 1)
+        else:
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                raise ConfigError(f"override '--{body}' has no value: write --{body}=VALUE")
+            name, value = body, args[i + 1]
+            i += 1
+        name = name.replace("-", "_")
+        if name not in OPTIONS:
+            raise _unknown_key(name, "the command line")
+        out[name] = value
+        i += 1
+    return out
+
+
+def load_config(files: Sequence[str | Path] = (), overrides: dict[str, Any] | None = None) -> Config:
+    """Build the validated config from defaults, YAML files (in order) and overrides."""
+    values = defaults()
+    per_task: dict[int, dict] = {}
+    for f in files:
+        file_values, file_tasks = _read_yaml(Path(f))
+        values.update(file_values)
+        for t, v in file_tasks.items():
+            per_task.setdefault(t, {}).update(v)
+    values.update(overrides or {})
+    values = {name: coerce(OPTIONS[name], v) for name, v in values.items()}
+    per_task = {t: {n: coerce(OPTIONS[n], v) for n, v in vals.items()} for t, vals in per_task.items()}
+    values["output_dir"] = str(values["output_dir"]).format(**values)
+    return Config(values, per_task)
+
+
+def reference_table() -> str:
+    """Markdown table of every key, grouped, for the README/docs."""
+    lines = ["| key | type | default | allowed | meaning |", "|---|---|---|---|---|"]
+    for group in sorted({o.group for o in OPTIONS.values()}, key=lambda g: (g != "run", g)):
+        lines.append(f"| **{group}** | | | | |")
+        for opt in sorted((o for o in OPTIONS.values() if o.group == group), key=lambda o: o.name):
+            allowed = ""
+            if opt.choices:
+                allowed = " \\| ".join(map(str, opt.choices))
+            elif opt.min is not None or opt.max is not None:
+                allowed = f"[{'' if opt.min is None else opt.min}, {'' if opt.max is None else opt.max}]"
+            if opt.nullable:
+                allowed = (allowed + ", null").lstrip(", ")
+            default = "null" if opt.default is None else opt.default
+            lines.append(f"| `{opt.name}` | {opt.kind} | `{default}` | {allowed} | {opt.help} |")
+    return "\n".join(lines)

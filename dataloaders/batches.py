@@ -1,0 +1,141 @@
+"""Batches drawn straight from in-memory tensors: shuffling, mixing, augmentation on the batch.
+
+No per-sample Python: indices for a whole epoch are drawn at once, images are gathered by
+indexing, and augmentation (random crop after zero padding, horizontal flip) is applied to the
+batch tensor on the device it lives on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from dataloaders.image_set import ImageSet, as_float
+
+AUGMENTATIONS = ("none", "flip", "crop_flip")
+
+
+@dataclass
+class Batch:
+    """Float images (B, C, H, W) in [0, 1], labels (B,), and which rows are synthetic (B,) bool."""
+
+    x: Tensor
+    y: Tensor
+    synthetic: Tensor
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+def random_crop(x: Tensor, padding: int, generator: torch.Generator | None = None) -> Tensor:
+    """Zero-pad by ``padding`` and crop back to the input size at a random offset per image."""
+    if padding == 0:
+        return x
+    b, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (padding,) * 4)
+    oy = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(x.device)
+    ox = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(x.device)
+    rows = (oy[:, None] + torch.arange(h, device=x.device))[:, :, None]  # (B, H, 1)
+    cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, :]  # (B, 1, W)
+    batch = torch.arange(b, device=x.device)[:, None, None]
+    return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
+
+
+def random_flip(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Flip each image horizontally with probability 0.5."""
+    flip = (torch.rand(len(x), generator=generator) < 0.5).to(x.device)
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+def augment_batch(x: Tensor, mode: str, generator: torch.Generator | None = None) -> Tensor:
+    if mode not in AUGMENTATIONS:
+        raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {mode!r}")
+    if mode == "crop_flip":
+        x = random_crop(x, 4, generator)
+    if mode in ("flip", "crop_flip"):
+        x = random_flip(x, generator)
+    return x
+
+
+class BatchLoader:
+    """One epoch of batches over real images, optionally mixed with synthetic ones.
+
+    Without ``synthetic`` it is a (shuffled) pass over ``real``. With it, it draws with
+    replacement so that a fraction ``synthetic_ratio`` of samples is synthetic (CCSI's weighted
+    sampler), for an epoch of ``len(real) / (1 - synthetic_ratio)`` samples.
+    """
+
+    def __init__(
+        self,
+        real: ImageSet,
+        batch_size: int,
+        shuffle: bool = True,
+        augment: str = "none",
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        synthetic: ImageSet | None = None,
+        synthetic_ratio: float = 0.0,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if synthetic is not None and not 0.0 <= synthetic_ratio < 1.0:
+            raise ValueError(f"synthetic_ratio must be in [0, 1), got {synthetic_ratio}")
+        if augment not in AUGMENTATIONS:
+            raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
+        self.real = real
+        self.synthetic = synthetic if synthetic is not None and len(synthetic) > 0 else None
+        self.ratio = synthetic_ratio if self.synthetic is not None else 0.0
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.augment = augment
+        self.generator = generator
+        self.device = torch.device(device) if device is not None else real.x.device
+        if self.synthetic is None:
+            self.num_samples = len(real)
+        else:
+            self.num_samples = int(round(len(real) / (1.0 - self.ratio)))
+
+    def __len__(self) -> int:
+        return -(-self.num_samples // self.batch_size)
+
+    def _draw(self) -> tuple[Tensor, Tensor]:
+        """Indices for the epoch: (source is synthetic (N,) bool, index within its source (N,))."""
+        n, g = self.num_samples, self.generator
+        if self.synthetic is None:
+            index = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
+            return torch.zeros(n, dtype=torch.bool), index
+        is_syn = torch.rand(n, generator=g) < self.ratio
+        real_idx = torch.randint(0, len(self.real), (n,), generator=g)
+        syn_idx = torch.randint(0, len(self.synthetic), (n,), generator=g)
+        return is_syn, torch.where(is_syn, syn_idx, real_idx)
+
+    def __iter__(self) -> Iterator[Batch]:
+        is_syn, index = self._draw()
+        real_x, real_y = self.real.x, self.real.y
+        for start in range(0, self.num_samples, self.batch_size):
+            syn = is_syn[start : start + self.batch_size]
+            idx = index[start : start + self.batch_size]
+            if self.synthetic is None:
+                i = idx.to(real_x.device)
+                x, y = as_float(real_x[i]), real_y[i]
+            else:
+                x, y = self._gather_mixed(syn, idx)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            if self.augment != "none":
+                x = augment_batch(x, self.augment, self.generator)
+            yield Batch(x, y, syn.to(self.device))
+
+    def _gather_mixed(self, syn: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+        assert self.synthetic is not None
+        r, s = ~syn, syn
+        xr = as_float(self.real.x[idx[r].to(self.real.x.device)]).to(self.device)
+        xs = as_float(self.synthetic.x[idx[s].to(self.synthetic.x.device)]).to(self.device)
+        x = torch.empty((len(idx), *xr.shape[1:]), device=self.device)
+        y = torch.empty(len(idx), dtype=torch.long, device=self.device)
+        x[r.to(self.device)], x[s.to(self.device)] = xr, xs
+        y[r.to(self.device)] = self.real.y[idx[r].to(self.real.y.device)].to(self.device)
+        y[s.to(self.device)] = self.synthetic.y[idx[s].to(self.synthetic.y.device)].to(self.device)
+        return x, y
