@@ -56,6 +56,10 @@ class Option:
 
 OPTIONS: dict[str, Option] = {}
 
+# Presets: a key whose value sets several other keys at once, unless the user set them explicitly
+# (in a config file or on the command line). PRESETS[key][value] = {other_key: value, ...}.
+PRESETS: dict[str, dict[Any, dict[str, Any]]] = {}
+
 # YAML keys that are structure, not options.
 _STRUCTURE_KEYS = ("defaults", "per_task")
 
@@ -68,6 +72,16 @@ def register_options(group: str, options: Iterable[Option]) -> None:
         opt = Option(**{**opt.__dict__, "group": group})
         coerce(opt, opt.default)  # the default itself must be valid
         OPTIONS[opt.name] = opt
+
+
+def register_preset(key: str, values: dict[Any, dict[str, Any]]) -> None:
+    """Declare that each value of ``key`` sets other keys (explicit settings win).
+
+    Keys may be declared by modules imported later; ``load_config`` validates the settings.
+    """
+    if key in PRESETS:
+        raise ValueError(f"preset {key!r} is declared twice")
+    PRESETS[key] = values
 
 
 def _closest(name: str) -> str:
@@ -86,7 +100,7 @@ def coerce(opt: Option, value: Any) -> Any:
         + (f" (one of {', '.join(map(str, opt.choices))})" if opt.choices else "")
         + f", got {value!r}"
     )
-    if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+    if _is_null(opt, value):
         if opt.nullable:
             return None
         raise bad
@@ -137,6 +151,16 @@ def coerce(opt: Option, value: Any) -> Any:
         if opt.max is not None and out > opt.max:
             raise ConfigError(f"key '{opt.name}': must be <= {opt.max}, got {out}")
     return out
+
+
+def _is_null(opt: Option, value: Any) -> bool:
+    """None, 'null' and '~' are null; 'none' too for a nullable key that has no 'none' choice."""
+    if value is None:
+        return True
+    if not isinstance(value, str):
+        return False
+    text = value.lower()
+    return text in ("null", "~") or (text == "none" and opt.nullable and "none" not in (opt.choices or ()))
 
 
 def _parse_scalar(text: str) -> Any:
@@ -271,21 +295,38 @@ def load_config(files: Sequence[str | Path] = (), overrides: dict[str, Any] | No
     """Build the validated config from defaults, YAML files (in order) and overrides."""
     values = defaults()
     per_task: dict[int, dict] = {}
+    explicit = set(overrides or {})  # keys the user set; presets do not touch them
     for f in files:
         file_values, file_tasks = _read_yaml(Path(f))
         values.update(file_values)
+        explicit |= set(file_values)
         for t, v in file_tasks.items():
             per_task.setdefault(t, {}).update(v)
     values.update(overrides or {})
+    for key, table in PRESETS.items():
+        chosen = coerce(OPTIONS[key], values[key])
+        for name, setting in table.get(chosen, {}).items():
+            if name not in OPTIONS:
+                raise ValueError(f"preset {key}={chosen} sets undeclared key {name!r}")
+            if name not in explicit:
+                values[name] = setting
     values = {name: coerce(OPTIONS[name], v) for name, v in values.items()}
     per_task = {t: {n: coerce(OPTIONS[n], v) for n, v in vals.items()} for t, vals in per_task.items()}
-    values["output_dir"] = str(values["output_dir"]).format(**values)
+    try:
+        values["output_dir"] = str(values["output_dir"]).format(**values)
+    except (KeyError, IndexError, ValueError) as err:
+        raise ConfigError(f"key 'output_dir': cannot fill placeholder {err} in {values['output_dir']!r}") from None
     return Config(values, per_task)
 
 
 def reference_table() -> str:
     """Markdown table of every key, grouped, for the README/docs."""
     lines = ["| key | type | default | allowed | meaning |", "|---|---|---|---|---|"]
+    preset_notes = [
+        f"- `{key}: {value}` sets " + ", ".join(f"`{n}: {v}`" for n, v in settings.items())
+        for key, table in PRESETS.items()
+        for value, settings in table.items()
+    ]
     for group in sorted({o.group for o in OPTIONS.values()}, key=lambda g: (g != "run", g)):
         lines.append(f"| **{group}** | | | | |")
         for opt in sorted((o for o in OPTIONS.values() if o.group == group), key=lambda o: o.name):
@@ -298,4 +339,7 @@ def reference_table() -> str:
                 allowed = (allowed + ", null").lstrip(", ")
             default = "null" if opt.default is None else opt.default
             lines.append(f"| `{opt.name}` | {opt.kind} | `{default}` | {allowed} | {opt.help} |")
+    if preset_notes:
+        lines += ["", "Presets (a key set explicitly, in a file or on the command line, wins over its preset):", ""]
+        lines += preset_notes
     return "\n".join(lines)

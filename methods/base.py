@@ -68,6 +68,10 @@ class Method:
         self.device = device
         self.n_seen = 0  # classes seen so far, including the task being learned
 
+    def reads_test_split(self, cfg: Config) -> bool:
+        """Whether this method uses test images during training (only the original protocol's IdC does)."""
+        return False
+
     # ----- task life cycle ---------------------------------------------------------------
     def before_task(self, ctx: TaskContext) -> None:
         """Grow the head for the new classes."""

@@ -1,0 +1,135 @@
+"""Data sets as in-memory tensors and their class-incremental split.
+
+``load_dataset(cfg)`` returns a ``DataSplits`` with original labels 0..C-1 and uint8 images
+(N, C, H, W); ``prepare(cfg)`` also builds the ``Scenario`` and remaps labels to class-order
+positions, so task t's classes are ``scenario.classes_of_task(t)``. Loaders register themselves
+with ``@register_dataset(name)``; the ``dataset`` key accepts exactly the registered names.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+
+from config import Config, ConfigError, Option, register_options
+from dataloaders.image_set import DataSplits, ImageSet
+from dataloaders.scenario import Scenario
+from errors import DataError
+
+log = logging.getLogger(__name__)
+
+Loader = Callable[[Config], DataSplits]
+DATASETS: dict[str, Loader] = {}
+
+
+def register_dataset(name: str) -> Callable[[Loader], Loader]:
+    """Decorator: make ``fn(cfg) -> DataSplits`` loadable as ``dataset: name``."""
+
+    def add(fn: Loader) -> Loader:
+        if name in DATASETS:
+            raise ValueError(f"dataset {name!r} is registered twice")
+        DATASETS[name] = fn
+        return fn
+
+    return add
+
+
+# The loader modules register themselves; imported here, after register_dataset exists.
+from dataloaders import digits, medmnist_data, npz_data, torchvision_data  # noqa: E402, F401
+
+register_options(
+    "data",
+    [
+        Option("dataset", "str", "digits", "data set to learn (digits is offline, for tests)", choices=tuple(DATASETS)),
+        Option("data_root", "str", "data", "folder holding the data set files"),
+        Option("download", "bool", False, "fetch missing data set files (MedMNIST, GTSRB, CIFAR-100)"),
+        Option("data_path", "str", None, "path of a MedMNIST-format .npz file for dataset: npz", nullable=True),
+        Option("nb_cl_fg", "int", 2, "number of classes in the first task", min=1),
+        Option("nb_cl", "int", 2, "number of classes per later task; the last task takes the remainder", min=1),
+        Option("class_order", "int_list", None, "explicit class order (a permutation of 0..C-1)", nullable=True),
+        Option("shuffle_classes", "bool", False, "shuffle 0..C-1 with seed when class_order is null"),
+        Option(
+            "medmnist_size", "int", 28, "MedMNIST image size in px (28 is padded to 32)", choices=(28, 64, 128, 224)
+        ),
+        Option(
+            "val_fraction",
+            "float",
+            0.1,
+            "fraction of train held out (stratified, seeded) as val for sets without a val split (gtsrb, cifar100)",
+            min=0.0,
+            max=0.5,
+        ),
+    ],
+)
+
+
+def _check_splits(data: DataSplits) -> None:
+    """Reject loader output that the engine could not use: wrong dtype, labels out of range, empty classes."""
+    shapes = set()
+    for split in ("train", "val", "test"):
+        s: ImageSet = getattr(data, split)
+        if s.x.dtype != torch.uint8:
+            raise DataError(f"{data.name}: {split} images have dtype {s.x.dtype}; expected uint8")
+        shapes.add(tuple(s.x.shape[1:]))
+        if len(s) and (int(s.y.min()) < 0 or int(s.y.max()) >= data.num_classes):
+            raise DataError(f"{data.name}: {split} labels must be in 0..{data.num_classes - 1}")
+    if len(shapes) > 1:
+        raise DataError(f"{data.name}: train/val/test image shapes differ: {sorted(shapes)}")
+    if len(data.class_names) != data.num_classes:
+        raise DataError(f"{data.name}: {len(data.class_names)} class names for {data.num_classes} classes")
+    counts = torch.bincount(data.train.y, minlength=data.num_classes)
+    empty = torch.nonzero(counts == 0).flatten().tolist()
+    if empty:
+        raise DataError(f"{data.name}: class(es) {empty} have no training images; every class 0..C-1 needs some")
+
+
+def load_dataset(cfg: Config) -> DataSplits:
+    """The configured data set with its original labels 0..C-1 and uint8 images (N, C, H, W)."""
+    if cfg.dataset not in DATASETS:
+        raise ConfigError(f"unknown dataset {cfg.dataset!r}; known: {', '.join(sorted(DATASETS))}")
+    data = DATASETS[cfg.dataset](cfg)
+    _check_splits(data)
+    log.info(
+        "data set %s: %d classes, images %s, train %d / val %d / test %d",
+        data.name,
+        data.num_classes,
+        tuple(data.train.x.shape[1:]),
+        len(data.train),
+        len(data.val),
+        len(data.test),
+    )
+    return data
+
+
+def build_scenario(cfg: Config, num_classes: int) -> Scenario:
+    """Class order and task sizes from ``nb_cl_fg``, ``nb_cl``, ``class_order``, ``shuffle_classes``, ``seed``."""
+    return Scenario.build(num_classes, cfg.nb_cl_fg, cfg.nb_cl, cfg.class_order, cfg.shuffle_classes, cfg.seed)
+
+
+def prepare(cfg: Config) -> tuple[DataSplits, Scenario]:
+    """Load the data set and the scenario, with labels remapped to class-order positions.
+
+    ``class_names`` keep the original order: remapped label p is named ``class_names[scenario.class_order[p]]``.
+    """
+    data = load_dataset(cfg)
+    scenario = build_scenario(cfg, data.num_classes)
+
+    def remapped(s: ImageSet) -> ImageSet:
+        return ImageSet(s.x, scenario.remap(s.y))
+
+    train, val, test = remapped(data.train), remapped(data.val), remapped(data.test)
+    return DataSplits(data.name, train, val, test, data.num_classes, data.class_names), scenario
+
+
+__all__ = [
+    "DATASETS",
+    "DataSplits",
+    "ImageSet",
+    "Scenario",
+    "build_scenario",
+    "load_dataset",
+    "prepare",
+    "register_dataset",
+]

@@ -1,0 +1,109 @@
+"""Any data set stored in MedMNIST's ``.npz`` format (``dataset: npz`` with ``data_path``).
+
+The file holds ``{train,val,test}_images`` (N, H, W) or (N, H, W, C) uint8 and ``{train,val,test}_labels``
+(N,) or (N, 1) integers. 28x28 images are zero-padded by 2 px on each side to 32x32 (as in CCSI);
+other sizes are kept. ``read_npz`` is shared with the MedMNIST loader.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from config import Config
+from dataloaders import register_dataset
+from dataloaders.image_set import DataSplits, ImageSet
+from errors import DataError
+
+SPLITS = ("train", "val", "test")
+REQUIRED_KEYS = tuple(f"{s}_{k}" for s in SPLITS for k in ("images", "labels"))
+
+
+def images_to_tensor(images: np.ndarray, pad_28: bool = True) -> torch.Tensor:
+    """(N, H, W) or (N, H, W, C) uint8 array -> (N, C, H, W) uint8 tensor; 28x28 padded to 32x32."""
+    x = torch.from_numpy(np.ascontiguousarray(images))
+    x = x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)  # (N, C, H, W)
+    if pad_28 and x.shape[-2:] == (28, 28):
+        x = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    return x.contiguous()
+
+
+def _check_images(name: str, key: str, images: np.ndarray) -> None:
+    if images.dtype != np.uint8:
+        raise DataError(f"{name}: '{key}' has dtype {images.dtype}; expected uint8 images with values 0..255")
+    if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3)):
+        raise DataError(
+            f"{name}: '{key}' has shape {images.shape}; expected N x H x W (grey) or N x H x W x C with C = 1 or 3 "
+            "(3D volumes are not supported)"
+        )
+
+
+def _check_labels(name: str, key: str, labels: np.ndarray, n_images: int) -> np.ndarray:
+    """Validate one label array and return it as (N,) int64."""
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{name}: '{key}' has dtype {labels.dtype}; expected integer class labels")
+    if labels.ndim == 2 and labels.shape[1] > 1:
+        raise DataError(
+            f"{name}: '{key}' has shape {labels.shape}: multi-label data (e.g. ChestMNIST) is not supported in "
+            "class-incremental learning; use a single-label data set"
+        )
+    if labels.ndim not in (1, 2):
+        raise DataError(f"{name}: '{key}' has shape {labels.shape}; expected (N,) or (N, 1) labels")
+    labels = labels.reshape(-1).astype(np.int64)
+    if len(labels) != n_images:
+        raise DataError(f"{name}: '{key}' has {len(labels)} labels but there are {n_images} images")
+    if len(labels) and labels.min() < 0:
+        raise DataError(f"{name}: '{key}' has negative label {labels.min()}; expected classes 0..C-1")
+    return labels
+
+
+def read_npz(path: Path, name: str, class_names: list[str] | None = None) -> DataSplits:
+    """Read and validate a MedMNIST-format file.
+
+    Without ``class_names`` the number of classes C is max label + 1 over all splits, names "0".."C-1".
+    """
+    if not path.is_file():
+        raise DataError(f"{name}: file {path} not found; set data_path to a MedMNIST-format .npz file")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [k for k in REQUIRED_KEYS if k not in data.files]
+            if missing:
+                raise DataError(
+                    f"{name}: {path} lacks key(s) {', '.join(missing)}; a MedMNIST-format .npz holds "
+                    f"{', '.join(REQUIRED_KEYS)} (found: {', '.join(data.files) or 'none'})"
+                )
+            arrays = {k: data[k] for k in REQUIRED_KEYS}
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        raise DataError(f"{name}: cannot read {path} as a .npz file ({err}); check the file") from None
+
+    labels = {}
+    for split in SPLITS:
+        _check_images(name, f"{split}_images", arrays[f"{split}_images"])
+        labels[split] = _check_labels(
+            name, f"{split}_labels", arrays[f"{split}_labels"], len(arrays[f"{split}_images"])
+        )
+    shapes = {s: (*arrays[f"{s}_images"].shape[1:], 1)[:3] for s in SPLITS}  # (H, W, C) per split
+    if len(set(shapes.values())) > 1:
+        raise DataError(f"{name}: the splits of {path} have different image shapes (H, W, C) {shapes}")
+    if len(labels["train"]) == 0:
+        raise DataError(f"{name}: {path} has no training images")
+
+    max_label = max(int(v.max()) for v in labels.values() if len(v))
+    if class_names is None:
+        class_names = [str(c) for c in range(max_label + 1)]
+    elif max_label >= len(class_names):
+        raise DataError(f"{name}: {path} has label {max_label} but the data set has {len(class_names)} classes")
+
+    sets = {s: ImageSet(images_to_tensor(arrays[f"{s}_images"]), torch.from_numpy(labels[s])) for s in SPLITS}
+    return DataSplits(name, sets["train"], sets["val"], sets["test"], len(class_names), list(class_names))
+
+
+@register_dataset("npz")
+def load_npz(cfg: Config) -> DataSplits:
+    """The file named by ``data_path``."""
+    if cfg.data_path is None:
+        raise DataError("dataset npz needs data_path: set data_path to a MedMNIST-format .npz file")
+    return read_npz(Path(cfg.data_path), "npz")

@@ -1,0 +1,160 @@
+"""Run loggers: one small interface in front of Weights & Biases (or nothing).
+
+The trainer calls ``log_config`` once, ``log_scalars`` during training (losses, learning rate), ``log_task`` after
+each task (accuracies, or the final summary), ``log_image`` for plots, and ``finish`` at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from config import Config, Option, register_options
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RunLogger", "WandbLogger", "build_logger", "wandb_credentials_found"]
+
+register_options(
+    "logging",
+    [
+        Option("logger", "str", "none", "experiment tracker: none, or wandb (offline when no API key)",
+               choices=("none", "wandb")),
+        Option("wandb_project", "str", "ccsi-cil", "wandb project name"),
+        Option("wandb_entity", "str", None, "wandb entity (user or team); null: the account's default",
+               nullable=True),
+        Option("wandb_run_name", "str", None, "wandb run name; null: <dataset>-<method>-seed<seed>", nullable=True),
+    ],
+)  # fmt: skip
+
+
+class RunLogger:
+    """Logger that records nothing; the base class of the real ones."""
+
+    def log_config(self, config: dict[str, Any]) -> None:
+        """Record the resolved configuration."""
+
+    def log_scalars(self, scalars: dict[str, float], step: int | None = None) -> None:
+        """Record scalar values at ``step`` (a global, non-decreasing counter); None: the next step."""
+
+    def log_task(self, task: int, summary_or_row: dict[str, Any]) -> None:
+        """Record the metrics after ``task`` (1-based): one metrics row, or the run summary at the end."""
+
+    def log_image(self, name: str, path: str | Path) -> None:
+        """Record an image file (a plot, an impressions grid)."""
+
+    def finish(self) -> None:
+        """Flush and close; safe to call twice."""
+
+
+def wandb_credentials_found() -> bool:
+    """Whether wandb can authenticate without prompting: WANDB_API_KEY, an identity token file, or a .netrc entry."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    if os.environ.get("NETRC"):
+        candidates = [Path(os.environ["NETRC"]).expanduser()]
+    else:
+        candidates = [Path("~/.netrc").expanduser(), Path("~/_netrc").expanduser()]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        return False
+    host = urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).netloc
+    try:
+        creds = netrc.netrc(str(path)).authenticators(host)
+    except (netrc.NetrcParseError, OSError) as err:
+        log.warning("wandb: could not read %s (%s); treating it as holding no API key", path, err)
+        return False
+    return bool(creds and creds[2])
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+class WandbLogger(RunLogger):
+    """Logs to Weights & Biases; offline (files under ``output_dir``, sync later) when no API key is configured."""
+
+    def __init__(
+        self,
+        cfg_dict: dict[str, Any],
+        project: str,
+        entity: str | None,
+        run_name: str | None,
+        output_dir: str | Path,
+    ):
+        import wandb  # imported here: slow to import, and only needed when this logger is chosen
+
+        self._wandb = wandb
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        offline = not os.environ.get("WANDB_MODE") and not wandb_credentials_found()
+        self.run = wandb.init(
+            project=project,
+            entity=entity,
+            name=run_name,
+            config=dict(cfg_dict),
+            dir=str(out),
+            mode="offline" if offline else None,
+            reinit="create_new",  # several runs in one process (benchmarks) never share a run
+        )
+        self.run.define_metric("task/task")
+        self.run.define_metric("task/*", step_metric="task/task")  # per-task curves use the task as x-axis
+        self._step = 0
+        if offline:
+            sync_dir = self.run.settings.sync_dir
+            log.warning("wandb: no API key found, logging offline to %s; sync later with `wandb sync %s`", sync_dir,
+                        sync_dir)  # fmt: skip
+
+    def log_config(self, config: dict[str, Any]) -> None:
+        self.run.config.update(dict(config), allow_val_change=True)
+
+    def log_scalars(self, scalars: dict[str, float], step: int | None = None) -> None:
+        step = self._step + 1 if step is None else int(step)
+        if step < self._step:
+            log.warning("wandb: step %d is before the last logged step %d; wandb will drop these values", step,
+                        self._step)  # fmt: skip
+        self._step = max(self._step, step)
+        self.run.log(dict(scalars), step=step)
+
+    def log_task(self, task: int, summary_or_row: dict[str, Any]) -> None:
+        """Scalars go to the history under ``task/<key>`` (x-axis: task); lists (R, per-task curves) to the summary."""
+        row: dict[str, Any] = {"task/task": task}
+        for key, value in summary_or_row.items():
+            if _is_scalar(value):
+                row[f"task/{key}"] = value
+            elif isinstance(value, list | tuple):
+                self.run.summary[f"task/{key}"] = list(value)
+        self._step += 1  # its own history row; a later training step equal to it is merged, not dropped
+        self.run.log(row, step=self._step)
+
+    def log_image(self, name: str, path: str | Path) -> None:
+        self.run.log({name: self._wandb.Image(str(path))}, step=self._step)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+def default_run_name(cfg: Config) -> str | None:
+    """``wandb_run_name``, else <dataset>-<method>-seed<seed> from whichever of those keys the config has."""
+    if cfg.wandb_run_name is not None:
+        return cfg.wandb_run_name
+    values = cfg.to_dict()
+    parts = [str(values[k]) for k in ("dataset", "method") if values.get(k) is not None]
+    if values.get("seed") is not None:
+        parts.append(f"seed{values['seed']}")
+    return "-".join(parts) or None
+
+
+def build_logger(cfg: Config, output_dir: str | Path) -> RunLogger:
+    """The logger chosen by the ``logger`` key (none: a RunLogger that records nothing)."""
+    if cfg.logger == "none":
+        return RunLogger()
+    if cfg.logger == "wandb":
+        return WandbLogger(cfg.to_dict(), cfg.wandb_project, cfg.wandb_entity, default_run_name(cfg), output_dir)
+    raise ValueError(f"unknown logger {cfg.logger!r}; choose none or wandb")

@@ -1,0 +1,192 @@
+"""Loss functions shared by several methods (CCSI, LUCIR, LwF, iCaRL, WA, ...).
+
+Pure functions: tensors in, a scalar tensor out; the calling method applies the weights from its config.
+The one stateful loss, :class:`IntraDomainContrastive`, keeps per-epoch EMA class centroids (CCSI).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "IntraDomainContrastive",
+    "adaptive_lambda",
+    "class_balance_weights",
+    "kd_loss",
+    "less_forget",
+    "margin_ranking",
+    "weighted_cross_entropy",
+]
+
+
+def _check_labels(logits: Tensor, y: Tensor, name: str) -> None:
+    if logits.dim() != 2 or y.dim() != 1 or y.shape[0] != logits.shape[0]:
+        raise ValueError(
+            f"{name}: expected scores (B, C) and labels (B,), got {tuple(logits.shape)} and {tuple(y.shape)}"
+        )
+
+
+# ----- class-balanced cross-entropy ----------------------------------------------------------------------------
+
+
+def class_balance_weights(counts: Tensor) -> Tensor:
+    """Inverse-frequency class weights w_c = n_max / n_c (CCSI's class-weighted CE), shape (C,) -> (C,).
+
+    A class with no training sample gets weight 0 (the original's 1/0 = inf): it is never a target, so its
+    weight is never used by the CE, and 0 keeps the weight vector finite.
+    """
+    if counts.dim() != 1 or counts.numel() == 0:
+        raise ValueError(f"counts must be a non-empty 1-D tensor (C,), got shape {tuple(counts.shape)}")
+    counts = counts.to(torch.float64)
+    if bool((counts < 0).any()):
+        raise ValueError(f"class counts must be >= 0, got {counts.tolist()}")
+    n_max = counts.max()
+    if n_max <= 0:
+        raise ValueError(f"class counts are all zero: {counts.tolist()}")
+    weights = torch.where(counts > 0, n_max / counts.clamp(min=1e-12), torch.zeros_like(counts))  # (C,)
+    return weights.to(torch.get_default_dtype())
+
+
+def weighted_cross_entropy(logits: Tensor, y: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Class-weighted CE, logits (B, C), labels (B,), weights (C,) or None (plain CE).
+
+    Reduction as ``F.cross_entropy(weight=...)``: sum_i w_{y_i} * nll_i / sum_i w_{y_i} (a weighted mean).
+    """
+    _check_labels(logits, y, "weighted_cross_entropy")
+    if weights is not None and weights.shape != (logits.shape[1],):
+        raise ValueError(f"weights must have shape ({logits.shape[1]},), got {tuple(weights.shape)}")
+    if weights is not None:
+        weights = weights.to(device=logits.device, dtype=logits.dtype)
+    return F.cross_entropy(logits, y, weight=weights)
+
+
+# ----- LUCIR (Hou et al., CVPR 2019) ---------------------------------------------------------------------------
+
+
+def adaptive_lambda(lamda: float, n_old: int, n_new: int) -> float:
+    """LUCIR's adaptive less-forget weight lambda_t = lamda * sqrt(n_old / n_new) (Hou et al. 2019)."""
+    if n_old < 0 or n_new <= 0:
+        raise ValueError(f"adaptive_lambda needs n_old >= 0 and n_new > 0, got n_old={n_old}, n_new={n_new}")
+    return float(lamda) * math.sqrt(n_old / n_new)
+
+
+def less_forget(features: Tensor, ref_features: Tensor, lamda_t: float) -> Tensor:
+    """LUCIR less-forget constraint: lamda_t * mean_i (1 - cos(f_i, f*_i)) (Hou et al. 2019).
+
+    features (B, D) from the current model, ref_features (B, D) from the frozen previous model (detached here);
+    every sample counts, as ``CosineEmbeddingLoss`` with target 1 in LUCIR's code.
+    """
+    if features.dim() != 2 or features.shape != ref_features.shape:
+        raise ValueError(
+            f"less_forget: expected two (B, D) tensors, got {tuple(features.shape)} and {tuple(ref_features.shape)}"
+        )
+    cos = F.cosine_similarity(features, ref_features.detach(), dim=1)  # (B,)
+    return lamda_t * (1.0 - cos).mean()
+
+
+def margin_ranking(scores: Tensor, y: Tensor, n_old: int, K: int, margin: float) -> Tensor:
+    """LUCIR inter-class separation: mean over (old-class sample, top-K new class) pairs of
+    max(0, m - <theta_y, f> + <theta_k, f>) (Hou et al. 2019), on pre-sigma cosines ``scores`` (B, n_seen).
+
+    Samples with y >= n_old do not count; with no old-class sample the result is a zero that keeps the graph.
+    """
+    _check_labels(scores, y, "margin_ranking")
+    n_new = scores.shape[1] - n_old
+    if n_old < 0 or n_new < 1:
+        raise ValueError(f"margin_ranking: n_old={n_old} leaves no new class among {scores.shape[1]} columns")
+    if not 1 <= K <= n_new:
+        raise ValueError(f"margin_ranking: K={K} must be in [1, {n_new}] (the number of new classes)")
+    gt = scores.gather(1, y.view(-1, 1))  # (B, 1)
+    top_new = scores[:, n_old:].topk(K, dim=1).values  # (B, K)
+    hinge = (margin - gt + top_new).clamp(min=0)  # (B, K)
+    hard = (y < n_old).to(scores.dtype).view(-1, 1)  # (B, 1): samples of old classes
+    return (hinge * hard).sum() / (hard.sum() * K).clamp(min=1)
+
+
+# ----- knowledge distillation ----------------------------------------------------------------------------------
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, T: float) -> Tensor:
+    """Hinton KD as soft-target cross-entropy: -mean_i sum_c softmax(z_t/T)_c * log_softmax(z_s/T)_c, (B, C) each.
+
+    This is the form of LwF (Li & Hoiem 2016) and PyCIL's ``_KD_loss``, whose loss weights our configs
+    reuse: no T^2 factor; it equals batchmean KL(p_t || p_s) plus the teacher's entropy, so the gradient is the KL's.
+    """
+    if student_logits.dim() != 2 or student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"kd_loss: expected two (B, C) tensors, got {tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
+        )
+    if T <= 0:
+        raise ValueError(f"kd_loss: temperature T must be > 0, got {T}")
+    log_p_student = F.log_softmax(student_logits / T, dim=1)  # (B, C)
+    p_teacher = F.softmax(teacher_logits.detach() / T, dim=1)  # (B, C)
+    return -(p_teacher * log_p_student).sum(dim=1).mean()
+
+
+# ----- CCSI intra-domain contrastive loss ----------------------------------------------------------------------
+
+
+def _class_means(scores: Tensor, labels: Tensor, n_classes: int) -> Tensor:
+    """Per-class mean of score rows (B, C) -> (n_classes, C); a class absent from the batch gets a zero row."""
+    one_hot = F.one_hot(labels, n_classes).to(scores.dtype)  # (B, n_classes)
+    sums = one_hot.t() @ scores  # (n_classes, C)
+    counts = one_hot.sum(dim=0).clamp(min=1).unsqueeze(1)  # (n_classes, 1)
+    return sums / counts
+
+
+class IntraDomainContrastive:
+    """CCSI intra-domain contrastive loss (Ayromlou et al. 2024): L = -log(tr(M) / sum(M)), M = exp(T S^T / tau).
+
+    S and T are (C, C) class centroids of pre-sigma cosine score vectors of the labelled batch (true labels) and of
+    an unlabelled target batch (argmax pseudo-labels), kept as per-epoch EMAs: c <- (1 - ro) * c.detach() + ro * mean.
+    As in the authors' code: memories start at zero on ``reset()``; a class absent from a batch gets a zero mean
+    (its centroid decays by 1 - ro); rows are divided by (norm + 1e-10), so a never-seen class is a zero row that
+    still enters M as exp(0) = 1 entries; all C classes enter; only the current batch carries gradient.
+    """
+
+    def __init__(self, ro: float, temperature: float) -> None:
+        if not 0.0 < ro <= 1.0:
+            raise ValueError(f"IntraDomainContrastive: ro must be in (0, 1], got {ro}")
+        if temperature <= 0:
+            raise ValueError(f"IntraDomainContrastive: temperature must be > 0, got {temperature}")
+        self.ro = ro
+        self.temperature = temperature
+        self.source_centroids: Tensor | None = None  # (C, C), detached memory of S
+        self.target_centroids: Tensor | None = None  # (C, C), detached memory of T
+
+    def reset(self) -> None:
+        """Forget the centroids (the authors reset them at the start of every epoch)."""
+        self.source_centroids = None
+        self.target_centroids = None
+
+    def __call__(self, source_scores: Tensor, source_labels: Tensor, target_scores: Tensor) -> Tensor:
+        """Loss for one step: source_scores (B, C) with labels (B,), target_scores (B2, C) unlabelled."""
+        _check_labels(source_scores, source_labels, "IntraDomainContrastive")
+        n_classes = source_scores.shape[1]
+        if target_scores.dim() != 2 or target_scores.shape[1] != n_classes:
+            raise ValueError(
+                f"IntraDomainContrastive: target_scores must be (B2, {n_classes}), got {tuple(target_scores.shape)}"
+            )
+        if self.source_centroids is not None and self.source_centroids.shape[0] != n_classes:
+            raise ValueError(
+                f"IntraDomainContrastive: {n_classes} classes but the memory holds "
+                f"{self.source_centroids.shape[0]}; call reset() when the head grows"
+            )
+        # sigma > 0 scales every logit alike, so argmax of pre-sigma scores = argmax of logits (the original's).
+        pseudo_labels = target_scores.detach().argmax(dim=1)  # (B2,)
+        s_new = self._update(self.source_centroids, _class_means(source_scores, source_labels, n_classes))
+        t_new = self._update(self.target_centroids, _class_means(target_scores, pseudo_labels, n_classes))
+        self.source_centroids, self.target_centroids = s_new.detach(), t_new.detach()
+        s_norm = s_new / (s_new.norm(dim=1, keepdim=True) + 1e-10)  # (C, C)
+        t_norm = t_new / (t_new.norm(dim=1, keepdim=True) + 1e-10)  # (C, C)
+        m = torch.exp(t_norm @ s_norm.t() / self.temperature)  # (C, C)
+        return torch.log(m.sum()) - torch.log(torch.diagonal(m).sum())
+
+    def _update(self, memory: Tensor | None, batch_means: Tensor) -> Tensor:
+        if memory is None:  # zero memory after reset: the first step gives ro * batch means
+            return self.ro * batch_means
+        return (1.0 - self.ro) * memory + self.ro * batch_means

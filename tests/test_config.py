@@ -1,0 +1,122 @@
+"""Configuration: parsing, typing, validation and the one-line errors main.py turns into exit code 2."""
+
+import pytest
+import yaml
+
+import config
+from config import ConfigError, Option, coerce, load_config, parse_overrides
+
+import incremental_train_and_eval  # noqa: F401  (declares every key)
+
+
+def test_defaults_resolve_and_output_dir_is_formatted():
+    cfg = load_config()
+    assert cfg.method == "finetune" and cfg.seed == 0
+    assert cfg.output_dir == f"runs/{cfg.dataset}/finetune/seed0"
+
+
+def test_yaml_then_overrides_in_both_forms(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("epochs: 3\nlr: 0.5\nclass_order: [1, 0, 2]\n")
+    cfg = load_config([path], parse_overrides(["--lr=0.25", "--batch_size", "8", "--augment=flip"]))
+    assert (cfg.epochs, cfg.lr, cfg.batch_size, cfg.augment) == (3, 0.25, 8, "flip")
+    assert cfg.class_order == [1, 0, 2]
+    assert isinstance(cfg.lr, float) and isinstance(cfg.batch_size, int)
+
+
+def test_command_line_values_are_typed():
+    cfg = load_config(overrides=parse_overrides(["--resume=yes", "--class_order=2,0,1", "--lr=1e-3"]))
+    assert cfg.resume is True and cfg.class_order == [2, 0, 1] and cfg.lr == pytest.approx(1e-3)
+
+
+def test_unknown_key_names_the_closest_valid_one(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown configuration key 'lrr'.*did you mean 'lr'"):
+        parse_overrides(["--lrr=0.1"])
+    path = tmp_path / "bad.yaml"
+    path.write_text("epochz: 3\n")
+    with pytest.raises(ConfigError, match=r"'epochz' in .*bad.yaml.*did you mean 'epochs'"):
+        load_config([path])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("--epochs=2.5", "key 'epochs': expected int"),
+        ("--epochs=-1", "key 'epochs': must be >= 0"),
+        ("--lr=abc", "key 'lr': expected float"),
+        ("--device=tpu", "key 'device': expected str .one of auto, cpu, cuda."),
+        ("--resume=maybe", "key 'resume': expected bool"),
+        ("--class_order=a,b", "key 'class_order': expected int_list"),
+        ("--epochs=null", "key 'epochs': expected int"),
+    ],
+)
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=parse_overrides([override]))
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
+        load_config([tmp_path / "nope.yaml"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochs: [1, 2\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config([bad])
+
+
+def test_defaults_inheritance_and_per_task(tmp_path):
+    (tmp_path / "base.yaml").write_text("epochs: 7\nlr: 0.2\nper_task: {2: {lr: 0.01}}\n")
+    (tmp_path / "run.yaml").write_text("defaults: base.yaml\nlr: 0.3\nper_task:\n  3: {epochs: 1}\n")
+    cfg = load_config([tmp_path / "run.yaml"])
+    assert (cfg.epochs, cfg.lr) == (7, 0.3)
+    assert cfg.for_task(1).lr == 0.3
+    assert cfg.for_task(2).lr == 0.01 and cfg.for_task(2).epochs == 7
+    assert cfg.for_task(3).epochs == 1 and cfg.for_task(3).lr == 0.3
+
+
+def test_per_task_values_are_validated(tmp_path):
+    (tmp_path / "run.yaml").write_text("per_task: {2: {epochs: -3}}\n")
+    with pytest.raises(ConfigError, match="must be >= 0"):
+        load_config([tmp_path / "run.yaml"])
+    (tmp_path / "run.yaml").write_text("per_task: {2: {epoch: 3}}\n")
+    with pytest.raises(ConfigError, match="did you mean 'epochs'"):
+        load_config([tmp_path / "run.yaml"])
+
+
+def test_override_without_value_and_stray_argument():
+    with pytest.raises(ConfigError, match="has no value"):
+        parse_overrides(["--lr"])
+    with pytest.raises(ConfigError, match="unexpected argument 'lr=3'"):
+        parse_overrides(["lr=3"])
+
+
+def test_config_is_read_only_and_saves_round_trip(tmp_path):
+    cfg = load_config(overrides={"epochs": 4})
+    with pytest.raises(AttributeError):
+        cfg.epochs = 5
+    cfg.save(tmp_path / "config.yaml")
+    again = load_config([tmp_path / "config.yaml"])
+    assert again.to_dict() == cfg.to_dict()
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["epochs"] == 4
+
+
+def test_duplicate_declaration_is_an_error():
+    with pytest.raises(ValueError, match="declared twice"):
+        config.register_options("x", [Option("lr", "float", 0.1, "dup")])
+
+
+def test_coerce_bounds_and_choices():
+    opt = Option("p", "float", 0.5, "a probability", min=0.0, max=1.0)
+    assert coerce(opt, 1) == 1.0
+    with pytest.raises(ConfigError, match="must be <= 1.0"):
+        coerce(opt, 1.5)
+    with pytest.raises(ConfigError):
+        coerce(opt, True)
+
+
+def test_every_key_is_documented_in_docs():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "config.md").read_text()
+    missing = [name for name in config.OPTIONS if f"`{name}`" not in text]
+    assert not missing, f"docs/config.md is stale (regenerate: python main.py keys > docs/config.md): {missing}"

@@ -1,0 +1,116 @@
+"""The task loop end to end on digits: bounds, resume and per-task equivalence, bad input."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import main
+from checkpoint import load_checkpoint, task_checkpoint_path
+from errors import CheckpointError, TrainingError
+from incremental_train_and_eval import run
+from methods.finetune import Finetune
+
+THREE_TASKS = {"nb_cl_fg": 4, "nb_cl": 3}  # digits: tasks of 4, 3, 3 classes
+
+
+def read_metrics(folder):
+    return json.loads((folder / "metrics.json").read_text())
+
+
+def test_finetune_forgets_and_joint_does_not(make_cfg, tmp_path):
+    common = {"epochs": 6, "lr": 0.1, "nb_cl_fg": 2, "nb_cl": 2}
+    ft = run(make_cfg(method="finetune", output_dir=str(tmp_path / "ft"), **common))
+    joint = run(make_cfg(method="joint", output_dir=str(tmp_path / "joint"), **common))
+    # finetune: only the last task's two classes survive
+    assert ft["last_accuracy"] < 35 and ft["forgetting"] > 50
+    assert joint["last_accuracy"] > 85 and joint["forgetting"] < 15
+    assert len(ft["accuracy_matrix"]) == 5 and len(joint["accuracy_per_task"]) == 5
+    for name in ("metrics.json", "metrics.csv", "config.yaml", "task_5.pt"):
+        assert (tmp_path / "ft" / name).is_file()
+    assert list((tmp_path / "ft").glob("*.png")), "plots are written"
+
+
+def test_per_task_runs_equal_one_uninterrupted_run(make_cfg, tmp_path):
+    full = run(make_cfg(output_dir=str(tmp_path / "full"), **THREE_TASKS))
+    step = tmp_path / "steps"
+    run(make_cfg(output_dir=str(step), task=1, **THREE_TASKS))
+    for t in (2, 3):
+        previous = task_checkpoint_path(step, t - 1)
+        run(make_cfg(output_dir=str(step), task=t, saved_model_address=str(previous), overwrite=True, **THREE_TASKS))
+    assert read_metrics(step)["accuracy_matrix"] == full["accuracy_matrix"]
+    a = load_checkpoint(task_checkpoint_path(tmp_path / "full", 3))["method"]["net"]
+    b = load_checkpoint(task_checkpoint_path(step, 3))["method"]["net"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_continues_from_the_last_complete_task(make_cfg, tmp_path):
+    full = run(make_cfg(output_dir=str(tmp_path / "full"), **THREE_TASKS))
+    part = tmp_path / "part"
+    run(make_cfg(output_dir=str(part), task=1, **THREE_TASKS))
+    resumed = run(make_cfg(output_dir=str(part), resume=True, **THREE_TASKS))
+    assert resumed["accuracy_matrix"] == full["accuracy_matrix"]
+    assert resumed["average_incremental_accuracy"] == full["average_incremental_accuracy"]
+
+
+def test_existing_run_is_not_overwritten_silently(make_cfg, tmp_path):
+    cfg = make_cfg(task=1, **THREE_TASKS)
+    run(cfg)
+    with pytest.raises(Exception, match="already holds checkpoints.*--resume=true"):
+        run(make_cfg(**THREE_TASKS))
+
+
+def test_task_needs_the_previous_checkpoint(make_cfg, tmp_path):
+    with pytest.raises(Exception, match="task 2 needs --saved_model_address"):
+        run(make_cfg(task=2, **THREE_TASKS))
+    run(make_cfg(task=1, **THREE_TASKS))
+    first = str(task_checkpoint_path(tmp_path / "run", 1))
+    with pytest.raises(CheckpointError, match="checkpoint of task 1, but task 3 needs that of task 2"):
+        run(make_cfg(task=3, saved_model_address=first, overwrite=True, **THREE_TASKS))
+
+
+def test_corrupt_checkpoint_gives_one_line_error(make_cfg, tmp_path, capsys):
+    bad = tmp_path / "task_1.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="corrupt or unreadable"):
+        run(make_cfg(task=2, saved_model_address=str(bad), **THREE_TASKS))
+    code = main.main(["--dataset=digits", "--device=cpu", f"--output_dir={tmp_path / 'r'}", "--task=2",
+                      f"--saved_model_address={bad}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: checkpoint")
+
+
+def test_checkpoint_of_another_split_is_refused(make_cfg, tmp_path):
+    run(make_cfg(task=1, **THREE_TASKS))
+    first = str(task_checkpoint_path(tmp_path / "run", 1))
+    with pytest.raises(CheckpointError, match="another class split"):
+        run(make_cfg(task=2, saved_model_address=first, overwrite=True, nb_cl_fg=2, nb_cl=2))
+
+
+def test_nan_loss_stops_with_a_clear_error(make_cfg, monkeypatch):
+    def nan_step(self, batch):
+        loss = self.net(batch.x)["logits"].sum() * math.nan
+        return {"loss": loss, "ce": loss}
+
+    monkeypatch.setattr(Finetune, "training_step", nan_step)
+    with pytest.raises(TrainingError, match="task 1 epoch 1: loss term 'loss' is nan"):
+        run(make_cfg(**THREE_TASKS))
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--lrr=0.1"], "error: unknown configuration key 'lrr' in the command line (did you mean 'lr'?)"),
+        (["--epochs=-2"], "error: key 'epochs': must be >= 0, got -2"),
+        (["--config", "nope.yaml"], "error: config file not found: nope.yaml"),
+    ],
+)
+def test_main_reports_bad_input_in_one_line(args, expected, capsys):
+    assert main.main(args) == 2
+    assert capsys.readouterr().err.strip() == expected
+
+
+def test_selection_on_val_keeps_the_best_epoch(make_cfg):
+    summary = run(make_cfg(select_on="val", epochs=3, **THREE_TASKS))
+    assert len(summary["accuracy_per_task"]) == 3

@@ -1,0 +1,133 @@
+"""Run loggers: the no-op base, credential detection, and wandb in offline mode (never the network)."""
+
+import logging
+
+import pytest
+
+import config
+import loggers
+from config import Config
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def wandb_env(tmp_path, monkeypatch):
+    """No credentials anywhere, every wandb path inside tmp_path, and any network attempt pointed at a closed port."""
+    for var in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_MODE", "WANDB_RUN_ID", "WANDB_SWEEP_ID"):
+        monkeypatch.delenv(var, raising=False)
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("NETRC", str(home / ".netrc"))  # does not exist
+    for var, sub in (("WANDB_DIR", "wandb_dir"), ("WANDB_CONFIG_DIR", "config"), ("WANDB_CACHE_DIR", "cache"),
+                     ("WANDB_DATA_DIR", "data"), ("WANDB_ARTIFACT_DIR", "artifacts")):  # fmt: skip
+        monkeypatch.setenv(var, str(tmp_path / sub))
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # discard port: a network attempt fails at once
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    return tmp_path
+
+
+def _cfg(**values) -> Config:
+    base = {
+        name: config.OPTIONS[name].default for name in ("logger", "wandb_project", "wandb_entity", "wandb_run_name")
+    }
+    return Config({**base, **values})
+
+
+def test_options_declared():
+    opt = config.OPTIONS["logger"]
+    assert opt.group == "logging" and config.coerce(opt, "wandb") == "wandb"
+    assert opt.default == "none" and config.coerce(opt, "none") == "none"
+    with pytest.raises(config.ConfigError, match="logger"):
+        config.coerce(opt, None)
+    with pytest.raises(config.ConfigError, match="logger"):
+        config.coerce(opt, "tensorboard")
+    assert config.OPTIONS["wandb_project"].default == "ccsi-cil"
+    assert config.OPTIONS["wandb_entity"].default is None and config.OPTIONS["wandb_run_name"].default is None
+
+
+def test_base_logger_records_nothing(tmp_path):
+    logger = loggers.build_logger(_cfg(), tmp_path / "run")
+    assert type(logger) is loggers.RunLogger
+    logger.log_config({"a": 1})
+    logger.log_scalars({"loss": 1.0}, step=3)
+    logger.log_task(1, {"accuracy": 50.0})
+    logger.log_image("x", tmp_path / "missing.png")
+    logger.finish()
+    assert not (tmp_path / "run").exists()
+
+
+def test_default_run_name():
+    assert loggers.default_run_name(_cfg(dataset="bloodmnist", method="ccsi", seed=1)) == "bloodmnist-ccsi-seed1"
+    assert loggers.default_run_name(_cfg(dataset="digits", wandb_run_name="mine", seed=0)) == "mine"
+    assert loggers.default_run_name(_cfg()) is None  # wandb picks its own name
+
+
+def test_credentials_detection(wandb_env, monkeypatch):
+    assert not loggers.wandb_credentials_found()
+    netrc = wandb_env / "home" / ".netrc"
+    netrc.write_text("machine other.host login user password abc\n")
+    assert not loggers.wandb_credentials_found()  # an entry for another host does not count
+    netrc.write_text("machine 127.0.0.1:9 login user password abc\n")
+    netrc.chmod(0o600)
+    assert loggers.wandb_credentials_found()
+    netrc.unlink()
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert loggers.wandb_credentials_found()
+
+
+def _image(path):
+    from plots import plot_method_curves
+
+    return plot_method_curves(path, {"a": [90.0, 80.0]}, "curve")
+
+
+def test_wandb_offline_logs_config_scalars_and_image(wandb_env, monkeypatch, caplog):
+    monkeypatch.setenv("WANDB_MODE", "offline")  # explicitly offline: no "no API key" message
+    out = wandb_env / "run"
+    png = _image(wandb_env / "curve.png")
+    with caplog.at_level(logging.WARNING, logger="loggers"):
+        logger = loggers.WandbLogger({"lr": 0.1, "seed": 3}, "ccsi-test", None, "offline-run", out)
+    assert "no API key" not in caplog.text
+    assert logger.run.settings.mode == "offline"
+    logger.log_config({"extra_key": "x"})
+    assert logger.run.config["lr"] == 0.1 and logger.run.config["extra_key"] == "x"
+    logger.log_scalars({"task1/loss": 1.5, "task1/lr": 0.1})
+    logger.log_scalars({"task1/loss": 1.0}, step=5)
+    logger.log_task(1, {"task": 1, "accuracy": 80.0, "accuracy_matrix": [[80.0]]})
+    logger.log_image("curve", png)
+    sync_dir = logger.run.settings.sync_dir
+    logger.finish()
+    logger.finish()  # second call is a no-op
+
+    run_dirs = list((out / "wandb").glob("offline-run-*"))
+    assert [str(d) for d in run_dirs] == [sync_dir]
+    assert list(run_dirs[0].glob("run-*.wandb"))  # the transaction log to sync later
+    images = list(run_dirs[0].glob("files/media/images/curve_*.png"))
+    assert images and images[0].read_bytes()[:8] == PNG_MAGIC
+    assert not (wandb_env / "wandb_dir" / "wandb").exists()  # output_dir wins over WANDB_DIR
+
+
+def test_wandb_without_key_goes_offline_and_says_so(wandb_env, caplog):
+    cfg = _cfg(logger="wandb", dataset="digits", method="ccsi", seed=2)
+    with caplog.at_level(logging.WARNING, logger="loggers"):
+        logger = loggers.build_logger(cfg, wandb_env / "run")
+    try:
+        assert isinstance(logger, loggers.WandbLogger)
+        assert logger.run.settings.mode == "offline"
+        assert logger.run.name == "digits-ccsi-seed2"
+        messages = [r.getMessage() for r in caplog.records if "no API key" in r.getMessage()]
+        assert len(messages) == 1
+        assert f"wandb sync {logger.run.settings.sync_dir}" in messages[0]
+        assert str(wandb_env / "run" / "wandb") in messages[0]
+    finally:
+        logger.finish()
+
+
+def test_default_run_name_from_a_loaded_config(make_cfg):
+    cfg = make_cfg()
+    assert cfg.logger == "none"
+    assert loggers.default_run_name(cfg) == f"digits-{cfg.method}-seed{cfg.seed}"

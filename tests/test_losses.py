@@ -1,0 +1,230 @@
+"""Shared losses against values computed by hand on tiny tensors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from methods import losses
+
+
+def close(a: torch.Tensor, b: float | torch.Tensor, tol: float = 1e-6) -> bool:
+    return torch.allclose(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64), atol=tol)
+
+
+# ----- class weights and weighted CE ---------------------------------------------------------------------------
+
+
+def test_class_balance_weights_inverse_frequency():
+    assert close(losses.class_balance_weights(torch.tensor([10, 5, 2])), torch.tensor([1.0, 2.0, 5.0]))
+    # a class with no sample gets weight 0 instead of inf
+    assert close(losses.class_balance_weights(torch.tensor([4, 0, 2])), torch.tensor([1.0, 0.0, 2.0]))
+
+
+@pytest.mark.parametrize("counts", [torch.tensor([3, -1]), torch.tensor([0, 0]), torch.tensor([[1, 2]])])
+def test_class_balance_weights_rejects_bad_counts(counts):
+    with pytest.raises(ValueError):
+        losses.class_balance_weights(counts)
+
+
+def test_weighted_cross_entropy_by_hand():
+    logits = torch.tensor([[math.log(3.0), 0.0, 0.0], [0.0, math.log(2.0), math.log(2.0)]])
+    y = torch.tensor([0, 2])
+    # p(y) = 3/5 and 2/5, so nll = log(5/3) and log(5/2)
+    nll = torch.tensor([math.log(5 / 3), math.log(5 / 2)])
+    assert close(losses.weighted_cross_entropy(logits, y, None), nll.mean())
+    weights = torch.tensor([1.0, 2.0, 5.0])  # w_y = 1 and 5
+    expected = (1 * math.log(5 / 3) + 5 * math.log(5 / 2)) / (1 + 5)
+    assert close(losses.weighted_cross_entropy(logits, y, weights), expected)
+    # and the same through an explicit log-softmax
+    log_p = logits - logits.exp().sum(dim=1, keepdim=True).log()
+    manual = -(weights[y] * log_p[torch.arange(2), y]).sum() / weights[y].sum()
+    assert close(losses.weighted_cross_entropy(logits, y, weights), manual)
+
+
+def test_weighted_cross_entropy_rejects_wrong_weight_shape():
+    with pytest.raises(ValueError, match="weights"):
+        losses.weighted_cross_entropy(torch.zeros(2, 3), torch.tensor([0, 1]), torch.ones(2))
+
+
+# ----- LUCIR -----------------------------------------------------------------------------------------------------
+
+
+def test_adaptive_lambda():
+    assert losses.adaptive_lambda(5.0, 4, 2) == pytest.approx(5 * math.sqrt(2))
+    assert losses.adaptive_lambda(5.0, 2, 2) == pytest.approx(5.0)
+    assert losses.adaptive_lambda(5.0, 9, 4) == pytest.approx(7.5)
+    with pytest.raises(ValueError, match="n_new"):
+        losses.adaptive_lambda(5.0, 2, 0)
+
+
+def test_less_forget_orthogonal_identical_opposite():
+    ref = torch.tensor([[0.0, 1.0], [5.0, 0.0], [1.0, 1.0]])
+    feats = torch.tensor([[3.0, 0.0], [2.0, 0.0], [-2.0, -2.0]], requires_grad=True)
+    # 1 - cos = 1 (orthogonal), 0 (same direction, any norm), 2 (opposite); mean 1, times lamda 2
+    loss = losses.less_forget(feats, ref, 2.0)
+    assert close(loss, 2.0)
+    assert close(losses.less_forget(feats[:1], ref[:1], 1.0), 1.0)
+    assert close(losses.less_forget(feats[1:2], ref[1:2], 1.0), 0.0)
+    assert close(losses.less_forget(feats[2:], ref[2:], 1.0), 2.0)
+    loss.backward()
+    # d(1 - cos)/df for f = (3, 0), r = (0, 1): -(r/|r||f| - cos f/|f|^2) = (0, -1/3); times lamda/B = 2/3
+    assert close(feats.grad[0], torch.tensor([0.0, -2.0 / 9.0]))
+
+
+def test_less_forget_does_not_backprop_into_reference():
+    feats = torch.tensor([[1.0, 0.0]], requires_grad=True)
+    ref = torch.tensor([[1.0, 1.0]], requires_grad=True)
+    losses.less_forget(feats, ref, 1.0).backward()
+    assert ref.grad is None and feats.grad is not None
+
+
+def _ranking_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    scores = torch.tensor(
+        [
+            [0.5, 0.1, 0.4, 0.2],  # y=0 (old): gt 0.5, new scores 0.4, 0.2
+            [0.0, 0.6, 0.5, 0.4],  # y=1 (old): gt 0.6, new scores 0.5, 0.4
+            [0.9, 0.9, 0.9, 0.9],  # y=3 (new): ignored (would give 0.3)
+        ],
+        requires_grad=True,
+    )
+    return scores, torch.tensor([0, 1, 3])
+
+
+def test_margin_ranking_k1():
+    scores, y = _ranking_batch()
+    loss = losses.margin_ranking(scores, y, n_old=2, K=1, margin=0.3)
+    # pairs: max(0, 0.3 - 0.5 + 0.4) = 0.2 and max(0, 0.3 - 0.6 + 0.5) = 0.2
+    assert close(loss, 0.2)
+    loss.backward()
+    expected_grad = torch.tensor([[-0.5, 0.0, 0.5, 0.0], [0.0, -0.5, 0.5, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    assert close(scores.grad, expected_grad)
+
+
+def test_margin_ranking_k2():
+    scores, y = _ranking_batch()
+    loss = losses.margin_ranking(scores, y, n_old=2, K=2, margin=0.3)
+    # pairs: 0.2, max(0, 0.3 - 0.5 + 0.2) = 0, 0.2, max(0, 0.3 - 0.6 + 0.4) = 0.1 -> 0.5 / 4
+    assert close(loss, 0.125)
+    # same as torch's MarginRankingLoss on the 4 (gt, new) pairs
+    gt = torch.tensor([0.5, 0.5, 0.6, 0.6])
+    new = torch.tensor([0.4, 0.2, 0.5, 0.4])
+    assert close(loss, torch.nn.MarginRankingLoss(margin=0.3)(gt, new, torch.ones(4)))
+
+
+def test_margin_ranking_without_old_samples_is_differentiable_zero():
+    scores, _ = _ranking_batch()
+    loss = losses.margin_ranking(scores, torch.tensor([2, 3, 3]), n_old=2, K=1, margin=0.3)
+    assert loss.shape == () and loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert torch.equal(scores.grad, torch.zeros_like(scores))
+
+
+def test_margin_ranking_rejects_k_above_new_classes():
+    scores, y = _ranking_batch()
+    with pytest.raises(ValueError, match="K=3"):
+        losses.margin_ranking(scores, y, n_old=2, K=3, margin=0.3)
+
+
+# ----- knowledge distillation ------------------------------------------------------------------------------------
+
+
+def test_kd_loss_by_hand():
+    teacher = torch.tensor([[math.log(3.0), 0.0], [2 * math.log(3.0), 0.0]])
+    student = torch.tensor([[0.0, 0.0], [0.0, 2 * math.log(2.0)]], requires_grad=True)
+    # T=1, row 0: p_t = (3/4, 1/4), p_s = (1/2, 1/2) -> log 2
+    assert close(losses.kd_loss(student[:1], teacher[:1], 1.0), math.log(2.0))
+    # T=2, row 1: p_t = (3/4, 1/4), p_s = (1/3, 2/3) -> 3/4 log 3 + 1/4 log 3/2
+    row1 = 0.75 * math.log(3.0) + 0.25 * math.log(1.5)
+    # T=2, row 0: p_t = softmax(log(3)/2, 0) = (sqrt3, 1) / (sqrt3 + 1), p_s uniform -> log 2
+    loss = losses.kd_loss(student, teacher, 2.0)
+    assert close(loss, (math.log(2.0) + row1) / 2)
+    # it is batchmean KL(p_t || p_s) plus the teacher's entropy (no T^2 factor)
+    p_t = torch.softmax(teacher / 2, dim=1)
+    kl = torch.nn.functional.kl_div(torch.log_softmax(student / 2, dim=1), p_t, reduction="batchmean")
+    assert close(loss, kl + (-(p_t * p_t.log()).sum(dim=1)).mean())
+    with pytest.raises(ValueError, match="temperature"):
+        losses.kd_loss(student, teacher, 0.0)
+
+
+# ----- CCSI intra-domain contrastive ------------------------------------------------------------------------------
+
+
+def _idc_loss(t_rows: torch.Tensor, s_rows: torch.Tensor, tau: float) -> float:
+    """-log(trace / sum) of exp(T S^T / tau) for rows already L2-normalised (or zero)."""
+    m = torch.exp(t_rows @ s_rows.t() / tau)
+    return float(-torch.log(torch.diagonal(m).sum() / m.sum()))
+
+
+STEP1_SOURCE = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.5]])  # labels 0, 1, 1
+STEP1_LABELS = torch.tensor([0, 1, 1])
+STEP1_TARGET = torch.tensor([[0.6, 0.8], [0.8, 0.6]])  # pseudo-labels 1, 0
+STEP2_SOURCE = torch.tensor([[0.0, 1.0]])  # label 0; class 1 absent
+STEP2_LABELS = torch.tensor([0])
+STEP2_TARGET = torch.tensor([[0.0, 1.0]])  # pseudo-label 1; class 0 absent
+
+
+def test_idc_first_step_by_hand():
+    idc = losses.IntraDomainContrastive(ro=0.9, temperature=0.5)
+    loss = idc(STEP1_SOURCE, STEP1_LABELS, STEP1_TARGET)
+    # S = ro * class means = 0.9 * [[1, 0], [0, 0.75]]; T = 0.9 * [[0.8, 0.6], [0.6, 0.8]]
+    assert close(idc.source_centroids, 0.9 * torch.tensor([[1.0, 0.0], [0.0, 0.75]]))
+    assert close(idc.target_centroids, 0.9 * torch.tensor([[0.8, 0.6], [0.6, 0.8]]))
+    # normalised: S = I, T S^T = [[0.8, 0.6], [0.6, 0.8]] -> L = -log(2 e^1.6 / (2 e^1.6 + 2 e^1.2))
+    assert close(loss, math.log(1 + math.exp(-0.4)))
+
+
+def test_idc_second_step_ema_by_hand():
+    idc = losses.IntraDomainContrastive(ro=0.5, temperature=0.5)
+    idc(STEP1_SOURCE, STEP1_LABELS, STEP1_TARGET)
+    loss = idc(STEP2_SOURCE, STEP2_LABELS, STEP2_TARGET)
+    # S = 0.5 * 0.5 * [[1, 0], [0, 0.75]] + 0.5 * [[0, 1], [0, 0]]  (absent class 1 decays)
+    s = torch.tensor([[0.25, 0.5], [0.0, 0.1875]])
+    # T = 0.5 * 0.5 * [[0.8, 0.6], [0.6, 0.8]] + 0.5 * [[0, 0], [0, 1]]  (absent class 0 decays)
+    t = torch.tensor([[0.2, 0.15], [0.15, 0.7]])
+    assert close(idc.source_centroids, s)
+    assert close(idc.target_centroids, t)
+    s_rows = torch.tensor([[1.0, 2.0], [0.0, 5**0.5]]) / 5**0.5
+    t_rows = torch.tensor([[0.8, 0.6], [0.15 / 0.5125**0.5, 0.7 / 0.5125**0.5]])
+    assert close(loss, _idc_loss(t_rows, s_rows, 0.5))
+
+
+def test_idc_reset_and_zero_rows_of_unseen_classes():
+    idc = losses.IntraDomainContrastive(ro=0.5, temperature=0.5)
+    idc(STEP1_SOURCE, STEP1_LABELS, STEP1_TARGET)
+    idc.reset()
+    assert idc.source_centroids is None and idc.target_centroids is None
+    source = STEP2_SOURCE.clone().requires_grad_(True)
+    target = STEP2_TARGET.clone().requires_grad_(True)
+    loss = idc(source, STEP2_LABELS, target)
+    # fresh memory: S0 = (0, 1), S1 = 0; T0 = 0, T1 = (0, 1). T S^T / tau = [[0, 0], [2, 0]]:
+    # the zero rows still enter as exp(0) = 1, so L = -log(2 / (3 + e^2))
+    assert close(loss, math.log((3 + math.exp(2.0)) / 2))
+    loss.backward()
+    assert torch.isfinite(source.grad).all() and torch.isfinite(target.grad).all()
+
+
+def test_idc_gradient_reaches_current_batch_only():
+    idc = losses.IntraDomainContrastive(ro=0.9, temperature=1.0)
+    first = STEP1_SOURCE.clone().requires_grad_(True)
+    idc(first, STEP1_LABELS, STEP1_TARGET)
+    source = torch.tensor([[0.9, 0.3], [0.2, 0.7], [0.4, 0.1]], requires_grad=True)
+    target = torch.tensor([[0.3, 0.6], [0.7, 0.2]], requires_grad=True)
+    loss = idc(source, torch.tensor([0, 1, 0]), target)
+    loss.backward()
+    assert first.grad is None  # the memory of past steps is detached
+    assert source.grad.abs().sum() > 0 and target.grad.abs().sum() > 0
+    assert not idc.source_centroids.requires_grad and not idc.target_centroids.requires_grad
+
+
+def test_idc_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="ro"):
+        losses.IntraDomainContrastive(ro=0.0, temperature=1.0)
+    with pytest.raises(ValueError, match="temperature"):
+        losses.IntraDomainContrastive(ro=0.9, temperature=0.0)
+    idc = losses.IntraDomainContrastive(ro=0.9, temperature=1.0)
+    idc(STEP1_SOURCE, STEP1_LABELS, STEP1_TARGET)
+    with pytest.raises(ValueError, match="reset"):
+        idc(torch.zeros(2, 3), torch.tensor([0, 2]), torch.zeros(2, 3))
