@@ -164,18 +164,28 @@ def _is_null(opt: Option, value: Any) -> bool:
 
 
 def _parse_scalar(text: str) -> Any:
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
+    """A number written as text ('3', '1e-3', '0.5'); anything else is returned unchanged."""
+    for parse in (int, float):
+        try:
+            return parse(text)
+        except ValueError:
+            pass
+    return text
 
 
 class Config:
     """Resolved configuration: attribute access to every declared key, read-only."""
 
-    def __init__(self, values: dict[str, Any], per_task: dict[int, dict[str, Any]] | None = None):
+    def __init__(
+        self,
+        values: dict[str, Any],
+        per_task: dict[int, dict[str, Any]] | None = None,
+        pinned: set[str] | frozenset[str] = frozenset(),
+    ):
         object.__setattr__(self, "_values", dict(values))
         object.__setattr__(self, "_per_task", {int(k): dict(v) for k, v in (per_task or {}).items()})
+        # keys set on the command line (or by replace): they win over per_task values too
+        object.__setattr__(self, "_pinned", frozenset(pinned))
 
     def __getattr__(self, name: str) -> Any:
         values = object.__getattribute__(self, "_values")
@@ -187,11 +197,12 @@ class Config:
         raise AttributeError("Config is read-only; use replace()")
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"values": self._values, "per_task": self._per_task}
+        return {"values": self._values, "per_task": self._per_task, "pinned": self._pinned}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         object.__setattr__(self, "_values", state["values"])
         object.__setattr__(self, "_per_task", state["per_task"])
+        object.__setattr__(self, "_pinned", state["pinned"])
 
     def __repr__(self) -> str:
         return f"Config({self._values!r})"
@@ -206,11 +217,12 @@ class Config:
             if name not in OPTIONS:
                 raise _unknown_key(name, "replace()")
             values[name] = coerce(OPTIONS[name], value)
-        return Config(values, self._per_task)
+        return Config(values, self._per_task, self._pinned | set(changes))
 
     def for_task(self, task: int) -> Config:
-        """Configuration in force during ``task`` (1-based): per_task values applied."""
-        return Config({**self._values, **self._per_task.get(task, {})}, self._per_task)
+        """Configuration in force during ``task`` (1-based): per_task values, unless set on the command line."""
+        task_values = {k: v for k, v in self._per_task.get(task, {}).items() if k not in self._pinned}
+        return Config({**self._values, **task_values}, self._per_task, self._pinned)
 
     def to_dict(self) -> dict[str, Any]:
         out = dict(sorted(self._values.items()))
@@ -316,7 +328,7 @@ def load_config(files: Sequence[str | Path] = (), overrides: dict[str, Any] | No
         values["output_dir"] = str(values["output_dir"]).format(**values)
     except (KeyError, IndexError, ValueError) as err:
         raise ConfigError(f"key 'output_dir': cannot fill placeholder {err} in {values['output_dir']!r}") from None
-    return Config(values, per_task)
+    return Config(values, per_task, set(overrides or {}))
 
 
 def reference_table() -> str:

@@ -17,6 +17,7 @@ measured on (the original keeps the image after that step); the initial images a
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,7 +106,7 @@ def class_statistics(
     k = len(labels)
     sums = [torch.zeros(k, layer.num_features, dtype=torch.float64, device=device) for layer in layers]
     squares = [torch.zeros_like(s) for s in sums]
-    pixels = torch.zeros(k, dtype=torch.float64, device=device)
+    pixels = [torch.zeros(k, dtype=torch.float64, device=device) for _ in layers]  # samples x pixels per class
     with eval_mode(net), capture_bn_inputs(layers) as store:
         for start in range(0, len(images), batch_size):
             x = as_float(images.x[start : start + batch_size]).to(device)  # (b, C, H, W)
@@ -118,12 +119,11 @@ def class_statistics(
                 a = store[i].double()  # (b, ch, h, w)
                 sums[i].index_add_(0, idx, a.sum(dim=(2, 3)))
                 squares[i].index_add_(0, idx, a.square().sum(dim=(2, 3)))
-                if i == 0:
-                    pixels.index_add_(0, idx, torch.full_like(idx, a[0, 0].numel(), dtype=torch.float64))
+                pixels[i].index_add_(0, idx, torch.full_like(idx, a[0, 0].numel(), dtype=torch.float64))
     out = []
-    for s, q in zip(sums, squares):
-        mean = s / pixels[:, None]
-        var = (q / pixels[:, None] - mean.square()).clamp_min(0.0)
+    for s, q, n in zip(sums, squares, pixels):
+        mean = s / n[:, None]
+        var = (q / n[:, None] - mean.square()).clamp_min(0.0)
         out.append((labels.cpu(), mean.cpu(), var.cpu()))
     return out
 
@@ -217,9 +217,7 @@ class SynthesisResult:
 
     images: ImageSet  # float (G*B, C, H, W) in [0, 1], labels (G*B,), on the synthesis device
     teacher_accuracy: float  # percent of impressions the teacher classifies as their label (no augmentation)
-    loss_terms: dict[
-        str, float
-    ]  # ce, bn, tv, l2 (unweighted) and total (weighted), mean over batches of the kept iterates
+    loss_terms: dict[str, float]  # ce, bn, tv, l2 (unweighted), total (weighted): mean over kept iterates
     best_loss: Tensor  # (G,) total loss of each kept iterate
     last_loss: Tensor  # (G,) total loss of each batch's last iterate
     best_iteration: Tensor  # (G,) iteration of each kept iterate (0 = the initial images)
@@ -257,19 +255,10 @@ def _moment_targets(
     layers: list[nn.BatchNorm2d], memory: ClassMemory, labels: Tensor, groups: int, n_classes: int, cfg: Config
 ) -> list[tuple[Tensor, Tensor]]:
     """Per layer (mean (G, ch), var (G, ch)) targets of each group, float32 on the labels' device."""
-    device = labels.device
     if cfg.class_stats == "running":
-        out = []
-        for layer in layers:
-            if layer.running_mean is None or layer.running_var is None:
-                raise ValueError(f"class_stats 'running' needs running statistics, {layer} has none")
-            out.append(
-                (
-                    layer.running_mean.detach().float().expand(groups, -1),
-                    layer.running_var.detach().float().expand(groups, -1),
-                )
-            )
-        return out
+        if any(layer.running_mean is None or layer.running_var is None for layer in layers):
+            raise ValueError("class_stats 'running' needs running statistics in every BatchNorm2d of the teacher")
+        return [(m.running_mean.float().expand(groups, -1), m.running_var.float().expand(groups, -1)) for m in layers]
     if memory.num_layers != len(layers):
         raise ValueError(f"class memory holds statistics of {memory.num_layers} layers, the teacher has {len(layers)}")
     rows = memory.rows(torch.arange(n_classes))
@@ -277,12 +266,9 @@ def _moment_targets(
     out = []
     for layer, means, variances in zip(layers, memory.layer_means, memory.layer_vars):
         if means.shape[1] != layer.num_features:
-            raise ValueError(
-                f"stored statistics have {means.shape[1]} channels, layer {layer} has {layer.num_features}"
-            )
-        m, v = sl.mixture_moments(
-            freq, means[rows.to(means.device)].to(device), variances[rows.to(means.device)].to(device)
-        )
+            raise ValueError(f"stored statistics have {means.shape[1]} channels, {layer} has {layer.num_features}")
+        r = rows.to(means.device)
+        m, v = sl.mixture_moments(freq, means[r].to(labels.device), variances[r].to(labels.device))
         out.append((m.float(), v.float()))
     return out
 
@@ -355,13 +341,15 @@ def synthesize(
     *,
     vectorised: bool = True,
     max_group_chunk: int | None = None,
+    groups: Sequence[int] | None = None,
     log_step: int | None = None,
 ) -> SynthesisResult:
     """Synthesise ``nb_generation`` batches of impressions of classes 0..n_classes-1 from the frozen ``teacher``.
 
     Batch g draws labels, init noise, shifts and flips from its own generator seeded from (seed, g), so the
     result does not depend on ``vectorised`` (all batches in one tensor) or ``max_group_chunk`` (batches
-    per tensor) beyond float rounding. ``log`` (``log_scalars(dict, step)``) receives the final terms.
+    per tensor) beyond float rounding; ``groups`` (default range(nb_generation)) picks batches, e.g. one
+    shard per rank. ``log`` (``log_scalars(dict, step)``) receives the final terms at ``log_step``.
     """
     if n_classes < 1:
         raise ValueError(f"n_classes must be >= 1, got {n_classes}")
@@ -372,9 +360,12 @@ def synthesize(
     device = torch.device(device)
     rows = memory.rows(torch.arange(n_classes))
     mean_images = memory.mean_images[rows.to(memory.mean_images.device)].to(device)  # (n_classes, C, H, W)
-    groups, b = cfg.nb_generation, cfg.syn_batch_size
+    group_ids = list(range(cfg.nb_generation)) if groups is None else [int(g) for g in groups]
+    if any(g < 0 for g in group_ids):
+        raise ValueError(f"group indices must be >= 0, got {group_ids}")
+    n_groups, b = len(group_ids), cfg.syn_batch_size
     shape = tuple(mean_images.shape[1:])
-    if groups == 0:
+    if n_groups == 0:
         empty = ImageSet(torch.zeros((0, *shape), device=device), torch.zeros(0, dtype=torch.long, device=device))
         none = torch.zeros(0)
         return SynthesisResult(empty, 0.0, dict.fromkeys(LOSS_TERMS, 0.0), none, none, none.long())
@@ -382,7 +373,7 @@ def synthesize(
     if not layers and cfg.r_feature > 0:
         raise ValueError("the teacher has no nn.BatchNorm2d layer to match moments on; set r_feature to 0")
 
-    draws = [_draw_group(seed, g, n_classes, shape, cfg) for g in range(groups)]
+    draws = [_draw_group(seed, g, n_classes, shape, cfg) for g in group_ids]
     y = torch.cat([d.labels for d in draws]).to(device)  # (G*B,)
     noise = torch.cat([d.noise for d in draws]).to(device)  # (G*B, C, H, W)
     x0 = mean_images[y] + cfg.init_noise * noise if cfg.syn_init == "mean" else noise
@@ -390,16 +381,16 @@ def synthesize(
     shifts = torch.stack([d.shifts for d in draws], dim=1).to(device)  # (T+1, G, 2)
     flips = torch.stack([d.flips for d in draws], dim=1).to(device)  # (T+1, G)
 
-    chunk = 1 if not vectorised else min(max_group_chunk or groups, groups)
+    chunk = 1 if not vectorised else min(max_group_chunk or n_groups, n_groups)
     outputs = []
     with eval_mode(teacher), torch.no_grad():
         logits_width = teacher_logits(teacher(x0[:1])).shape[1]
     if logits_width < n_classes:
         raise ValueError(f"the teacher has {logits_width} outputs, fewer than n_classes={n_classes}")
-    bar = tqdm(total=cfg.syn_iterations * -(-groups // chunk), desc="synthesis", disable=not progress, leave=False)
+    bar = tqdm(total=cfg.syn_iterations * -(-n_groups // chunk), desc="synthesis", disable=not progress, leave=False)
     with eval_mode(teacher), bar:
-        for start in range(0, groups, chunk):
-            stop = min(start + chunk, groups)
+        for start in range(0, n_groups, chunk):
+            stop = min(start + chunk, n_groups)
             sel = slice(start * b, stop * b)
             with torch.no_grad():
                 targets = _moment_targets(layers, memory, y[sel], stop - start, n_classes, cfg) if layers else []

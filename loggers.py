@@ -17,7 +17,7 @@ from config import Config, Option, register_options
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RunLogger", "WandbLogger", "build_logger", "wandb_credentials_found"]
+__all__ = ["RunLogger", "WandbLogger", "build_logger", "default_run_name", "wandb_credentials_found"]
 
 register_options(
     "logging",

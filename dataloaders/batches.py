@@ -96,7 +96,7 @@ class BatchLoader:
         if self.synthetic is None:
             self.num_samples = len(real)
         else:
-            self.num_samples = int(round(len(real) / (1.0 - self.ratio)))
+            self.num_samples = round(len(real) / (1.0 - self.ratio))
 
     def __len__(self) -> int:
         return -(-self.num_samples // self.batch_size)

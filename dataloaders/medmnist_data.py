@@ -14,7 +14,7 @@ from medmnist import INFO
 from medmnist.dataset import MedMNIST2D
 
 from config import Config
-from dataloaders import register_dataset
+from dataloaders import Loader, register_dataset
 from dataloaders.image_set import DataSplits
 from dataloaders.npz_data import read_npz
 from errors import DataError
@@ -64,7 +64,7 @@ def load_medmnist(cfg: Config, flag: str) -> DataSplits:
     return read_npz(path, flag, class_names)
 
 
-def _loader(flag: str):
+def _loader(flag: str) -> Loader:
     def load(cfg: Config) -> DataSplits:
         return load_medmnist(cfg, flag)
 

@@ -31,7 +31,7 @@ def build_method(cfg: Config, net: nn.Module, device: torch.device) -> Method:
 
 
 # Explicit imports (no directory scan): each module registers its method and its config keys.
-from methods import ccsi, finetune, joint  # noqa: E402, F401
+from methods import ccsi, deepinversion, der, ewc, finetune, gdumb, icarl, joint, lucir, lwf, rehearsal_kd, wa  # noqa: E402, F401
 
 register_options(
     "run",

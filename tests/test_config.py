@@ -74,6 +74,13 @@ def test_defaults_inheritance_and_per_task(tmp_path):
     assert cfg.for_task(3).epochs == 1 and cfg.for_task(3).lr == 0.3
 
 
+def test_command_line_wins_over_per_task(tmp_path):
+    (tmp_path / "run.yaml").write_text("lr: 0.3\nper_task: {2: {lr: 0.01, epochs: 9}}\n")
+    cfg = load_config([tmp_path / "run.yaml"], parse_overrides(["--lr=0.5"]))
+    assert cfg.for_task(2).lr == 0.5 and cfg.for_task(2).epochs == 9
+    assert cfg.replace(epochs=4).for_task(2).epochs == 4
+
+
 def test_per_task_values_are_validated(tmp_path):
     (tmp_path / "run.yaml").write_text("per_task: {2: {epochs: -3}}\n")
     with pytest.raises(ConfigError, match="must be >= 0"):

@@ -1,0 +1,81 @@
+"""WA: Maintaining Discrimination and Fairness in Class Incremental Learning (Zhao et al., CVPR 2020).
+
+Training is rehearsal + KD (``RehearsalKD``: ``(1 - lambda) CE + lambda KD``, lambda = n_old / n_seen, T = 2, as in the
+paper). Weight aligning after each task t >= 2 corrects the bias towards new classes: the new classes' weight
+rows of the linear head are multiplied by gamma = mean ||w_old|| / mean ||w_new|| (biases are left alone, as in
+PyCIL). With ``wa_clip_weights`` the head's weights are kept non-negative (the paper's weight clipping):
+the engine owns the optimiser step, so the clip is applied before every training step's forward pass and once more
+after training, before aligning.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor, nn
+
+from config import Config, ConfigError, Option, register_options
+from dataloaders.batches import Batch
+from methods import register_method
+from methods.base import TaskContext
+from methods.rehearsal_kd import RehearsalKD
+from models.layers.cosine_linear import IncrementalHead
+
+log = logging.getLogger(__name__)
+
+register_options(
+    "wa",
+    [
+        Option("wa_clip_weights", "bool", True, "keep the linear head's weights >= 0 while training (WA paper: yes)"),
+    ],
+)
+
+
+@torch.no_grad()
+def align_weights(head: IncrementalHead, n_old: int) -> float:
+    """Scale the new-class weight rows of a two-block linear head by gamma = mean old row norm / mean new row norm.
+
+    Returns gamma. The head must be laid out as [n_old, n_new] (old block first, as after ``expand``).
+    """
+    layout = head.layout()
+    if head.kind != "linear" or len(layout) != 2 or layout[0] != n_old:
+        raise ValueError(f"align_weights needs a linear head laid out [{n_old}, n_new], got {head.kind} {layout}")
+    weights = head.all_weights()  # (n_seen, D)
+    gamma = weights[:n_old].norm(dim=1).mean() / weights[n_old:].norm(dim=1).mean()
+    head.fc.fc2.weight.mul_(gamma)
+    return float(gamma)
+
+
+@torch.no_grad()
+def clip_weights(head: IncrementalHead) -> None:
+    """Clamp every weight of a linear head to >= 0 in place (biases untouched)."""
+    for module in head.modules():
+        if isinstance(module, nn.Linear):
+            module.weight.clamp_(min=0.0)
+
+
+@register_method("wa")
+class WA(RehearsalKD):
+    """Rehearsal + KD, then weight aligning of the new classes' classifier rows after each incremental task."""
+
+    def __init__(self, cfg: Config, net: nn.Module, device: torch.device):
+        if cfg.head != "linear":
+            raise ConfigError(f"method 'wa' needs head: linear (it rescales linear weight rows), got head: {cfg.head}")
+        super().__init__(cfg, net, device)
+        self.gamma: float | None = None  # last aligning factor, for the log
+
+    def training_step(self, batch: Batch) -> dict[str, Tensor]:
+        if self.task_cfg.wa_clip_weights:
+            clip_weights(self.net.head)
+        return super().training_step(batch)
+
+    def after_task(self, ctx: TaskContext) -> None:
+        if ctx.cfg.wa_clip_weights:
+            clip_weights(self.net.head)
+        if ctx.task > 1:
+            self.gamma = align_weights(self.net.head, ctx.n_old)
+            log.info("task %d: weight aligning gamma = %.4f", ctx.task, self.gamma)
+            if ctx.log is not None:
+                ctx.log.log_scalars({f"task{ctx.task}/wa_gamma": self.gamma}, None)
+        super().after_task(ctx)  # memory update

@@ -1,0 +1,155 @@
+"""CCSI end to end: data-free by construction, the paper's configs on fake MedMNIST files, sweep chaining."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import sweep
+from checkpoint import load_checkpoint, task_checkpoint_path
+from config import load_config, parse_overrides
+from incremental_train_and_eval import run
+from methods.ccsi import CCSI
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_SYNTHESIS = {"nb_generation": 1, "syn_batch_size": 8, "syn_iterations": 3, "syn_warmup": 1, "progress": False}
+
+
+def test_ccsi_never_sees_real_images_of_old_classes(make_cfg, monkeypatch):
+    """Every real image the method is handed or trains on belongs to the current task's classes."""
+    seen_real, seen_synthetic, handed = [], [], []
+    original_before, original_step = CCSI.before_task, CCSI.training_step
+
+    def before_task(self, ctx):
+        handed.append((ctx.task, set(ctx.train.y.tolist()), set(ctx.new_classes)))
+        original_before(self, ctx)
+
+    def training_step(self, batch):
+        seen_real.append((self.n_seen, set(batch.y[~batch.synthetic].tolist())))
+        seen_synthetic.append((self.n_old, set(batch.y[batch.synthetic].tolist())))
+        return original_step(self, batch)
+
+    monkeypatch.setattr(CCSI, "before_task", before_task)
+    monkeypatch.setattr(CCSI, "training_step", training_step)
+    run(make_cfg(method="ccsi", nb_cl_fg=4, nb_cl=3, epochs=1, idc_source="train", **TINY_SYNTHESIS))
+    assert [t for t, _, _ in handed] == [1, 2, 3]
+    for _, labels, new in handed:
+        assert labels == new, "ctx.train holds only the new classes"
+    sizes = {4: (0, 4), 7: (4, 7), 10: (7, 10)}
+    for n_seen, labels in seen_real:
+        first_new = sizes[n_seen][0]
+        assert all(y >= first_new for y in labels), "a real image of an old class reached training"
+    assert any(labels for _, labels in seen_synthetic[1:]), "old classes come back as synthetic images"
+    for n_old, labels in seen_synthetic:
+        assert all(y < n_old for y in labels)
+
+
+def test_ccsi_checkpoint_holds_no_real_images(make_cfg, tmp_path):
+    run(make_cfg(method="ccsi", nb_cl_fg=4, nb_cl=3, epochs=1, idc_source="train", task=1, **TINY_SYNTHESIS))
+    state = load_checkpoint(task_checkpoint_path(tmp_path / "run", 1))["method"]
+    memory = state["memory"]
+    assert memory["mean_images"].shape == (4, 1, 32, 32), "one mean image per class, nothing else"
+    assert set(state) == {"net", "head_layout", "n_seen", "memory"}
+    assert set(memory) == {"labels", "mean_images", "layer_means", "layer_vars"}
+    assert all(m.shape[0] == 4 for m in memory["layer_means"] + memory["layer_vars"]), "per-class moments only"
+
+
+def test_ccsi_resume_equals_uninterrupted(make_cfg, tmp_path):
+    common = {"method": "ccsi", "nb_cl_fg": 4, "nb_cl": 3, "epochs": 1, "idc_source": "val", **TINY_SYNTHESIS}
+    full = run(make_cfg(output_dir=str(tmp_path / "full"), **common))
+    step = tmp_path / "steps"
+    run(make_cfg(output_dir=str(step), task=1, **common))
+    for t in (2, 3):
+        prev = str(task_checkpoint_path(step, t - 1))
+        run(make_cfg(output_dir=str(step), task=t, saved_model_address=prev, **common))
+    assert json.loads((step / "metrics.json").read_text())["accuracy_matrix"] == full["accuracy_matrix"]
+    assert (tmp_path / "full" / "impressions_task_2.png").is_file()
+
+
+def test_protocol_presets_and_explicit_keys():
+    original = load_config(overrides={"protocol": "original"})
+    assert (original.idc_source, original.select_on, original.scheduler) == ("test", "test", "plateau_original")
+    assert original.cn_momentum == 1.0 and original.class_stats == "running"
+    clean = load_config()
+    assert (clean.idc_source, clean.select_on) == ("val", "val")
+    mixed = load_config(overrides=parse_overrides(["--protocol=original", "--select_on=val"]))
+    assert mixed.select_on == "val" and mixed.idc_source == "test"
+
+
+def test_clean_protocol_never_hands_test_images(make_cfg, monkeypatch):
+    contexts = []
+    original_before = CCSI.before_task
+
+    def before_task(self, ctx):
+        contexts.append(ctx.test)
+        original_before(self, ctx)
+
+    monkeypatch.setattr(CCSI, "before_task", before_task)
+    run(make_cfg(method="ccsi", protocol="clean", nb_cl_fg=6, nb_cl=4, epochs=1, **TINY_SYNTHESIS))
+    assert contexts == [None, None]
+
+
+def write_fake_medmnist(path: Path, n_classes: int, channels: int, per_class: int = 6, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, n in (("train", per_class), ("val", 2), ("test", 3)):
+        labels = np.repeat(np.arange(n_classes), n)[:, None].astype(np.uint8)  # (N, 1) as MedMNIST
+        shape = (len(labels), 28, 28) if channels == 1 else (len(labels), 28, 28, 3)
+        arrays[f"{split}_images"] = rng.integers(0, 256, shape, dtype=np.uint8)
+        arrays[f"{split}_labels"] = labels
+    np.savez(path, **arrays)
+
+
+@pytest.mark.parametrize(
+    ("dataset", "n_classes", "channels", "n_tasks"),
+    [("bloodmnist", 8, 3, 4), ("pathmnist", 9, 3, 4), ("organamnist", 11, 1, 4), ("tissuemnist", 8, 1, 4)],
+)
+def test_medmnist_ccsi_configs_run_end_to_end(tmp_path, dataset, n_classes, channels, n_tasks):
+    write_fake_medmnist(tmp_path / f"{dataset}.npz", n_classes, channels)
+    cfg = load_config(
+        [ROOT / "configs" / dataset / "ccsi.yaml"],
+        {
+            "data_root": str(tmp_path), "download": False, "device": "cpu", "output_dir": str(tmp_path / "run"),
+            "epochs": 1, "nb_generation": 1, "syn_batch_size": 4, "syn_iterations": 2, "syn_warmup": 1,
+            "progress": False,
+        },
+    )
+    summary = run(cfg)
+    assert len(summary["accuracy_per_task"]) == n_tasks
+    assert summary["protocol"] == "clean"
+    assert all(0.0 <= a <= 100.0 for a in summary["accuracy_per_task"])
+
+
+def test_sweep_files_chain_task_1_to_2_on_digits(tmp_path):
+    out = tmp_path / "run"
+    common = {"dataset": "digits", "method": "ccsi", "nb_cl_fg": 2, "nb_cl": 2, "epochs": 1, "device": "cpu",
+              "output_dir": str(out), "idc_source": "train", **TINY_SYNTHESIS}
+    for task in (1, 2):
+        params = {**common, "task": task}
+        if task == 2:
+            params["saved_model_address"] = str(task_checkpoint_path(out, 1))
+        sweep_file = tmp_path / f"sweep_task_{task}.yaml"
+        sweep_file.write_text(json.dumps({
+            "program": "main.py", "method": "grid", "metric": {"name": "task/accuracy", "goal": "maximize"},
+            "parameters": {k: {"value": v} for k, v in params.items()},
+        }))
+        commands = [sweep.build_command(sweep.read_sweep(sweep_file), p)
+                    for p in sweep.grid_points(sweep.read_sweep(sweep_file)["parameters"])]
+        assert len(commands) == 1 and commands[0][:2] == [sys.executable, "main.py"]
+        done = subprocess.run(commands[0], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["accuracy_matrix"]) == 2 and metrics["accuracy_matrix"][1][0] is not None
+    assert load_checkpoint(task_checkpoint_path(out, 2))["task"] == 2
+
+
+def test_sweep_dry_run_prints_one_command_per_grid_point(tmp_path, capsys):
+    sweep_file = tmp_path / "grid.yaml"
+    sweep_file.write_text("program: main.py\nmethod: grid\nparameters:\n  lr: {values: [0.1, 0.01]}\n"
+                          "  seed: {value: 3}\n")
+    assert sweep.main([str(sweep_file), "--dry-run"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and "--lr=0.1 --seed=3" in lines[0] and "--lr=0.01 --seed=3" in lines[1]
