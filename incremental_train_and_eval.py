@@ -252,6 +252,7 @@ def run_task(state: RunState, task: int) -> None:
     )
     log.info("task %d/%d: classes %s (%d train images)", task, scenario.num_tasks, new_classes, len(ctx.train))
     start = time.perf_counter()
+    method.cfg = cfg  # the method reads this task's values (per_task applied) through self.cfg
     method.before_task(ctx)
     prepared = time.perf_counter()
     training = train_task(state, ctx)

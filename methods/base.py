@@ -63,7 +63,7 @@ class Method:
     uses_old_data: bool = False  # True only for upper bounds that may train on old real data
 
     def __init__(self, cfg: Config, net: nn.Module, device: torch.device):
-        self.cfg = cfg
+        self.cfg = cfg  # the engine replaces it by the task's config (per_task applied) before before_task
         self.net = net
         self.device = device
         self.n_seen = 0  # classes seen so far, including the task being learned
