@@ -42,21 +42,38 @@ register_options(
     "run",
     [
         Option("seed", "int", 0, "random seed; each task reseeds from (seed, task)", min=0),
-        Option("device", "str", "auto", "where to train: auto picks cuda when available", choices=("auto", "cpu", "cuda")),
         Option(
-            "output_dir", "str", "runs/{dataset}/{method}/seed{seed}",
+            "device", "str", "auto", "where to train: auto picks cuda when available", choices=("auto", "cpu", "cuda")
+        ),
+        Option(
+            "output_dir",
+            "str",
+            "runs/{dataset}/{method}/seed{seed}",
             "run folder (config, checkpoints, metrics, plots); {key} is replaced by that key's value",
         ),
         Option("resume", "bool", False, "continue the run in output_dir from its last complete task"),
         Option("overwrite", "bool", False, "allow starting a new run in an output_dir that holds checkpoints"),
-        Option("task", "int", None, "train only this task (1-based); task > 1 needs saved_model_address", min=1,
-               nullable=True),
-        Option("saved_model_address", "str", None, "checkpoint (task_<t>.pt) to continue from: trains task t+1 on",
-               nullable=True),
+        Option(
+            "task",
+            "int",
+            None,
+            "train only this task (1-based); task > 1 needs saved_model_address",
+            min=1,
+            nullable=True,
+        ),
+        Option(
+            "saved_model_address",
+            "str",
+            None,
+            "checkpoint (task_<t>.pt) to continue from: trains task t+1 on",
+            nullable=True,
+        ),
         Option("progress", "bool", True, "show progress bars"),
         Option("eval_batch_size", "int", 500, "batch size for evaluation", min=1),
         Option(
-            "protocol", "str", "clean",
+            "protocol",
+            "str",
+            "clean",
             "preset of the switches for the released CCSI code's oddities: original = its behaviour (test split "
             "used for IdC and model selection, plateau-on-accuracy quirk, BN momentum 1); clean = val for both, "
             "no test image before the final evaluation. Results state the protocol that produced them",
@@ -95,7 +112,9 @@ register_options(
         Option("momentum", "float", 0.0, "SGD momentum (paper: 0)", min=0.0, max=0.999),
         Option("weight_decay", "float", 0.0, "weight decay (paper: 0)", min=0.0),
         Option(
-            "scheduler", "str", "none",
+            "scheduler",
+            "str",
+            "none",
             "lr schedule per task: step (lr_milestones), cosine, plateau (max of the monitored accuracy), "
             "plateau_original (the released code's ReduceLROnPlateau in 'min' mode fed with accuracy)",
             choices=("none", "step", "cosine", "plateau", "plateau_original"),
@@ -104,12 +123,19 @@ register_options(
         Option("lr_gamma", "float", 0.1, "lr decay factor of the step and plateau schedulers", min=0.0, max=1.0),
         Option("lr_patience", "int", 5, "epochs without improvement before a plateau scheduler decays lr", min=0),
         Option(
-            "select_on", "str", "val",
+            "select_on",
+            "str",
+            "val",
             "model selection per task: keep the epoch with the best accuracy on val or test, or the last epoch",
             choices=("val", "test", "last"),
         ),
-        Option("augment", "str", "none", "batch augmentation of real images (paper: none)",
-               choices=("none", "flip", "crop_flip")),
+        Option(
+            "augment",
+            "str",
+            "none",
+            "batch augmentation of real images (paper: none)",
+            choices=("none", "flip", "crop_flip"),
+        ),
     ],
 )
 
@@ -137,7 +163,9 @@ def seed_everything(seed: int) -> torch.Generator:
 def predict_labels(method: Method, images: ImageSet, batch_size: int) -> torch.Tensor:
     """Predicted class-order labels (N,) for every image, in eval mode."""
     method.eval()
-    preds = [method.predict(as_float(images.x[i : i + batch_size])).argmax(1) for i in range(0, len(images), batch_size)]
+    preds = [
+        method.predict(as_float(images.x[i : i + batch_size])).argmax(1) for i in range(0, len(images), batch_size)
+    ]
     return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long, device=images.y.device)
 
 
@@ -288,8 +316,14 @@ def run_task(state: RunState, task: int) -> None:
     old = "-" if evaluation.old_accuracy is None else f"{evaluation.old_accuracy:.2f}"
     log.info(
         "task %d/%d: accuracy %.2f%% on %d seen classes (old %s, new %.2f), selected epoch %s, %.1fs",
-        task, scenario.num_tasks, evaluation.accuracy, len(seen), old, evaluation.new_accuracy,
-        training["selected_epoch"], done - start,
+        task,
+        scenario.num_tasks,
+        evaluation.accuracy,
+        len(seen),
+        old,
+        evaluation.new_accuracy,
+        training["selected_epoch"],
+        done - start,
     )
 
 
@@ -352,8 +386,12 @@ def run(cfg: Config) -> dict[str, Any]:
     output_dir = Path(cfg.output_dir)
     splits, scenario = dataloaders.prepare(cfg)
     splits = DataSplits(
-        splits.name, splits.train.to(device), splits.val.to(device), splits.test.to(device),
-        splits.num_classes, splits.class_names,
+        splits.name,
+        splits.train.to(device),
+        splits.val.to(device),
+        splits.test.to(device),
+        splits.num_classes,
+        splits.class_names,
     )
     torch.manual_seed(cfg.seed)
     net = models.build_net(cfg, splits.channels, splits.image_size).to(device)
@@ -364,8 +402,15 @@ def run(cfg: Config) -> dict[str, Any]:
     cfg.save(output_dir / "config.yaml")
     state.logger = build_logger(cfg, output_dir)
     state.logger.log_config(cfg.to_dict())
-    log.info("%s on %s: %d tasks %s, device %s, output %s", cfg.method, cfg.dataset, scenario.num_tasks,
-             scenario.task_sizes, device, output_dir)
+    log.info(
+        "%s on %s: %d tasks %s, device %s, output %s",
+        cfg.method,
+        cfg.dataset,
+        scenario.num_tasks,
+        scenario.task_sizes,
+        device,
+        output_dir,
+    )
     try:
         for task in tasks:
             run_task(state, task)
@@ -376,5 +421,10 @@ def run(cfg: Config) -> dict[str, Any]:
             state.logger.log_image(Path(path).stem, path)
     finally:
         state.logger.finish()
-    return {"method": cfg.method, "dataset": cfg.dataset, "protocol": cfg.protocol, "output_dir": str(output_dir),
-            **summary}
+    return {
+        "method": cfg.method,
+        "dataset": cfg.dataset,
+        "protocol": cfg.protocol,
+        "output_dir": str(output_dir),
+        **summary,
+    }

@@ -3,7 +3,8 @@
 Builds the CCSI ResNet teacher (``models.build_net``, Continual Normalization) with random weights and
 running statistics from random images on 3x32x32, stores per-class statistics of random images, then
 times ``synthesize`` both ways in the same run on the same device and prints images x iterations per
-second, their ratio and the largest difference between the two results.
+second, their ratio and the largest difference between the two results. ``bench/speed.py`` reuses
+``measure_synthesis``; ``describe_machine`` is shared by the benchmark scripts.
 
 Example:
     .venv/bin/python bench/synthesis_speed.py --groups 8 --batch 40 --iterations 20 --device cpu
@@ -12,9 +13,13 @@ Example:
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -32,6 +37,30 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
     return torch.device(name)
+
+
+def cpu_model() -> str:
+    """CPU model name from /proc/cpuinfo (platform.processor() elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def describe_machine(device: torch.device | str | None = None) -> str:
+    """One line: CPU model and cores, torch threads, torch version and, on CUDA, the GPU's name."""
+    text = (
+        f"CPU {cpu_model()} ({os.cpu_count()} cores), torch {torch.__version__} with {torch.get_num_threads()} threads"
+    )
+    if torch.cuda.is_available():
+        index = torch.device(device).index if device is not None and torch.device(device).type == "cuda" else None
+        text += f", GPU {torch.cuda.get_device_name(index)}"
+    else:
+        text += ", no CUDA GPU"
+    return text
 
 
 def build_teacher(cfg: config.Config, classes: int, device: torch.device) -> tuple[torch.nn.Module, ccsi.ClassMemory]:
@@ -52,7 +81,8 @@ def build_teacher(cfg: config.Config, classes: int, device: torch.device) -> tup
     return teacher, memory
 
 
-def timed(fn) -> tuple[float, ccsi.SynthesisResult]:
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    """(seconds, result) of ``fn()``, synchronising CUDA before and after."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -62,7 +92,44 @@ def timed(fn) -> tuple[float, ccsi.SynthesisResult]:
     return time.perf_counter() - start, result
 
 
-def main() -> None:
+def measure_synthesis(
+    groups: int, batch: int, iterations: int, classes: int, device: torch.device, chunk: int | None = None
+) -> dict[str, float]:
+    """Time ``synthesize`` vectorised and as a per-batch loop (same teacher, seeds, device).
+
+    Returns seconds (``vectorised_s``, ``loop_s``), ``work`` (images x iterations), ``max_diff`` (pixels) and
+    the peak CUDA memory of each (``vectorised_peak_bytes``, ``loop_peak_bytes``; 0 on CPU).
+    """
+    values = {
+        **config.defaults(),
+        "nb_generation": groups,
+        "syn_batch_size": batch,
+        "syn_iterations": iterations,
+        "syn_warmup": min(100, iterations),
+    }
+    cfg = config.Config({k: config.coerce(config.OPTIONS[k], v) for k, v in values.items()})
+    teacher, memory = build_teacher(cfg, classes, device)
+
+    def run(vectorised: bool, conf: config.Config = cfg) -> ccsi.SynthesisResult:
+        return ccsi.synthesize(
+            teacher, memory, classes, conf, seed=0, device=device, progress=False,
+            vectorised=vectorised, max_group_chunk=chunk,
+        )  # fmt: skip
+
+    warm = cfg.replace(syn_iterations=2)
+    run(True, warm), run(False, warm)  # one-time costs (allocator, cuDNN autotuning) out of the timings
+    out: dict[str, float] = {"work": float(groups * batch * iterations)}
+    results = {}
+    for name, vectorised in (("vectorised", True), ("loop", False)):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        out[f"{name}_s"], results[name] = timed(lambda v=vectorised: run(v))
+        out[f"{name}_peak_bytes"] = float(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else 0.0
+    out["max_diff"] = (results["vectorised"].images.x - results["loop"].images.x).abs().max().item()
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--groups", type=int, default=8, help="batches synthesised (nb_generation)")
     parser.add_argument("--batch", type=int, default=40, help="images per batch (syn_batch_size)")
@@ -70,41 +137,20 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=8, help="classes of the teacher")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--chunk", type=int, default=None, help="max_group_chunk of the vectorised run (default: all)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     device = resolve_device(args.device)
-    values = {
-        **config.defaults(),
-        "nb_generation": args.groups,
-        "syn_batch_size": args.batch,
-        "syn_iterations": args.iterations,
-        "syn_warmup": min(100, args.iterations),
-    }
-    cfg = config.Config({k: config.coerce(config.OPTIONS[k], v) for k, v in values.items()})
-    teacher, memory = build_teacher(cfg, args.classes, device)
-
-    def run(vectorised: bool, conf: config.Config = cfg) -> ccsi.SynthesisResult:
-        return ccsi.synthesize(
-            teacher, memory, args.classes, conf, seed=0, device=device, progress=False,
-            vectorised=vectorised, max_group_chunk=args.chunk,
-        )  # fmt: skip
-
-    warm = cfg.replace(syn_iterations=2)
-    run(True, warm), run(False, warm)  # one-time costs (allocator, cuDNN autotuning) out of the timings
-    t_vec, vec = timed(lambda: run(True))
-    t_loop, loop = timed(lambda: run(False))
-
-    work = args.groups * args.batch * args.iterations
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    print(f"device: {name}")
+    m = measure_synthesis(args.groups, args.batch, args.iterations, args.classes, device, args.chunk)
+    print(f"machine: {describe_machine(device)}; device: {device}")
     print(
         f"setting: {args.groups} batches x {args.batch} images x {args.iterations} iterations, {args.classes} classes"
     )
-    print(f"vectorised: {t_vec:8.2f} s  {work / t_vec:10.1f} images*iterations/s")
-    print(f"per-batch loop: {t_loop:8.2f} s  {work / t_loop:10.1f} images*iterations/s")
-    print(f"speed-up (vectorised / loop): {t_loop / t_vec:.2f}x")
-    print(f"max |vectorised - loop| pixel difference: {(vec.images.x - loop.images.x).abs().max().item():.2e}")
+    print(f"vectorised: {m['vectorised_s']:8.2f} s  {m['work'] / m['vectorised_s']:10.1f} images*iterations/s")
+    print(f"per-batch loop: {m['loop_s']:8.2f} s  {m['work'] / m['loop_s']:10.1f} images*iterations/s")
+    print(f"speed-up (vectorised / loop): {m['loop_s'] / m['vectorised_s']:.2f}x")
+    print(f"max |vectorised - loop| pixel difference: {m['max_diff']:.2e}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -85,8 +85,12 @@ class Method:
     def train_batches(self, ctx: TaskContext, epoch: int) -> Iterable[Batch]:
         """The batches of one epoch; default: the task's real data, shuffled."""
         return BatchLoader(
-            ctx.train, batch_size=ctx.cfg.batch_size, shuffle=True, augment=ctx.cfg.augment,
-            generator=ctx.generator, device=self.device,
+            ctx.train,
+            batch_size=ctx.cfg.batch_size,
+            shuffle=True,
+            augment=ctx.cfg.augment,
+            generator=ctx.generator,
+            device=self.device,
         )
 
     def on_epoch_start(self, ctx: TaskContext, epoch: int) -> None:

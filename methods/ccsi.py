@@ -38,12 +38,20 @@ register_options(
         Option("ro", "float", 0.9, "IdC: EMA weight of the current batch's class centroids", min=0.0, max=1.0),
         Option("temprature", "float", 0.5, "IdC: softmax temperature tau (original key spelling)", min=1e-6),
         Option(
-            "idc_source", "str", "val",
+            "idc_source",
+            "str",
+            "val",
             "IdC unlabelled batches: test (the released code: leaks test images), val, or train (new real data)",
             choices=("test", "val", "train"),
         ),
-        Option("rs_ratio", "float", 0.66, "fraction of synthetic samples in training batches (CCSI: 0.66)",
-               min=0.0, max=0.99),
+        Option(
+            "rs_ratio",
+            "float",
+            0.66,
+            "fraction of synthetic samples in training batches (CCSI: 0.66)",
+            min=0.0,
+            max=0.99,
+        ),
         Option("imprint", "bool", True, "imprint new-class weights from class-mean features (CCSI, LUCIR)"),
         Option("freeze_old_weights", "bool", True, "keep old-class classifier weights fixed (CCSI: lr 0)"),
     ],
@@ -97,14 +105,24 @@ class CCSI(Method):
         """Impressions of every old class from the frozen teacher (regenerated each task)."""
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator))
         result = ccsi_synthesis.synthesize(
-            self.teacher, self.memory, ctx.n_old, ctx.cfg, seed=seed, device=self.device,
-            progress=ctx.cfg.progress, log=ctx.log,
+            self.teacher,
+            self.memory,
+            ctx.n_old,
+            ctx.cfg,
+            seed=seed,
+            device=self.device,
+            progress=ctx.cfg.progress,
+            log=ctx.log,
         )
         path = ctx.output_dir / f"impressions_task_{ctx.task}.png"
         ccsi_synthesis.save_impressions_grid(path, result.images, self.memory)
         log.info(
             "task %d: %d impressions of %d old classes, teacher accuracy on them %.1f%% (grid: %s)",
-            ctx.task, len(result.images), ctx.n_old, result.teacher_accuracy, path,
+            ctx.task,
+            len(result.images),
+            ctx.n_old,
+            result.teacher_accuracy,
+            path,
         )
         if ctx.log is not None:
             ctx.log.log_scalars({f"task{ctx.task}/impressions_teacher_accuracy": result.teacher_accuracy}, None)
@@ -121,8 +139,14 @@ class CCSI(Method):
 
     def train_batches(self, ctx: TaskContext, epoch: int) -> Iterable[Batch]:
         return BatchLoader(
-            ctx.train, batch_size=ctx.cfg.batch_size, shuffle=True, augment=ctx.cfg.augment,
-            generator=ctx.generator, device=self.device, synthetic=self.synthetic, synthetic_ratio=ctx.cfg.rs_ratio,
+            ctx.train,
+            batch_size=ctx.cfg.batch_size,
+            shuffle=True,
+            augment=ctx.cfg.augment,
+            generator=ctx.generator,
+            device=self.device,
+            synthetic=self.synthetic,
+            synthetic_ratio=ctx.cfg.rs_ratio,
         )
 
     def on_epoch_start(self, ctx: TaskContext, epoch: int) -> None:

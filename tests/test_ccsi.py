@@ -112,8 +112,15 @@ def test_medmnist_ccsi_configs_run_end_to_end(tmp_path, dataset, n_classes, chan
     cfg = load_config(
         [ROOT / "configs" / dataset / "ccsi.yaml"],
         {
-            "data_root": str(tmp_path), "download": False, "device": "cpu", "output_dir": str(tmp_path / "run"),
-            "epochs": 1, "nb_generation": 1, "syn_batch_size": 4, "syn_iterations": 2, "syn_warmup": 1,
+            "data_root": str(tmp_path),
+            "download": False,
+            "device": "cpu",
+            "output_dir": str(tmp_path / "run"),
+            "epochs": 1,
+            "nb_generation": 1,
+            "syn_batch_size": 4,
+            "syn_iterations": 2,
+            "syn_warmup": 1,
             "progress": False,
         },
     )
@@ -125,19 +132,36 @@ def test_medmnist_ccsi_configs_run_end_to_end(tmp_path, dataset, n_classes, chan
 
 def test_sweep_files_chain_task_1_to_2_on_digits(tmp_path):
     out = tmp_path / "run"
-    common = {"dataset": "digits", "method": "ccsi", "nb_cl_fg": 2, "nb_cl": 2, "epochs": 1, "device": "cpu",
-              "output_dir": str(out), "idc_source": "train", **TINY_SYNTHESIS}
+    common = {
+        "dataset": "digits",
+        "method": "ccsi",
+        "nb_cl_fg": 2,
+        "nb_cl": 2,
+        "epochs": 1,
+        "device": "cpu",
+        "output_dir": str(out),
+        "idc_source": "train",
+        **TINY_SYNTHESIS,
+    }
     for task in (1, 2):
         params = {**common, "task": task}
         if task == 2:
             params["saved_model_address"] = str(task_checkpoint_path(out, 1))
         sweep_file = tmp_path / f"sweep_task_{task}.yaml"
-        sweep_file.write_text(json.dumps({
-            "program": "main.py", "method": "grid", "metric": {"name": "task/accuracy", "goal": "maximize"},
-            "parameters": {k: {"value": v} for k, v in params.items()},
-        }))
-        commands = [sweep.build_command(sweep.read_sweep(sweep_file), p)
-                    for p in sweep.grid_points(sweep.read_sweep(sweep_file)["parameters"])]
+        sweep_file.write_text(
+            json.dumps(
+                {
+                    "program": "main.py",
+                    "method": "grid",
+                    "metric": {"name": "task/accuracy", "goal": "maximize"},
+                    "parameters": {k: {"value": v} for k, v in params.items()},
+                }
+            )
+        )
+        commands = [
+            sweep.build_command(sweep.read_sweep(sweep_file), p)
+            for p in sweep.grid_points(sweep.read_sweep(sweep_file)["parameters"])
+        ]
         assert len(commands) == 1 and commands[0][:2] == [sys.executable, "main.py"]
         done = subprocess.run(commands[0], cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-2000:]
@@ -148,8 +172,9 @@ def test_sweep_files_chain_task_1_to_2_on_digits(tmp_path):
 
 def test_sweep_dry_run_prints_one_command_per_grid_point(tmp_path, capsys):
     sweep_file = tmp_path / "grid.yaml"
-    sweep_file.write_text("program: main.py\nmethod: grid\nparameters:\n  lr: {values: [0.1, 0.01]}\n"
-                          "  seed: {value: 3}\n")
+    sweep_file.write_text(
+        "program: main.py\nmethod: grid\nparameters:\n  lr: {values: [0.1, 0.01]}\n  seed: {value: 3}\n"
+    )
     assert sweep.main([str(sweep_file), "--dry-run"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and "--lr=0.1 --seed=3" in lines[0] and "--lr=0.01 --seed=3" in lines[1]

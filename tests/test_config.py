@@ -4,9 +4,8 @@ import pytest
 import yaml
 
 import config
-from config import ConfigError, Option, coerce, load_config, parse_overrides
-
 import incremental_train_and_eval  # noqa: F401  (declares every key)
+from config import ConfigError, Option, coerce, load_config, parse_overrides
 
 
 def test_defaults_resolve_and_output_dir_is_formatted():

@@ -75,8 +75,15 @@ def test_corrupt_checkpoint_gives_one_line_error(make_cfg, tmp_path, capsys):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="corrupt or unreadable"):
         run(make_cfg(task=2, saved_model_address=str(bad), **THREE_TASKS))
-    code = main.main(["--dataset=digits", "--device=cpu", f"--output_dir={tmp_path / 'r'}", "--task=2",
-                      f"--saved_model_address={bad}"])
+    code = main.main(
+        [
+            "--dataset=digits",
+            "--device=cpu",
+            f"--output_dir={tmp_path / 'r'}",
+            "--task=2",
+            f"--saved_model_address={bad}",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: checkpoint")
 

@@ -1,0 +1,94 @@
+"""The benchmark scripts end to end at tiny sizes: outputs written, finished runs skipped, partial ones resumed."""
+
+import csv
+import json
+import math
+import re
+
+import pytest
+import torch
+
+from bench import accuracy, protocol_timing, speed
+from dataloaders.npz_data import read_npz
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The scripts run with --threads 1 (fast on a busy 2-core CPU); restore torch's thread count afterwards."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_mean_std_is_the_sample_std_and_drops_none():
+    assert accuracy.mean_std([1.0, 3.0, None]) == (2.0, pytest.approx(math.sqrt(2.0)))
+    assert accuracy.mean_std([5.0]) == (5.0, 0.0)
+    assert accuracy.mean_std([None]) is None
+
+
+def test_accuracy_grid_writes_results_skips_resumes_and_records_failures(tmp_path, capsys):
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    argv = ["--datasets", "digits", "--methods", "finetune", "--seeds", "0", "--out", str(out), "--runs", str(runs)]
+    argv += ["--threads", "1", "--epochs=1", "--nb_cl_fg=8", "--nb_cl=2", "--device=cpu"]  # 2 tasks: 8 + 2 classes
+    folder = runs / "digits" / "finetune" / "seed0"
+    assert accuracy.main(argv) == 0
+    first = json.loads((folder / "metrics.json").read_text())
+    md = (out / "results.md").read_text()
+    assert "| digits | finetune | clean | 0 |" in md and "`--epochs=1`" in md and "machine: CPU" in md
+    assert "bench/accuracy.py --datasets digits" in md and "Failed runs (0)" in md
+    [row] = list(csv.DictReader((out / "results.csv").open()))
+    assert (row["dataset"], row["method"], row["seeds"]) == ("digits", "finetune", "0")
+    assert float(row["last_accuracy_mean"]) == pytest.approx(first["last_accuracy"], abs=1e-4)
+    assert float(row["last_accuracy_std"]) == 0.0
+    assert [float(v) for v in row["accuracy_per_task_mean"].split(";")] == pytest.approx(first["accuracy_per_task"])
+    assert (out / "curves_digits.png").read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
+
+    stamp = (folder / "task_1.pt").stat().st_mtime_ns
+    assert accuracy.main(argv) == 0  # finished: skipped, nothing retrained
+    assert "1 runs: 0 done, 1 skipped, 0 failed" in capsys.readouterr().out
+    assert (folder / "task_1.pt").stat().st_mtime_ns == stamp
+
+    (folder / "metrics.json").unlink()  # as if stopped after task 1: resumes with task 2 only
+    (folder / "task_2.pt").unlink()
+    assert accuracy.main(argv) == 0
+    assert "1 runs: 1 done, 0 skipped, 0 failed" in capsys.readouterr().out
+    assert (folder / "task_1.pt").stat().st_mtime_ns == stamp
+    assert json.loads((folder / "metrics.json").read_text())["accuracy_matrix"] == first["accuracy_matrix"]
+
+    # another configuration in the same folder is a recorded failure, not a silent reuse
+    assert accuracy.main([*argv[:-4], "--epochs=2", *argv[-3:]]) == 1
+    assert "FAILED digits/finetune seed 0" in capsys.readouterr().out
+    assert "another configuration" in (out / "results.md").read_text()
+
+
+def test_speed_prints_throughputs_and_both_ratios(tmp_path, capsys):
+    out = tmp_path / "speed.md"
+    argv = ["--threads", "1", "--n", "80", "--epochs", "1", "--workers", "1", "--syn_groups", "2", "--syn_batch", "4"]
+    assert speed.main([*argv, "--syn_iterations", "2", "--device", "cpu", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"training speed-up \(ours / reference\): \d+\.\d+x \(target on a GPU: >= 5x\)", text)
+    assert re.search(r"synthesis speed-up \(vectorised / loop\): \d+\.\d+x \(target on a GPU: >= 10x\)", text)
+    assert text.count("images/s") == 2 and text.count("images*iterations/s") == 2 and "max RSS" in text
+    assert float(re.search(r"pixel difference: (\S+)", text).group(1)) < 1e-4
+    assert "training speed-up" in out.read_text()
+
+
+def test_generated_bloodmnist_has_the_real_shape(tmp_path):
+    path = protocol_timing.write_fake_bloodmnist(tmp_path / "b.npz", protocol_timing.SHAPE["train"])
+    data = read_npz(path, "npz")
+    assert (len(data.train), len(data.val), len(data.test)) == (11959, 1712, 3421)
+    assert tuple(data.train.x.shape[1:]) == (3, 32, 32) and data.num_classes == 8
+
+
+def test_protocol_timing_prints_the_per_stage_table(tmp_path, capsys):
+    argv = ["--threads", "1", "--n_train", "64", "--data_root", str(tmp_path / "none"), "--work", str(tmp_path / "w")]
+    argv += ["--out", str(tmp_path / "t.md"), "--epochs=1", "--syn_iterations=2", "--nb_generation=1"]
+    assert protocol_timing.main([*argv, "--syn_batch_size=8", "--device=cpu"]) == 0
+    text = capsys.readouterr().out
+    rows = [line.split("|") for line in text.splitlines() if re.match(r"\| [1-4] \|", line)]
+    assert [int(r[1]) for r in rows] == [1, 2, 3, 4]
+    assert [r[2].strip() for r in rows] == ["-", "1 x 8 x 2", "1 x 8 x 2", "1 x 8 x 2"]  # synthesis before tasks 2-4
+    assert all(float(r[4]) > 0 for r in rows)  # training time of every task
+    assert "generated" in text and re.search(r"total: \d+\.\d s", text) and "no verdict" in text
+    assert (tmp_path / "w" / "run" / "impressions_task_4.png").is_file()
