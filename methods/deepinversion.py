@@ -63,7 +63,6 @@ class DeepInversion(Method):
         self.teacher: nn.Module | None = None
         self.synthetic: ImageSet | None = None  # float images of old classes, never real ones
         self.n_old = 0
-        self.task_cfg = cfg
         self.image_shape: tuple[int, ...] | None = None  # (C, H, W), all that synthesis needs to know
 
     def before_task(self, ctx: TaskContext) -> None:
@@ -73,7 +72,7 @@ class DeepInversion(Method):
                 f"deepinversion synthesises from noise with the layers' running statistics: set syn_init: noise "
                 f"and class_stats: running (got {cfg.syn_init}, {cfg.class_stats})"
             )
-        self.n_old, self.task_cfg = ctx.n_old, cfg
+        self.n_old = ctx.n_old
         self.image_shape = tuple(ctx.train.x.shape[1:])
         self.teacher, self.synthetic = None, None
         if ctx.task > 1:
@@ -129,7 +128,7 @@ class DeepInversion(Method):
         if self.teacher is None:
             ce = F.cross_entropy(logits, batch.y)
             return {"loss": ce, "ce": ce}
-        cfg = self.task_cfg
+        cfg = self.cfg
         if cfg.di_synthetic_ce:  # replay variant: every row, all seen classes
             ce = F.cross_entropy(logits, batch.y)
         else:  # LwF's L_new: real rows, new classes' outputs

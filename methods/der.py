@@ -155,4 +155,4 @@ class DER(ReplayMethod):
             return {"loss": ce, "ce": ce}
         aux_y = torch.where(batch.y >= self.n_old, batch.y - self.n_old + 1, torch.zeros_like(batch.y))  # (B,)
         aux = F.cross_entropy(out["aux_logits"], aux_y)
-        return {"loss": ce + self.task_cfg.der_aux_weight * aux, "ce": ce, "aux": aux}
+        return {"loss": ce + self.cfg.der_aux_weight * aux, "ce": ce, "aux": aux}

@@ -174,10 +174,9 @@ class EWC(Method):
         self.fisher: dict[str, Tensor] | None = None  # canonical name -> accumulated Fisher
         self.anchor: dict[str, Tensor] | None = None  # canonical name -> theta* after the last task
         self.n_old = 0
-        self.task_cfg = cfg
 
     def before_task(self, ctx: TaskContext) -> None:
-        self.n_old, self.task_cfg = ctx.n_old, ctx.cfg
+        self.n_old = ctx.n_old
         super().before_task(ctx)
 
     def penalty(self) -> Tensor:
@@ -193,7 +192,7 @@ class EWC(Method):
             return {"loss": ce, "ce": ce}
         ce = F.cross_entropy(logits[:, self.n_old :], batch.y - self.n_old)
         ewc = self.penalty()
-        return {"loss": ce + self.task_cfg.ewc_lambda / 2 * ewc, "ce": ce, "ewc": ewc}
+        return {"loss": ce + self.cfg.ewc_lambda / 2 * ewc, "ce": ce, "ewc": ewc}
 
     def after_task(self, ctx: TaskContext) -> None:
         """Fisher of this task at the trained parameters, merged into the running Fisher; new anchor."""

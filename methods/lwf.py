@@ -41,11 +41,10 @@ class LwF(Method):
         super().__init__(cfg, net, device)
         self.teacher: nn.Module | None = None  # frozen previous model, None on the first task
         self.n_old = 0
-        self.task_cfg = cfg  # configuration in force for the current task (per_task values applied)
 
     def before_task(self, ctx: TaskContext) -> None:
         self.teacher = self.net.copy_frozen() if ctx.task > 1 else None
-        self.n_old, self.task_cfg = ctx.n_old, ctx.cfg
+        self.n_old = ctx.n_old
         super().before_task(ctx)
 
     def training_step(self, batch: Batch) -> dict[str, Tensor]:
@@ -56,8 +55,8 @@ class LwF(Method):
         ce = F.cross_entropy(logits[:, self.n_old :], batch.y - self.n_old)
         with torch.no_grad():
             old_logits = self.teacher(batch.x)["logits"]  # (B, n_old)
-        kd = losses.kd_loss(logits[:, : self.n_old], old_logits, self.task_cfg.kd_temperature)
-        return {"loss": ce + self.task_cfg.lwf_lambda * kd, "ce": ce, "kd": kd}
+        kd = losses.kd_loss(logits[:, : self.n_old], old_logits, self.cfg.kd_temperature)
+        return {"loss": ce + self.cfg.lwf_lambda * kd, "ce": ce, "kd": kd}
 
     def after_task(self, ctx: TaskContext) -> None:
         self.teacher = None  # the next task snapshots the model it starts from
