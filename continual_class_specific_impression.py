@@ -20,7 +20,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,6 +31,9 @@ import synthesis_losses as sl
 from config import Config, Option, register_options
 from dataloaders.image_set import ImageSet, as_float
 from synthesis_losses import LOSS_TERMS, LossWeights, bn_layers, capture_bn_inputs, eval_mode, teacher_logits
+
+if TYPE_CHECKING:
+    from methods.base import TaskContext
 
 logger = logging.getLogger(__name__)
 
@@ -459,3 +462,24 @@ def save_impressions_grid(path: str | Path, images: ImageSet, memory: ClassMemor
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(grid.flatten(0, 1), path, nrow=cols, padding=1, pad_value=1.0)
     return path
+
+
+def synthesize_for_task(teacher: nn.Module, memory: ClassMemory, ctx: TaskContext, device: torch.device) -> ImageSet:
+    """Images of the ``ctx.n_old`` old classes before task ``ctx.task``: synthesised, drawn to a PNG grid, logged."""
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator))
+    result = synthesize(
+        teacher, memory, ctx.n_old, ctx.cfg, seed=seed, device=device, progress=ctx.cfg.progress, log=ctx.log
+    )
+    path = save_impressions_grid(ctx.output_dir / f"impressions_task_{ctx.task}.png", result.images, memory)
+    logger.info(
+        "task %d: %d synthetic images of %d old classes, teacher accuracy on them %.1f%% (grid: %s)",
+        ctx.task,
+        len(result.images),
+        ctx.n_old,
+        result.teacher_accuracy,
+        path,
+    )
+    if ctx.log is not None:
+        ctx.log.log_scalars({f"task{ctx.task}/impressions_teacher_accuracy": result.teacher_accuracy}, None)
+        ctx.log.log_image(f"impressions_task_{ctx.task}", str(path))
+    return result.images.to(device)

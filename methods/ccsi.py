@@ -10,7 +10,6 @@ class-weighted cosine CE + margin ranking on old-class samples + intra-domain co
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 from typing import Any
 
@@ -23,8 +22,6 @@ from dataloaders.batches import Batch, BatchLoader
 from dataloaders.image_set import ImageSet, as_float
 from methods import losses, register_method
 from methods.base import Method, TaskContext
-
-log = logging.getLogger(__name__)
 
 register_options(
     "ccsi",
@@ -103,31 +100,7 @@ class CCSI(Method):
 
     def _synthesise(self, ctx: TaskContext) -> ImageSet:
         """Impressions of every old class from the frozen teacher (regenerated each task)."""
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator))
-        result = ccsi_synthesis.synthesize(
-            self.teacher,
-            self.memory,
-            ctx.n_old,
-            ctx.cfg,
-            seed=seed,
-            device=self.device,
-            progress=ctx.cfg.progress,
-            log=ctx.log,
-        )
-        path = ctx.output_dir / f"impressions_task_{ctx.task}.png"
-        ccsi_synthesis.save_impressions_grid(path, result.images, self.memory)
-        log.info(
-            "task %d: %d impressions of %d old classes, teacher accuracy on them %.1f%% (grid: %s)",
-            ctx.task,
-            len(result.images),
-            ctx.n_old,
-            result.teacher_accuracy,
-            path,
-        )
-        if ctx.log is not None:
-            ctx.log.log_scalars({f"task{ctx.task}/impressions_teacher_accuracy": result.teacher_accuracy}, None)
-            ctx.log.log_image(f"impressions_task_{ctx.task}", str(path))
-        return result.images.to(self.device)
+        return ccsi_synthesis.synthesize_for_task(self.teacher, self.memory, ctx, self.device)
 
     @torch.no_grad()
     def _imprint(self, train: ImageSet) -> None:

@@ -14,7 +14,6 @@ the synthetic ones with their synthesis labels (the replay variant that later da
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 
 import torch
@@ -28,8 +27,6 @@ from dataloaders.batches import Batch, BatchLoader
 from dataloaders.image_set import ImageSet
 from methods import losses, register_method
 from methods.base import Method, TaskContext
-
-log = logging.getLogger(__name__)
 
 register_options(
     "deepinversion",
@@ -85,31 +82,7 @@ class DeepInversion(Method):
         assert self.image_shape is not None and self.teacher is not None
         placeholder = ccsi_synthesis.ClassMemory()  # synthesize reads the image shape from it; noise init ignores it
         placeholder.add(torch.arange(ctx.n_old), torch.zeros((ctx.n_old, *self.image_shape)), [])
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator))
-        result = ccsi_synthesis.synthesize(
-            self.teacher,
-            placeholder,
-            ctx.n_old,
-            ctx.cfg,
-            seed=seed,
-            device=self.device,
-            progress=ctx.cfg.progress,
-            log=ctx.log,
-        )
-        path = ctx.output_dir / f"impressions_task_{ctx.task}.png"
-        ccsi_synthesis.save_impressions_grid(path, result.images, placeholder)
-        log.info(
-            "task %d: %d inverted images of %d old classes, teacher accuracy on them %.1f%% (grid: %s)",
-            ctx.task,
-            len(result.images),
-            ctx.n_old,
-            result.teacher_accuracy,
-            path,
-        )
-        if ctx.log is not None:
-            ctx.log.log_scalars({f"task{ctx.task}/impressions_teacher_accuracy": result.teacher_accuracy}, None)
-            ctx.log.log_image(f"impressions_task_{ctx.task}", str(path))
-        return result.images.to(self.device)
+        return ccsi_synthesis.synthesize_for_task(self.teacher, placeholder, ctx, self.device)
 
     def train_batches(self, ctx: TaskContext, epoch: int) -> Iterable[Batch]:
         return BatchLoader(
