@@ -31,7 +31,20 @@ def build_method(cfg: Config, net: nn.Module, device: torch.device) -> Method:
 
 
 # Explicit imports (no directory scan): each module registers its method and its config keys.
-from methods import ccsi, deepinversion, der, ewc, finetune, gdumb, icarl, joint, lucir, lwf, rehearsal_kd, wa  # noqa: E402, F401
+from methods import (  # noqa: E402, F401
+    ccsi,
+    deepinversion,
+    der,
+    ewc,
+    finetune,
+    gdumb,
+    icarl,
+    joint,
+    lucir,
+    lwf,
+    rehearsal_kd,
+    wa,
+)
 
 register_options(
     "run",
