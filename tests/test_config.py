@@ -120,9 +120,14 @@ def test_coerce_bounds_and_choices():
         coerce(opt, True)
 
 
-def test_every_key_is_documented_in_docs():
+def test_docs_config_is_the_generated_reference():
     from pathlib import Path
+
+    import main
 
     text = (Path(__file__).resolve().parent.parent / "docs" / "config.md").read_text()
     missing = [name for name in config.OPTIONS if f"`{name}`" not in text]
-    assert not missing, f"docs/config.md is stale (regenerate: python main.py keys > docs/config.md): {missing}"
+    assert not missing, f"docs/config.md lacks keys (regenerate: python main.py keys > docs/config.md): {missing}"
+    assert text == main.KEYS_HEADER + config.reference_table() + "\n", (
+        "docs/config.md is stale: regenerate it with python main.py keys > docs/config.md"
+    )
