@@ -82,8 +82,13 @@ class Method:
         """Optimiser parameter groups; default: every trainable parameter of the net."""
         return [{"params": [p for p in self.net.parameters() if p.requires_grad]}]
 
+    def replay(self, ctx: TaskContext) -> tuple[ImageSet | None, float]:
+        """Images mixed into the task's batches and their fraction of draws; default: none."""
+        return None, 0.0
+
     def train_batches(self, ctx: TaskContext, epoch: int) -> Iterable[Batch]:
-        """The batches of one epoch; default: the task's real data, shuffled."""
+        """The batches of one epoch: the task's real data, shuffled, mixed with ``replay(ctx)`` if any."""
+        images, ratio = self.replay(ctx)
         return BatchLoader(
             ctx.train,
             batch_size=ctx.cfg.batch_size,
@@ -91,6 +96,8 @@ class Method:
             augment=ctx.cfg.augment,
             generator=ctx.generator,
             device=self.device,
+            synthetic=images,
+            synthetic_ratio=ratio,
         )
 
     def on_epoch_start(self, ctx: TaskContext, epoch: int) -> None:

@@ -10,7 +10,6 @@ class-weighted cosine CE + margin ranking on old-class samples + intra-domain co
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -18,7 +17,7 @@ from torch import Tensor
 
 import continual_class_specific_impression as ccsi_synthesis
 from config import Config, Option, register_options
-from dataloaders.batches import Batch, BatchLoader
+from dataloaders.batches import Batch
 from dataloaders.image_set import ImageSet, as_float
 from methods import losses, register_method
 from methods.base import Method, TaskContext
@@ -110,17 +109,8 @@ class CCSI(Method):
         feats = torch.cat([self.net.features(as_float(train.x[i : i + bs])) for i in range(0, len(train), bs)])
         self.net.imprint(feats, train.y)
 
-    def train_batches(self, ctx: TaskContext, epoch: int) -> Iterable[Batch]:
-        return BatchLoader(
-            ctx.train,
-            batch_size=ctx.cfg.batch_size,
-            shuffle=True,
-            augment=ctx.cfg.augment,
-            generator=ctx.generator,
-            device=self.device,
-            synthetic=self.synthetic,
-            synthetic_ratio=ctx.cfg.rs_ratio,
-        )
+    def replay(self, ctx: TaskContext) -> tuple[ImageSet | None, float]:
+        return self.synthetic, ctx.cfg.rs_ratio
 
     def on_epoch_start(self, ctx: TaskContext, epoch: int) -> None:
         if self.idc is not None:

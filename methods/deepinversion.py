@@ -14,8 +14,6 @@ the synthetic ones with their synthesis labels (the replay variant that later da
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -23,7 +21,7 @@ from torch import Tensor, nn
 import continual_class_specific_impression as ccsi_synthesis
 import methods.memory  # noqa: F401  (declares kd_temperature, shared by the distillation methods)
 from config import Config, ConfigError, Option, register_options
-from dataloaders.batches import Batch, BatchLoader
+from dataloaders.batches import Batch
 from dataloaders.image_set import ImageSet
 from methods import losses, register_method
 from methods.base import Method, TaskContext
@@ -84,17 +82,8 @@ class DeepInversion(Method):
         placeholder.add(torch.arange(ctx.n_old), torch.zeros((ctx.n_old, *self.image_shape)), [])
         return ccsi_synthesis.synthesize_for_task(self.teacher, placeholder, ctx, self.device)
 
-    def train_batches(self, ctx: TaskContext, epoch: int) -> Iterable[Batch]:
-        return BatchLoader(
-            ctx.train,
-            batch_size=ctx.cfg.batch_size,
-            shuffle=True,
-            augment=ctx.cfg.augment,
-            generator=ctx.generator,
-            device=self.device,
-            synthetic=self.synthetic,
-            synthetic_ratio=ctx.cfg.di_syn_ratio,
-        )
+    def replay(self, ctx: TaskContext) -> tuple[ImageSet | None, float]:
+        return self.synthetic, ctx.cfg.di_syn_ratio
 
     def training_step(self, batch: Batch) -> dict[str, Tensor]:
         logits = self.net(batch.x)["logits"]  # (B, n_seen)
