@@ -116,11 +116,11 @@ def main(argv: list[str] | None = None) -> int:
         cells = [
             t["task"],
             work_syn,
-            f"{before:.1f}",
-            f"{train:.1f}",
-            f"{per_epoch:.2f}",
-            f"{after:.1f}",
-            f"{stages:.1f}",
+            f"{before:.2f}",
+            f"{train:.2f}",
+            f"{per_epoch:.3f}",
+            f"{after:.2f}",
+            f"{stages:.2f}",
         ]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     full_size = real.is_file() or args.n_train == SHAPE["train"]
