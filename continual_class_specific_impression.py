@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+import distributed
 import synthesis_losses as sl
 from config import Config, Option, register_options
 from dataloaders.image_set import ImageSet, as_float
@@ -465,21 +466,41 @@ def save_impressions_grid(path: str | Path, images: ImageSet, memory: ClassMemor
 
 
 def synthesize_for_task(teacher: nn.Module, memory: ClassMemory, ctx: TaskContext, device: torch.device) -> ImageSet:
-    """Images of the ``ctx.n_old`` old classes before task ``ctx.task``: synthesised, drawn to a PNG grid, logged."""
+    """Images of the ``ctx.n_old`` old classes before task ``ctx.task``: synthesised, drawn to a PNG grid, logged.
+
+    Under torchrun each rank optimises a contiguous share of the ``nb_generation`` batches and every rank
+    receives all of them, in batch order: the same images as a single process (per-batch seeds).
+    """
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator))
+    share = range(ctx.cfg.nb_generation)[distributed.shard_range(ctx.cfg.nb_generation)]
     result = synthesize(
-        teacher, memory, ctx.n_old, ctx.cfg, seed=seed, device=device, progress=ctx.cfg.progress, log=ctx.log
+        teacher,
+        memory,
+        ctx.n_old,
+        ctx.cfg,
+        seed=seed,
+        device=device,
+        progress=ctx.cfg.progress,
+        log=ctx.log if not distributed.is_distributed() else None,
+        groups=share,
     )
-    path = save_impressions_grid(ctx.output_dir / f"impressions_task_{ctx.task}.png", result.images, memory)
+    images = result.images
+    teacher_acc = result.teacher_accuracy
+    if distributed.is_distributed():
+        images = ImageSet(distributed.all_gather_rows(images.x), distributed.all_gather_rows(images.y))
+        teacher_acc = teacher_accuracy(teacher, images.x, images.y, batch_size=ctx.cfg.syn_batch_size)
+    path = ctx.output_dir / f"impressions_task_{ctx.task}.png"
+    if distributed.is_main():
+        save_impressions_grid(path, images, memory)
     logger.info(
         "task %d: %d synthetic images of %d old classes, teacher accuracy on them %.1f%% (grid: %s)",
         ctx.task,
-        len(result.images),
+        len(images),
         ctx.n_old,
-        result.teacher_accuracy,
+        teacher_acc,
         path,
     )
     if ctx.log is not None:
-        ctx.log.log_scalars({f"task{ctx.task}/impressions_teacher_accuracy": result.teacher_accuracy}, None)
+        ctx.log.log_scalars({f"task{ctx.task}/impressions_teacher_accuracy": teacher_acc}, None)
         ctx.log.log_image(f"impressions_task_{ctx.task}", str(path))
-    return result.images.to(device)
+    return images.to(device)

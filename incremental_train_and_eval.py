@@ -6,6 +6,8 @@ test images of all classes seen so far -> atomic checkpoint ``task_<t>.pt`` -> m
 A run can continue from its last complete task (``resume: true``) or train one task from the
 previous task's checkpoint (``task: t`` + ``saved_model_address``), as the original's per-task
 sweeps do. Every task reseeds from (seed, task), so both give the same result as one run.
+Launched with ``torchrun``, every rank runs this loop on its shard of each batch (see distributed.py);
+only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 import dataloaders
+import distributed
 import models
 from checkpoint import completed_tasks, load_checkpoint, rng_state, save_atomic, set_rng_state, task_checkpoint_path
 from config import Config, ConfigError, Option, register_options, register_preset
@@ -141,6 +144,7 @@ register_options(
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device of a single-process run (``distributed.setup`` picks each rank's under torchrun)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -161,12 +165,12 @@ def seed_everything(seed: int) -> torch.Generator:
 
 @torch.no_grad()
 def predict_labels(method: Method, images: ImageSet, batch_size: int) -> torch.Tensor:
-    """Predicted class-order labels (N,) for every image, in eval mode."""
+    """Predicted class-order labels (N,) for every image, in eval mode (under torchrun: each rank a part)."""
     method.eval()
-    preds = [
-        method.predict(as_float(images.x[i : i + batch_size])).argmax(1) for i in range(0, len(images), batch_size)
-    ]
-    return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long, device=images.y.device)
+    part = images.x[distributed.shard_range(len(images))]
+    preds = [method.predict(as_float(part[i : i + batch_size])).argmax(1) for i in range(0, len(part), batch_size)]
+    local = torch.cat(preds) if preds else torch.empty(0, dtype=torch.long, device=images.y.device)
+    return distributed.all_gather_rows(local)
 
 
 def accuracy(method: Method, images: ImageSet, batch_size: int) -> float:
@@ -210,6 +214,7 @@ def train_task(state: RunState, ctx: TaskContext) -> dict[str, Any]:
     """Epoch loop of one task with per-epoch model selection; returns a record of the training."""
     cfg, method = ctx.cfg, state.method
     opt = build_optimizer(method.parameter_groups(ctx), cfg)
+    params = [p for group in opt.param_groups for p in group["params"]]
     sched = build_scheduler(opt, cfg)
     monitor = {"val": ctx.val, "test": ctx.test, "last": None}[cfg.select_on]
     if monitor is None and cfg.scheduler.startswith("plateau"):
@@ -224,14 +229,19 @@ def train_task(state: RunState, ctx: TaskContext) -> dict[str, Any]:
         sums: dict[str, torch.Tensor] = {}
         n = 0
         for batch in batches:
-            terms = method.training_step(batch)
+            local = distributed.shard_batch(batch)  # the whole batch in a single process
+            if local is None:
+                continue
+            terms = method.training_step(local)
             opt.zero_grad(set_to_none=True)
-            terms["loss"].backward()
+            (terms["loss"] * (len(local) / len(batch))).backward()  # this rank's share of the batch mean
+            distributed.all_reduce_gradients(params)
             opt.step()
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float()
             n += 1
-        means = {name: (value / max(n, 1)).item() for name, value in sums.items()}
+        distributed.average_buffers(method.net)
+        means = distributed.all_reduce_mean({name: (value / max(n, 1)).item() for name, value in sums.items()})
         bad = [name for name, value in means.items() if not math.isfinite(value)]
         if bad:
             raise TrainingError(
@@ -282,10 +292,12 @@ def run_task(state: RunState, task: int) -> None:
     start = time.perf_counter()
     method.cfg = cfg  # the method reads this task's values (per_task applied) through self.cfg
     method.before_task(ctx)
+    distributed.prepare_model(method.net, cfg.sync_bn)
     prepared = time.perf_counter()
     training = train_task(state, ctx)
     trained = time.perf_counter()
     method.after_task(ctx)
+    rank_fingerprints = distributed.broadcast_method_state(method)  # [] in a single process
     done = time.perf_counter()
     evaluation = evaluate_predictions(
         predict_labels(method, test_seen, cfg.eval_batch_size), test_seen.y, scenario.task_sizes[:task]
@@ -297,7 +309,11 @@ def run_task(state: RunState, task: int) -> None:
         "seconds_after_task": done - trained,
         "final_epoch": training["history"][-1] if training["history"] else {},
     }
+    if rank_fingerprints:
+        extra["rank_state_fingerprints"] = rank_fingerprints  # method state of each rank before the broadcast
     state.metrics.add(task, evaluation, extra)
+    if not distributed.is_main():
+        return
     save_atomic(
         {
             "format_version": 1,
@@ -382,7 +398,16 @@ def plan_tasks(state: RunState) -> list[int]:
 
 def run(cfg: Config) -> dict[str, Any]:
     """Run (or continue) a class-incremental experiment; returns the metrics summary."""
-    device = resolve_device(cfg.device)
+    launch, device = distributed.setup(cfg.device, cfg.backend, cfg.dist_timeout_minutes)
+    try:
+        return _run(cfg, device, main_process=launch.rank == 0)
+    finally:
+        distributed.teardown()
+
+
+def _run(cfg: Config, device: torch.device, main_process: bool) -> dict[str, Any]:
+    if not main_process:
+        cfg = cfg.replace(progress=False)  # one set of progress bars: rank 0's
     output_dir = Path(cfg.output_dir)
     splits, scenario = dataloaders.prepare(cfg)
     splits = DataSplits(
@@ -398,10 +423,11 @@ def run(cfg: Config) -> dict[str, Any]:
     method = build_method(cfg, net, device)
     state = RunState(cfg, splits, scenario, method, RunMetrics(), device, output_dir, RunLogger())
     tasks = plan_tasks(state)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(output_dir / "config.yaml")
-    state.logger = build_logger(cfg, output_dir)
-    state.logger.log_config(cfg.to_dict())
+    if main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(output_dir / "config.yaml")
+        state.logger = build_logger(cfg, output_dir)
+        state.logger.log_config(cfg.to_dict())
     log.info(
         "%s on %s: %d tasks %s, device %s, output %s",
         cfg.method,
@@ -415,10 +441,11 @@ def run(cfg: Config) -> dict[str, Any]:
         for task in tasks:
             run_task(state, task)
         summary = state.metrics.summary()
-        state.metrics.write(output_dir)
-        class_names = [splits.class_names[c] for c in scenario.class_order]
-        for path in write_run_plots(output_dir, summary, class_names):
-            state.logger.log_image(Path(path).stem, path)
+        if main_process:
+            state.metrics.write(output_dir)
+            class_names = [splits.class_names[c] for c in scenario.class_order]
+            for path in write_run_plots(output_dir, summary, class_names):
+                state.logger.log_image(Path(path).stem, path)
     finally:
         state.logger.finish()
     return {

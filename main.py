@@ -12,6 +12,7 @@ Errors in the configuration, the data or a checkpoint print one line and exit wi
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -78,9 +79,16 @@ def demo(argv: Sequence[str]) -> list[dict]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    rank = os.environ.get("RANK", "0")  # set by torchrun: ranks other than 0 log warnings and errors only
+    logging.basicConfig(
+        level=logging.INFO if rank == "0" else logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S"
+    )
     try:
         with logging_redirect_tqdm():
+            if argv and argv[0] in ("demo", "keys", "sweep") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise config.ConfigError(
+                    f"'{argv[0]}' runs in one process; under torchrun use: main.py --config FILE [--key=value ...]"
+                )
             if argv and argv[0] == "demo":
                 demo(argv[1:])
             elif argv and argv[0] == "keys":
@@ -96,7 +104,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 from metrics import format_results_table
 
-                print("\n" + format_results_table([run_from_args(argv)]))
+                summary = run_from_args(argv)
+                if rank == "0":
+                    print("\n" + format_results_table([summary]))
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

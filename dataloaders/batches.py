@@ -20,14 +20,27 @@ AUGMENTATIONS = ("none", "flip", "crop_flip")
 
 @dataclass
 class Batch:
-    """Float images (B, C, H, W) in [0, 1], labels (B,), and which rows are synthetic (B,) bool."""
+    """Float images (B, C, H, W) in [0, 1], labels (B,), and which rows are synthetic (B,) bool.
+
+    Under torchrun a rank trains on ``rows`` of a global batch of ``global_size`` rows. A method that draws
+    random numbers per row draws them for the global batch and keeps ``rows`` (``draw_rows``), so every
+    rank's random stream stays in step and the draws equal a single process's.
+    """
 
     x: Tensor
     y: Tensor
     synthetic: Tensor
+    rows: slice | None = None  # None: this batch is the whole batch
+    global_size: int | None = None
 
     def __len__(self) -> int:
         return len(self.y)
+
+    def draw_rows(self, high: int, generator: torch.Generator | None = None) -> Tensor:
+        """Uniform integers in [0, high), one per row of this batch, drawn for the global batch."""
+        if self.rows is None or self.global_size is None:
+            return torch.randint(0, high, (len(self),), generator=generator)
+        return torch.randint(0, high, (self.global_size,), generator=generator)[self.rows]
 
 
 def random_crop(x: Tensor, padding: int, generator: torch.Generator | None = None) -> Tensor:

@@ -131,7 +131,7 @@ class CCSI(Method):
         loss = terms["ce"] + terms["distill"] + self.cfg.lw_mr * terms["margin"]
         if self.idc is not None:
             assert self.idc_pool is not None
-            idx = torch.randint(0, len(self.idc_pool), (len(batch),), generator=self.generator)
+            idx = batch.draw_rows(len(self.idc_pool), self.generator)  # (B,)
             target = as_float(self.idc_pool.x[idx.to(self.idc_pool.x.device)]).to(self.device)
             terms["idc"] = self.idc(out["scores"], batch.y, self.net(target)["scores"])
             loss = loss + self.cfg.da_coef * terms["idc"]

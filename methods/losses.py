@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+import distributed
+
 __all__ = [
     "IntraDomainContrastive",
     "adaptive_lambda",
@@ -61,7 +63,12 @@ def weighted_cross_entropy(logits: Tensor, y: Tensor, weights: Tensor | None = N
         raise ValueError(f"weights must have shape ({logits.shape[1]},), got {tuple(weights.shape)}")
     if weights is not None:
         weights = weights.to(device=logits.device, dtype=logits.dtype)
-    return F.cross_entropy(logits, y, weight=weights)
+    if weights is None or not distributed.is_distributed():
+        return F.cross_entropy(logits, y, weight=weights)
+    nll = F.cross_entropy(logits, y, reduction="none")  # (B,)
+    w = weights[y]  # (B,)
+    num, den = distributed.sum_over_ranks(torch.stack([(w * nll).sum(), w.sum()]))  # over the global batch
+    return num / den
 
 
 # ----- LUCIR (Hou et al., CVPR 2019) ---------------------------------------------------------------------------
@@ -104,7 +111,8 @@ def margin_ranking(scores: Tensor, y: Tensor, n_old: int, K: int, margin: float)
     top_new = scores[:, n_old:].topk(K, dim=1).values  # (B, K)
     hinge = (margin - gt + top_new).clamp(min=0)  # (B, K)
     hard = (y < n_old).to(scores.dtype).view(-1, 1)  # (B, 1): samples of old classes
-    return (hinge * hard).sum() / (hard.sum() * K).clamp(min=1)
+    total, pairs = distributed.sum_over_ranks(torch.stack([(hinge * hard).sum(), hard.sum() * K]))  # global batch
+    return total / pairs.clamp(min=1)
 
 
 # ----- knowledge distillation ----------------------------------------------------------------------------------
@@ -133,8 +141,8 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, T: float) -> Tensor:
 def _class_means(scores: Tensor, labels: Tensor, n_classes: int) -> Tensor:
     """Per-class mean of score rows (B, C) -> (n_classes, C); a class absent from the batch gets a zero row."""
     one_hot = F.one_hot(labels, n_classes).to(scores.dtype)  # (B, n_classes)
-    sums = one_hot.t() @ scores  # (n_classes, C)
-    counts = one_hot.sum(dim=0).clamp(min=1).unsqueeze(1)  # (n_classes, 1)
+    sums = distributed.sum_over_ranks(one_hot.t() @ scores)  # (n_classes, C), over the global batch
+    counts = distributed.sum_over_ranks(one_hot.sum(dim=0)).clamp(min=1).unsqueeze(1)  # (n_classes, 1)
     return sums / counts
 
 
