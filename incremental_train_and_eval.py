@@ -94,6 +94,7 @@ register_preset(
             "cn_momentum": 1.0,
             "class_stats": "running",
             "syn_cosine_factor": 0.2,
+            "lamda_new_classes": "nb_cl",
         },
         "clean": {
             "idc_source": "val",
@@ -102,6 +103,7 @@ register_preset(
             "cn_momentum": 0.1,
             "class_stats": "per_class",
             "syn_cosine_factor": 0.5,
+            "lamda_new_classes": "actual",
         },
     },
 )

@@ -27,6 +27,14 @@ register_options(
     [
         Option("lamda", "float", 5.0, "less-forget distillation weight (LUCIR; CCSI configs: 5)", min=0.0),
         Option("adapt_lamda", "bool", True, "scale lamda by sqrt(n_old / n_new) each task (LUCIR)"),
+        Option(
+            "lamda_new_classes",
+            "str",
+            "actual",
+            "n_new in the adaptive lamda: actual = classes this task adds; nb_cl = the configured classes per task, "
+            "as the released CCSI and LUCIR code (differs when the last task is smaller, e.g. OrganAMNIST task 4)",
+            choices=("actual", "nb_cl"),
+        ),
         Option("K", "int", 1, "margin ranking: number of hardest new classes per old-class sample (CCSI: 1)", min=1),
         Option("dist", "float", 0.3, "margin ranking: margin m (CCSI: 0.3)", min=0.0),
         Option("lw_mr", "float", 1.0, "margin ranking weight (CCSI: 1)", min=0.0),
@@ -52,6 +60,13 @@ register_options(
         Option("freeze_old_weights", "bool", True, "keep old-class classifier weights fixed (CCSI: lr 0)"),
     ],
 )
+
+
+def less_forget_weight(cfg: Config, ctx: TaskContext) -> float:
+    """The task's less-forget weight: lamda, or lamda * sqrt(n_old / n_new) with ``adapt_lamda``."""
+    if not cfg.adapt_lamda:
+        return cfg.lamda
+    return losses.adaptive_lambda(cfg.lamda, ctx.n_old, ctx.n_new if cfg.lamda_new_classes == "actual" else cfg.nb_cl)
 
 
 @register_method("ccsi")
@@ -87,7 +102,7 @@ class CCSI(Method):
             if cfg.imprint:
                 self._imprint(ctx.train)
             self.net.freeze_old_classes(cfg.freeze_old_weights)
-            self.lamda_t = losses.adaptive_lambda(cfg.lamda, ctx.n_old, ctx.n_new) if cfg.adapt_lamda else cfg.lamda
+            self.lamda_t = less_forget_weight(cfg, ctx)
             if cfg.da_coef > 0:
                 self.idc = losses.IntraDomainContrastive(cfg.ro, cfg.temprature)
                 self.idc_pool = {"test": ctx.test, "val": ctx.val, "train": ctx.train}[cfg.idc_source]

@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import methods.ccsi  # noqa: F401  (declares the LUCIR keys shared with CCSI)
 from config import Config, ConfigError
 from dataloaders.batches import Batch
 from methods import losses, register_method
 from methods.base import TaskContext
+from methods.ccsi import less_forget_weight  # also declares the LUCIR keys shared with CCSI
 from methods.memory import ReplayMethod, extract_features
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ class LUCIR(ReplayMethod):
         if cfg.imprint:
             self.net.imprint(extract_features(self.net, ctx.train, cfg.eval_batch_size), ctx.train.y)
         self.net.freeze_old_classes(cfg.freeze_old_weights)
-        self.lamda_t = losses.adaptive_lambda(cfg.lamda, ctx.n_old, ctx.n_new) if cfg.adapt_lamda else cfg.lamda
+        self.lamda_t = less_forget_weight(cfg, ctx)
         self.k = min(cfg.K, ctx.n_new)
         if self.k < cfg.K:
             log.warning(

@@ -148,6 +148,17 @@ def test_lucir_imprints_freezes_and_adapts_lambda(make_cfg):
         feats = F.normalize(method.net.features(ctx.train.x.float() / 255), dim=1)
     imprinted = F.normalize(feats.mean(0), dim=0) * old_rows.norm(dim=1).mean()
     assert torch.allclose(method.net.head.all_weights()[4], imprinted, atol=1e-5)
+
+
+def test_adaptive_lambda_can_use_the_configured_classes_per_task(make_cfg):
+    """The released code divides by nb_cl, not by the classes the (smaller last) task adds."""
+    cfg = make_cfg(head="cosine", lamda=5.0, K=1, nb_cl=2, lamda_new_classes="nb_cl")
+    method = LUCIR(cfg, tiny_net("cosine"), torch.device("cpu"))
+    method.before_task(ctx_for(method.cfg, 1, 0, 4))
+    method.before_task(ctx_for(method.cfg, 2, 4, 1))  # the task adds 1 class, nb_cl says 2
+    assert method.lamda_t == pytest.approx(5.0 * math.sqrt(4 / 2))
+    assert make_cfg(protocol="original").lamda_new_classes == "nb_cl"
+    assert make_cfg().lamda_new_classes == "actual"
     batch = Batch(torch.rand(4, 1, 4, 4), torch.tensor([0, 1, 4, 4]), torch.zeros(4, dtype=torch.bool))
     terms = method.training_step(batch)
     assert set(terms) == {"loss", "ce", "distill", "margin"} and terms["loss"].requires_grad
