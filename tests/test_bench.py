@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from bench import accuracy, protocol_timing, speed
+from bench import accuracy, ddp_speed, protocol_timing, speed
 from dataloaders.npz_data import read_npz
 
 
@@ -92,3 +92,21 @@ def test_protocol_timing_prints_the_per_stage_table(tmp_path, capsys):
     assert all(float(r[4]) > 0 for r in rows)  # training time of every task (2 decimals: never 0.00 for 64 images)
     assert "generated" in text and re.search(r"total: \d+\.\d s", text) and "no verdict" in text
     assert (tmp_path / "w" / "run" / "impressions_task_4.png").is_file()
+
+
+def test_ddp_speed_launches_each_process_count_and_prints_the_speed_up(tmp_path, capsys):
+    argv = ["--nproc", "1", "2", "--config", "configs/digits/finetune.yaml", "--work", str(tmp_path / "w")]
+    argv += ["--out", str(tmp_path / "d.md"), "--epochs=1", "--nb_cl_fg=5", "--nb_cl=5", "--device=cpu"]
+    assert ddp_speed.main(argv) == 0
+    text = capsys.readouterr().out
+    rows = [line.split("|") for line in text.splitlines() if re.match(r"\| [12] \|", line)]
+    assert [int(r[1]) for r in rows] == [1, 2]
+    assert rows[0][4].strip() == "1.00x" and re.fullmatch(r"\d+\.\d\dx", rows[1][4].strip())
+    assert all(float(r[3]) > 0 and 0 <= float(r[7]) <= 100 for r in rows)  # training seconds, accuracy
+    assert (tmp_path / "w" / "n2" / "task_2.pt").is_file() and "speed-up" in (tmp_path / "d.md").read_text()
+
+
+def test_ddp_speed_refuses_bad_process_counts(capsys):
+    with pytest.raises(SystemExit):
+        ddp_speed.main(["--nproc", "0"])
+    assert "--nproc values must be >= 1" in capsys.readouterr().err
