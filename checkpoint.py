@@ -22,6 +22,11 @@ def task_checkpoint_path(output_dir: str | Path, task: int) -> Path:
     return Path(output_dir) / f"task_{task}.pt"
 
 
+def partial_checkpoint_path(output_dir: str | Path, task: int) -> Path:
+    """The task in progress, saved every ``save_every_epochs`` epochs and removed once ``task_<t>.pt`` exists."""
+    return Path(output_dir) / f"task_{task}_partial.pt"
+
+
 def save_atomic(obj: Any, path: str | Path) -> None:
     """torch.save to a temporary file in the same folder, then rename over ``path``."""
     path = Path(path)

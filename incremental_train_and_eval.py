@@ -28,7 +28,15 @@ from tqdm.auto import tqdm
 import dataloaders
 import distributed
 import models
-from checkpoint import completed_tasks, load_checkpoint, rng_state, save_atomic, set_rng_state, task_checkpoint_path
+from checkpoint import (
+    completed_tasks,
+    load_checkpoint,
+    partial_checkpoint_path,
+    rng_state,
+    save_atomic,
+    set_rng_state,
+    task_checkpoint_path,
+)
 from config import Config, ConfigError, Option, register_options, register_preset
 from dataloaders.image_set import DataSplits, ImageSet, as_float
 from dataloaders.scenario import Scenario
@@ -54,7 +62,21 @@ register_options(
             "runs/{dataset}/{method}/seed{seed}",
             "run folder (config, checkpoints, metrics, plots); {key} is replaced by that key's value",
         ),
-        Option("resume", "bool", False, "continue the run in output_dir from its last complete task"),
+        Option(
+            "resume",
+            "bool",
+            False,
+            "continue the run in output_dir from its last complete task (or from the task in progress, when "
+            "save_every_epochs saved it)",
+        ),
+        Option(
+            "save_every_epochs",
+            "int",
+            0,
+            "also save the task in progress every k epochs (task_<t>_partial.pt: net, optimiser, scheduler, model "
+            "selection, random states; removed when the task completes); 0: whole tasks only",
+            min=0,
+        ),
         Option("overwrite", "bool", False, "allow starting a new run in an output_dir that holds checkpoints"),
         Option(
             "task",
@@ -212,8 +234,31 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: Config) -> Any:
     return None
 
 
-def train_task(state: RunState, ctx: TaskContext) -> dict[str, Any]:
-    """Epoch loop of one task with per-epoch model selection; returns a record of the training."""
+# Keys that say how to run, not what to train: a task in progress may be resumed with other values.
+RUN_CONTROL_KEYS = ("resume", "overwrite", "progress", "save_every_epochs", "logger", "backend", "dist_timeout_minutes")
+
+
+def training_config(cfg: Config) -> dict[str, Any]:
+    return {k: v for k, v in cfg.to_dict().items() if k not in RUN_CONTROL_KEYS}
+
+
+def load_partial(state: RunState, task: int) -> dict[str, Any] | None:
+    """The saved state of ``task`` in progress when resuming, else None; refuses one from another run."""
+    path = partial_checkpoint_path(state.output_dir, task)
+    if not (state.cfg.resume and path.is_file()):
+        return None
+    partial = load_checkpoint(path)
+    if partial.get("task") != task or partial.get("config") != training_config(state.cfg):
+        raise CheckpointError(
+            f"{path} was saved by a run with another configuration; delete it to restart task {task} from its start"
+        )
+    log.info("resuming task %d after epoch %d from %s", task, partial["epoch"], path)
+    return partial
+
+
+def train_task(state: RunState, ctx: TaskContext, partial: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Epoch loop of one task with per-epoch model selection (from a saved epoch with ``partial``);
+    returns a record of the training."""
     cfg, method = ctx.cfg, state.method
     opt = build_optimizer(method.parameter_groups(ctx), cfg)
     params = [p for group in opt.param_groups for p in group["params"]]
@@ -223,7 +268,25 @@ def train_task(state: RunState, ctx: TaskContext) -> dict[str, Any]:
         monitor = ctx.val
     best_acc, best_state, best_epoch = -math.inf, None, cfg.epochs
     history: list[dict[str, float]] = []
-    epochs = tqdm(range(cfg.epochs), desc=f"task {ctx.task}", disable=not cfg.progress, unit="epoch", leave=False)
+    first = 0
+    if partial is not None:
+        method.net.load_state_dict(partial["net"])
+        opt.load_state_dict(partial["optimizer"])
+        if sched is not None:
+            sched.load_state_dict(partial["scheduler"])
+        best_acc, best_state, best_epoch = partial["best_accuracy"], partial["best_state"], partial["best_epoch"]
+        history, first = partial["history"], partial["epoch"]
+        ctx.generator.set_state(partial["generator"])
+        set_rng_state(partial["rng"])
+    epochs = tqdm(
+        range(first, cfg.epochs),
+        desc=f"task {ctx.task}",
+        disable=not cfg.progress,
+        unit="epoch",
+        leave=False,
+        initial=first,
+        total=cfg.epochs,
+    )
     for epoch in epochs:
         method.train()
         method.on_epoch_start(ctx, epoch)
@@ -263,6 +326,26 @@ def train_task(state: RunState, ctx: TaskContext) -> dict[str, Any]:
         history.append(record)
         state.logger.log_scalars({f"task{ctx.task}/{k}": v for k, v in record.items() if k != "epoch"}, step=None)
         epochs.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k not in ("epoch", "lr")})
+        k = cfg.save_every_epochs
+        if k and (epoch + 1) % k == 0 and epoch + 1 < cfg.epochs and distributed.is_main():
+            save_atomic(
+                {
+                    "format_version": 1,
+                    "task": ctx.task,
+                    "epoch": epoch + 1,
+                    "config": training_config(state.cfg),
+                    "net": method.net.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict() if sched is not None else None,
+                    "best_accuracy": best_acc,
+                    "best_state": best_state,
+                    "best_epoch": best_epoch,
+                    "history": history,
+                    "generator": ctx.generator.get_state(),
+                    "rng": rng_state(),
+                },
+                partial_checkpoint_path(state.output_dir, ctx.task),
+            )
     if best_state is not None:
         method.net.load_state_dict(best_state)
     return {"selected_epoch": best_epoch, "select_on": cfg.select_on, "history": history}
@@ -296,7 +379,7 @@ def run_task(state: RunState, task: int) -> None:
     method.before_task(ctx)
     distributed.prepare_model(method.net, cfg.sync_bn)
     prepared = time.perf_counter()
-    training = train_task(state, ctx)
+    training = train_task(state, ctx, load_partial(state, task))
     trained = time.perf_counter()
     method.after_task(ctx)
     rank_fingerprints = distributed.broadcast_method_state(method)  # [] in a single process
@@ -329,6 +412,7 @@ def run_task(state: RunState, task: int) -> None:
         },
         task_checkpoint_path(state.output_dir, task),
     )
+    partial_checkpoint_path(state.output_dir, task).unlink(missing_ok=True)
     row = {"task": task, "accuracy": evaluation.accuracy, "balanced_accuracy": evaluation.balanced_accuracy}
     state.logger.log_task(task, row)
     old = "-" if evaluation.old_accuracy is None else f"{evaluation.old_accuracy:.2f}"

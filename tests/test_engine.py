@@ -10,6 +10,7 @@ import main
 from checkpoint import load_checkpoint, task_checkpoint_path
 from errors import CheckpointError, TrainingError
 from incremental_train_and_eval import run
+from methods import METHODS
 from methods.finetune import Finetune
 
 THREE_TASKS = {"nb_cl_fg": 4, "nb_cl": 3}  # digits: tasks of 4, 3, 3 classes
@@ -52,6 +53,57 @@ def test_resume_continues_from_the_last_complete_task(make_cfg, tmp_path):
     resumed = run(make_cfg(output_dir=str(part), resume=True, **THREE_TASKS))
     assert resumed["accuracy_matrix"] == full["accuracy_matrix"]
     assert resumed["average_incremental_accuracy"] == full["average_incremental_accuracy"]
+
+
+RESUMABLE = {
+    "finetune": {"method": "finetune", "momentum": 0.9, "scheduler": "step", "lr_milestones": [2]},
+    "ccsi": {"method": "ccsi", "select_on": "val", "scheduler": "plateau", "lr_patience": 0, "nb_generation": 2,
+             "syn_batch_size": 8, "syn_iterations": 3, "syn_warmup": 1, "idc_source": "val", "batch_size": 64,
+             "rs_ratio": 0.2, "epochs": 3},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("method", sorted(RESUMABLE))
+def test_resume_inside_a_task_equals_the_uninterrupted_run(make_cfg, tmp_path, monkeypatch, method):
+    """Stopped in task 2 after its 2nd epoch, resumed from task_2_partial.pt: bit-identical results."""
+    values = {**THREE_TASKS, "epochs": 4, "save_every_epochs": 1, **RESUMABLE[method]}
+    full = run(make_cfg(output_dir=str(tmp_path / "full"), **values))
+    assert not list((tmp_path / "full").glob("*_partial.pt"))  # removed once each task completes
+    cls = METHODS[method]
+    original = cls.on_epoch_start
+
+    def stop_in_task_2(self, ctx, epoch):
+        if ctx.task == 2 and epoch == 2:
+            raise KeyboardInterrupt
+        return original(self, ctx, epoch)
+
+    monkeypatch.setattr(cls, "on_epoch_start", stop_in_task_2)
+    part = tmp_path / "part"
+    with pytest.raises(KeyboardInterrupt):
+        run(make_cfg(output_dir=str(part), **values))
+    assert load_checkpoint(part / "task_2_partial.pt")["epoch"] == 2 and not (part / "task_2.pt").exists()
+    monkeypatch.setattr(cls, "on_epoch_start", original)
+    resumed = run(make_cfg(output_dir=str(part), resume=True, **values))
+    assert resumed["accuracy_matrix"] == full["accuracy_matrix"]
+    assert read_metrics(part)["tasks"][1]["final_epoch"] == read_metrics(tmp_path / "full")["tasks"][1]["final_epoch"]
+    a = load_checkpoint(task_checkpoint_path(tmp_path / "full", 3))["method"]["net"]
+    b = load_checkpoint(task_checkpoint_path(part, 3))["method"]["net"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_partial_task_of_another_configuration_is_refused(make_cfg, tmp_path, monkeypatch):
+    values = {**THREE_TASKS, "epochs": 3, "save_every_epochs": 1}
+
+    def stop(self, ctx, epoch):
+        if ctx.task == 1 and epoch == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Finetune, "on_epoch_start", stop)
+    with pytest.raises(KeyboardInterrupt):
+        run(make_cfg(**values))
+    monkeypatch.undo()
+    with pytest.raises(CheckpointError, match="another configuration; delete it to restart task 1"):
+        run(make_cfg(resume=True, **{**values, "lr": 0.01}))
 
 
 def test_existing_run_is_not_overwritten_silently(make_cfg, tmp_path):
