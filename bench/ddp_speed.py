@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import config
+from bench.report import publish
 from bench.synthesis_speed import describe_machine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,12 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         *format_table(rows),
     ]
-    text = "\n".join(lines)
-    print("\n" + text)
-    out = Path(args.out or f"bench/results/ddp_speed_{device_type}.md")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
-    print(f"\nwritten: {out}")
+    publish(lines, Path(args.out or f"bench/results/ddp_speed_{device_type}.md"))
     return 0
 
 

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import config
 import incremental_train_and_eval as engine
+from bench.report import publish
 from bench.synthesis_speed import describe_machine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,12 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         f"rest (data loading, evaluation, checkpoints, plots): {total - stage_sum:.1f} s",
         f"total: {total:.1f} s = {total / 60:.2f} min ({goal})",
     ]
-    text = "\n".join(lines)
-    print("\n" + text)
-    out = Path(args.out or f"bench/results/protocol_timing_{device.type}.md")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
-    print(f"\nwritten: {out}")
+    publish(lines, Path(args.out or f"bench/results/protocol_timing_{device.type}.md"))
     return 0
 
 

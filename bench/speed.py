@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import config
 import models
+from bench.report import publish
 from bench.synthesis_speed import describe_machine, measure_synthesis, resolve_device, timed
 from dataloaders.batches import BatchLoader
 from dataloaders.image_set import ImageSet
@@ -195,12 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"({verdict(syn['loop_s'] / syn['vectorised_s'], SYNTHESIS_TARGET)})",
         f"max |vectorised - loop| pixel difference: {syn['max_diff']:.2e}",
     ]
-    text = "\n".join(lines)
-    print(text)
-    out = Path(args.out or f"bench/results/speed_{device.type}.md")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
-    print(f"\nwritten: {out}")
+    publish(lines, Path(args.out or f"bench/results/speed_{device.type}.md"))
     return 0
 
 
