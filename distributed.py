@@ -18,11 +18,12 @@ Without torchrun (``WORLD_SIZE`` unset or 1) every function here is a no-op and 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -152,6 +153,16 @@ def world_size() -> int:
 def is_main() -> bool:
     """Whether this process writes files and logs (rank 0, or the only process)."""
     return rank() == 0
+
+
+@contextlib.contextmanager
+def main_first() -> Iterator[None]:
+    """Rank 0 runs the block first (e.g. downloads a data set), the other ranks after it finished."""
+    if is_distributed() and not is_main():
+        dist.barrier()
+    yield
+    if is_distributed() and is_main():
+        dist.barrier()
 
 
 def _device_for_collectives(tensor: Tensor) -> Tensor:

@@ -495,7 +495,8 @@ def _run(cfg: Config, device: torch.device, main_process: bool) -> dict[str, Any
     if not main_process:
         cfg = cfg.replace(progress=False)  # one set of progress bars: rank 0's
     output_dir = Path(cfg.output_dir)
-    splits, scenario = dataloaders.prepare(cfg)
+    with distributed.main_first():  # one download, not one per rank
+        splits, scenario = dataloaders.prepare(cfg)
     splits = DataSplits(
         splits.name,
         splits.train.to(device),

@@ -225,8 +225,15 @@ def test_ccsi_batch_coupled_losses_on_shards_equal_the_whole_batch():
         assert r["loss_diff"] < 1e-5 and r["grad_diff"] < 1e-5, r  # every rank computes the global batch's loss
 
 
-def _collectives(rank):
+def _collectives(rank, marker):
+    import time
+
     distributed.setup("cpu", "gloo")
+    with distributed.main_first():  # rank 0 "downloads" first, slowly; rank 1 must then find the file
+        if rank == 0:
+            time.sleep(0.5)
+            Path(marker).write_text("data")
+        found = Path(marker).is_file()
     gathered = distributed.all_gather_rows(torch.full((rank + 1, 2), float(rank)))  # 1 row, then 2 rows
     means = distributed.all_reduce_mean({"loss": float(rank), "acc": 10.0 * rank})
     net = torch.nn.BatchNorm2d(2)
@@ -252,11 +259,13 @@ def _collectives(rank):
         "running_mean": net.running_mean.tolist(),
         "value": holder.value,
         "fingerprints": fingerprints,
+        "found": found,
     }
 
 
-def test_collectives_gather_average_and_broadcast():
-    r0, r1 = run_ranks(_collectives)
+def test_collectives_gather_average_broadcast_and_order(tmp_path):
+    r0, r1 = run_ranks(_collectives, str(tmp_path / "downloaded"))
+    assert r0["found"] and r1["found"]
     assert r0["gathered"] == r1["gathered"] == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]
     assert r0["means"] == r1["means"] == {"loss": 0.5, "acc": 5.0}
     assert r0["running_mean"] == r1["running_mean"] == [0.5, 0.5]
