@@ -111,7 +111,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: tasks already finished are saved; rerun with --resume=true to continue", file=sys.stderr)
+        print(
+            "interrupted: finished tasks (and, with --save_every_epochs, the task in progress) are saved; "
+            "rerun with --resume=true to continue",
+            file=sys.stderr,
+        )
         return 130
     return 0
 
