@@ -108,7 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if rank == "0":
                     print("\n" + format_results_table([summary]))
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        where = f" (rank {rank})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"error{where}: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(
