@@ -94,9 +94,8 @@ class DeepInversion(Method):
         if cfg.di_synthetic_ce:  # replay variant: every row, all seen classes
             ce = F.cross_entropy(logits, batch.y)
         else:  # LwF's L_new: real rows, new classes' outputs
-            real = ~batch.synthetic  # (B,)
             per_sample = F.cross_entropy(logits[:, self.n_old :], (batch.y - self.n_old).clamp(min=0), reduction="none")
-            ce = (per_sample * real).sum() / real.sum().clamp(min=1)
+            ce = losses.masked_mean(per_sample, ~batch.synthetic)  # real rows (B,)
         with torch.no_grad():
             old_logits = self.teacher(batch.x)["logits"]  # (B, n_old)
         kd = losses.kd_loss(logits[:, : self.n_old], old_logits, cfg.kd_temperature)

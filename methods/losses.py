@@ -53,6 +53,14 @@ def class_balance_weights(counts: Tensor) -> Tensor:
     return weights.to(torch.get_default_dtype())
 
 
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``values`` where ``mask`` (same shape) is true: over the global batch under torchrun, and a zero
+    that keeps the graph when no entry is selected."""
+    weights = mask.to(values.dtype)
+    total, count = distributed.sum_over_ranks(torch.stack([(values * weights).sum(), weights.sum()]))
+    return total / count.clamp(min=1)
+
+
 def weighted_cross_entropy(logits: Tensor, y: Tensor, weights: Tensor | None = None) -> Tensor:
     """Class-weighted CE, logits (B, C), labels (B,), weights (C,) or None (plain CE).
 
@@ -110,9 +118,8 @@ def margin_ranking(scores: Tensor, y: Tensor, n_old: int, K: int, margin: float)
     gt = scores.gather(1, y.view(-1, 1))  # (B, 1)
     top_new = scores[:, n_old:].topk(K, dim=1).values  # (B, K)
     hinge = (margin - gt + top_new).clamp(min=0)  # (B, K)
-    hard = (y < n_old).to(scores.dtype).view(-1, 1)  # (B, 1): samples of old classes
-    total, pairs = distributed.sum_over_ranks(torch.stack([(hinge * hard).sum(), hard.sum() * K]))  # global batch
-    return total / pairs.clamp(min=1)
+    hard = (y < n_old).view(-1, 1).expand_as(hinge)  # (B, K): pairs of old-class samples
+    return masked_mean(hinge, hard)
 
 
 # ----- knowledge distillation ----------------------------------------------------------------------------------

@@ -228,3 +228,13 @@ def test_idc_rejects_bad_arguments():
     idc(STEP1_SOURCE, STEP1_LABELS, STEP1_TARGET)
     with pytest.raises(ValueError, match="reset"):
         idc(torch.zeros(2, 3), torch.tensor([0, 2]), torch.zeros(2, 3))
+
+
+def test_masked_mean_averages_the_selected_entries_and_is_zero_without_any():
+    values = torch.tensor([1.0, 2.0, 4.0, 8.0], requires_grad=True)
+    mean = losses.masked_mean(values, torch.tensor([True, False, True, False]))
+    assert mean.item() == pytest.approx(2.5)  # (1 + 4) / 2
+    mean.backward()
+    assert values.grad.tolist() == [0.5, 0.0, 0.5, 0.0]
+    empty = losses.masked_mean(values, torch.zeros(4, dtype=torch.bool))
+    assert empty.item() == 0.0 and empty.requires_grad
