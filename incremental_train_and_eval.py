@@ -45,6 +45,7 @@ from loggers import RunLogger, build_logger
 from methods import build_method
 from methods.base import Method, TaskContext
 from metrics import RunMetrics, evaluate_predictions
+from optimization import build_optimizer, build_scheduler
 from plots import write_run_plots
 
 log = logging.getLogger(__name__)
@@ -134,21 +135,6 @@ register_options(
     [
         Option("epochs", "int", 100, "training epochs per task (paper: 100)", min=0),
         Option("batch_size", "int", 40, "training batch size (paper: 40)", min=1),
-        Option("lr", "float", 0.1, "learning rate (paper: 0.1, SGD)", min=0.0),
-        Option("optimizer", "str", "sgd", "optimiser", choices=("sgd", "adam")),
-        Option("momentum", "float", 0.0, "SGD momentum (paper: 0)", min=0.0, max=0.999),
-        Option("weight_decay", "float", 0.0, "weight decay (paper: 0)", min=0.0),
-        Option(
-            "scheduler",
-            "str",
-            "none",
-            "lr schedule per task: step (lr_milestones), cosine, plateau (max of the monitored accuracy), "
-            "plateau_original (the released code's ReduceLROnPlateau in 'min' mode fed with accuracy)",
-            choices=("none", "step", "cosine", "plateau", "plateau_original"),
-        ),
-        Option("lr_milestones", "int_list", [], "epochs at which the step scheduler multiplies lr by lr_gamma"),
-        Option("lr_gamma", "float", 0.1, "lr decay factor of the step and plateau schedulers", min=0.0, max=1.0),
-        Option("lr_patience", "int", 5, "epochs without improvement before a plateau scheduler decays lr", min=0),
         Option(
             "select_on",
             "str",
@@ -215,23 +201,6 @@ class RunState:
     device: torch.device
     output_dir: Path
     logger: RunLogger
-
-
-def build_optimizer(groups: list[dict[str, Any]], cfg: Config) -> torch.optim.Optimizer:
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-
-
-def build_scheduler(opt: torch.optim.Optimizer, cfg: Config) -> Any:
-    if cfg.scheduler == "step":
-        return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=cfg.lr_milestones, gamma=cfg.lr_gamma)
-    if cfg.scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.epochs, 1))
-    if cfg.scheduler in ("plateau", "plateau_original"):
-        mode = "max" if cfg.scheduler == "plateau" else "min"  # the original feeds accuracy to a 'min' scheduler
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode=mode, factor=cfg.lr_gamma, patience=cfg.lr_patience)
-    return None
 
 
 # Keys that say how to run, not what to train: a task in progress may be resumed with other values.
