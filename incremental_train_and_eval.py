@@ -271,6 +271,7 @@ def train_task(state: RunState, ctx: TaskContext, partial: dict[str, Any] | None
             (terms["loss"] * (len(local) / len(batch))).backward()  # this rank's share of the batch mean
             distributed.all_reduce_gradients(params)
             opt.step()
+            method.after_step()
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float()
             n += 1

@@ -6,7 +6,7 @@ The engine (``incremental_train_and_eval.py``) drives every method the same way,
 2. ``parameter_groups(ctx)`` -> optimiser parameter groups (the engine builds the optimiser).
 3. per epoch: ``on_epoch_start(epoch)``, then for every ``batch`` of ``train_batches(ctx, epoch)``:
    ``training_step(batch)`` -> dict of named loss terms with the total under ``"loss"``; the
-   engine does backward and the optimiser step.
+   engine does backward and the optimiser step, then calls ``after_step()``.
 4. evaluation with ``predict(x)`` (logits over the classes seen so far).
 5. ``after_task(ctx)``: herding, weight aligning, class statistics, ...
 
@@ -106,6 +106,9 @@ class Method:
     def training_step(self, batch: Batch) -> dict[str, Tensor]:
         """Loss terms for one batch; ``"loss"`` is the one the engine back-propagates."""
         raise NotImplementedError
+
+    def after_step(self) -> None:
+        """Called after every optimiser step (e.g. to project weights back onto a constraint)."""
 
     def after_task(self, ctx: TaskContext) -> None:
         """Called after the task's training and model selection, before evaluation."""

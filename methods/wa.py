@@ -3,9 +3,8 @@
 Training is rehearsal + KD (``RehearsalKD``: ``(1 - lambda) CE + lambda KD``, lambda = n_old / n_seen, T = 2, as in the
 paper). Weight aligning after each task t >= 2 corrects the bias towards new classes: the new classes' weight
 rows of the linear head are multiplied by gamma = mean ||w_old|| / mean ||w_new|| (biases are left alone, as in
-PyCIL). With ``wa_clip_weights`` the head's weights are kept non-negative (the paper's weight clipping):
-the engine owns the optimiser step, so the clip is applied before every training step's forward pass and once more
-after training, before aligning.
+PyCIL). With ``wa_clip_weights`` the head's weights are clamped to be non-negative after every optimiser step
+(the paper's weight clipping), before aligning.
 """
 
 from __future__ import annotations
@@ -13,10 +12,9 @@ from __future__ import annotations
 import logging
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from config import Config, ConfigError, Option, register_options
-from dataloaders.batches import Batch
 from methods import register_method
 from methods.base import TaskContext
 from methods.rehearsal_kd import RehearsalKD
@@ -65,14 +63,11 @@ class WA(RehearsalKD):
         super().__init__(cfg, net, device)
         self.gamma: float | None = None  # last aligning factor, for the log
 
-    def training_step(self, batch: Batch) -> dict[str, Tensor]:
+    def after_step(self) -> None:
         if self.task_cfg.wa_clip_weights:
             clip_weights(self.net.head)
-        return super().training_step(batch)
 
     def after_task(self, ctx: TaskContext) -> None:
-        if ctx.cfg.wa_clip_weights:
-            clip_weights(self.net.head)
         if ctx.task > 1:
             self.gamma = align_weights(self.net.head, ctx.n_old)
             log.info("task %d: weight aligning gamma = %.4f", ctx.task, self.gamma)

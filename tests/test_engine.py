@@ -173,3 +173,17 @@ def test_main_reports_bad_input_in_one_line(args, expected, capsys):
 def test_selection_on_val_keeps_the_best_epoch(make_cfg):
     summary = run(make_cfg(select_on="val", epochs=3, **THREE_TASKS))
     assert len(summary["accuracy_per_task"]) == 3
+
+
+def test_after_step_follows_every_optimiser_step(make_cfg, monkeypatch):
+    events = []
+    step = torch.optim.SGD.step
+
+    def recording_step(self, *args, **kwargs):
+        events.append("step")
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", recording_step)
+    monkeypatch.setattr(Finetune, "after_step", lambda self: events.append("after_step"))
+    run(make_cfg(epochs=2, batch_size=100, nb_cl_fg=5, nb_cl=5))  # 2 tasks of ~540 images: 6 batches per epoch
+    assert events == ["step", "after_step"] * (2 * 2 * 6)

@@ -202,6 +202,9 @@ def test_two_tasks_on_digits_and_resume_from_the_first_checkpoint(make_cfg, tmp_
     assert 0.0 <= full["last_accuracy"] <= 100.0 and math.isfinite(full["average_incremental_accuracy"])
     state = load_checkpoint(task_checkpoint_path(tmp_path / "full", 2))["method"]
     assert len(state["memory"]["y"]) <= (60 if method != "gdumb" else 200)
+    if method == "wa":  # clipped after every step, so the selected and aligned head is non-negative
+        head = [v for k, v in state["net"].items() if k.startswith("head.") and k.endswith("weight")]
+        assert head and all(w.min() >= 0 for w in head)
     # task 2 alone, continuing from the uninterrupted run's task-1 checkpoint, gives the same results
     first = str(task_checkpoint_path(tmp_path / "full", 1))
     run(make_cfg(output_dir=str(tmp_path / "step"), task=2, saved_model_address=first, **keys))
