@@ -5,7 +5,8 @@ The engine stays the same loop on every rank; this module supplies the few colle
 - every rank draws the same global batch (same seeds) and trains on its contiguous shard of it
   (``shard_batch``); each rank back-propagates its loss weighted by its share of the batch and the
   gradients are summed across ranks (``all_reduce_gradients``), so a step equals the single-process
-  step on the global batch for losses that average over samples;
+  step on the global batch for losses that average over samples; losses that do not (weighted means,
+  means over some rows, class centroids) build their sums with ``sum_over_ranks``;
 - batch normalisation (also inside Continual Normalization) uses the global batch's statistics
   (``sync_bn: true``, models/layers/synced_batch_norm.py) or each rank's shard (``sync_bn: false``,
   cheaper); running statistics are averaged across ranks after every epoch (``average_buffers``);
