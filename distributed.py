@@ -102,18 +102,24 @@ def choose_backend(name: str, device_type: str) -> str:
     return name
 
 
+def resolve_device(name: str) -> torch.device:
+    """``device`` of a single process: auto picks cuda when available; cuda without a GPU is refused."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' was requested but no CUDA GPU is available; use --device=cpu or auto")
+    return torch.device(name)
+
+
 def setup(device_name: str, backend: str, timeout_minutes: int = 30) -> tuple[LaunchInfo, torch.device]:
     """Join the process group torchrun prepared (if any) and pick this rank's device."""
     info = launch_info()
-    wants_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
-    if wants_cuda and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' was requested but no CUDA GPU is available; use --device=cpu or auto")
+    device = resolve_device(device_name)
     if info.world_size == 1:
-        return info, torch.device("cuda" if wants_cuda else "cpu")
+        return info, device
     if not dist.is_available():
         raise ConfigError(f"this torch build has no torch.distributed; run without torchrun ({LAUNCH_HINT})")
-    device = torch.device("cpu")
-    if wants_cuda:
+    if device.type == "cuda":
         if info.local_rank >= torch.cuda.device_count():
             raise ConfigError(
                 f"LOCAL_RANK={info.local_rank} but this node has {torch.cuda.device_count()} GPU(s); "

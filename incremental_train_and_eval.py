@@ -40,6 +40,7 @@ from checkpoint import (
 from config import Config, ConfigError, Option, register_options, register_preset
 from dataloaders.image_set import DataSplits, ImageSet, as_float
 from dataloaders.scenario import Scenario
+from distributed import resolve_device  # noqa: F401  (engine.resolve_device, used by bench/protocol_timing.py)
 from errors import CheckpointError, TrainingError
 from loggers import RunLogger, build_logger
 from methods import build_method
@@ -151,15 +152,6 @@ register_options(
         ),
     ],
 )
-
-
-def resolve_device(name: str) -> torch.device:
-    """The device of a single-process run (``distributed.setup`` picks each rank's under torchrun)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' was requested but no CUDA GPU is available; use --device=cpu or auto")
-    return torch.device(name)
 
 
 def task_seed(seed: int, task: int) -> int:

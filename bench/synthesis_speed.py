@@ -27,16 +27,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import config
 import continual_class_specific_impression as ccsi
+import distributed
 import models
+from config import ConfigError
 from dataloaders.image_set import ImageSet
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
-    return torch.device(name)
+    """The engine's device choice; a bad choice ends the script with its one-line reason."""
+    try:
+        return distributed.resolve_device(name)
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 def cpu_model() -> str:

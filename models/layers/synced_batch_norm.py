@@ -12,18 +12,16 @@ eval mode, or for a module with ``track_running_stats=False`` it is plain BatchN
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
-from distributed import sum_over_ranks
+from distributed import is_distributed, sum_over_ranks
 
 
 class SyncedBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d with batch statistics summed over all ranks of the default process group."""
 
     def forward(self, x: Tensor) -> Tensor:
-        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        if not (self.training and distributed and self.track_running_stats):
+        if not (self.training and is_distributed() and self.track_running_stats):
             return super().forward(x)
         c = x.shape[1]
         xf = x.float()
