@@ -1,4 +1,10 @@
-"""Per-task checkpoints, written atomically (temp file, then rename), and their loading."""
+"""Checkpoints: the layout of each kind as a dataclass, written atomically (temp file, then rename), and loaded
+with one clear error when a file is missing, corrupt, of another kind or format, or lacks an entry.
+
+- ``TaskCheckpoint`` (``task_<t>.pt``): everything a later run needs to continue after task t.
+- ``PartialCheckpoint`` (``task_<t>_partial.pt``): the task in progress, saved every ``save_every_epochs``
+  epochs and removed once ``task_<t>.pt`` exists.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +12,22 @@ import os
 import random
 import re
 import tempfile
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
 
 from errors import CheckpointError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _TASK_FILE = re.compile(r"^task_(\d+)\.pt$")
+_KIND_NAMES = {
+    "task": "a completed task's checkpoint (task_<t>.pt)",
+    "partial": "a task in progress (task_<t>_partial.pt)",
+}
+C = TypeVar("C", bound="_Checkpoint")
 
 
 def task_checkpoint_path(output_dir: str | Path, task: int) -> Path:
@@ -58,6 +70,62 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path} is not a checkpoint of this framework (format version {FORMAT_VERSION})")
     return state
+
+
+@dataclass
+class _Checkpoint:
+    """Fields are the file's entries; ``kind`` and ``format_version`` are added on save and checked on load."""
+
+    KIND: ClassVar[str] = ""
+
+    def save(self, path: str | Path) -> None:
+        entries = {f.name: getattr(self, f.name) for f in fields(self)}
+        save_atomic({"format_version": FORMAT_VERSION, "kind": self.KIND, **entries}, path)
+
+    @classmethod
+    def load(cls: type[C], path: str | Path) -> C:
+        state = load_checkpoint(path)
+        kind = state.get("kind")
+        if kind != cls.KIND:
+            raise CheckpointError(
+                f"{path} is {_KIND_NAMES.get(kind, f'of kind {kind!r}')}, not {_KIND_NAMES[cls.KIND]}"
+                + ("; to continue a task in progress use --resume=true in its output_dir" if kind == "partial" else "")
+            )
+        missing = [f.name for f in fields(cls) if f.name not in state]
+        if missing:
+            raise CheckpointError(f"{path} lacks the entries {', '.join(missing)}; it is damaged, rerun that task")
+        return cls(**{f.name: state[f.name] for f in fields(cls)})
+
+
+@dataclass
+class TaskCheckpoint(_Checkpoint):
+    """State after a completed task: the method (net, head layout, its parts), split, config, RNG and metrics."""
+
+    KIND: ClassVar[str] = "task"
+    task: int
+    method_name: str
+    config: dict[str, Any]
+    scenario: dict[str, Any]
+    method: dict[str, Any]
+    metrics: dict[str, Any]
+    rng: dict[str, Any]
+
+
+@dataclass
+class PartialCheckpoint(_Checkpoint):
+    """A task in progress after ``epoch`` epochs: what changes during epochs (before_task is re-run on resume)."""
+
+    KIND: ClassVar[str] = "partial"
+    task: int
+    epoch: int
+    config: dict[str, Any]
+    net: dict[str, Any]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any] | None
+    selection: dict[str, Any]  # ModelSelector state: best accuracy, state and epoch so far
+    history: list[dict[str, float]]
+    generator: torch.Tensor  # the task's generator state
+    rng: dict[str, Any]
 
 
 def completed_tasks(output_dir: str | Path) -> list[int]:

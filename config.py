@@ -15,6 +15,7 @@ mapping of the YAML file: ``per_task: {2: {nb_generation: 16}, 3: {nb_generation
 from __future__ import annotations
 
 import difflib
+import logging
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from typing import Any
 import yaml
 
 from errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(UserError, ValueError):
@@ -56,9 +59,20 @@ class Option:
 
 OPTIONS: dict[str, Option] = {}
 
-# Presets: a key whose value sets several other keys at once, unless the user set them explicitly
-# (in a config file or on the command line). PRESETS[key][value] = {other_key: value, ...}.
-PRESETS: dict[str, dict[Any, dict[str, Any]]] = {}
+
+@dataclass(frozen=True)
+class PresetSetting:
+    """A value that a preset gives one key (see ``register_preset``)."""
+
+    value: Any
+    required: bool  # the chosen value cannot run with another: a user value that differs is refused
+    announce: bool  # say on the console when the preset sets the key
+    owner: str  # "key=value" of the preset, for messages
+
+
+# Presets: a key whose value sets other keys, unless the user set them (in a config file or on the command line).
+# PRESETS[key][value][other_key] = PresetSetting. Registered by the modules that own the other keys.
+PRESETS: dict[str, dict[Any, dict[str, PresetSetting]]] = {}
 
 # YAML keys that are structure, not options.
 _STRUCTURE_KEYS = ("defaults", "per_task")
@@ -74,14 +88,21 @@ def register_options(group: str, options: Iterable[Option]) -> None:
         OPTIONS[opt.name] = opt
 
 
-def register_preset(key: str, values: dict[Any, dict[str, Any]]) -> None:
-    """Declare that each value of ``key`` sets other keys (explicit settings win).
+def register_preset(
+    key: str, value: Any, settings: dict[str, Any], *, required: bool = False, announce: bool = False
+) -> None:
+    """Declare that ``key: value`` sets the keys in ``settings`` unless the user set them explicitly.
 
+    Several modules may add settings to the same ``key: value`` (each the keys it owns); a key may be set
+    only once per preset. ``required``: ``value`` cannot run otherwise, so an explicit user value that
+    differs is refused, and the setting wins over other presets. ``announce``: log a note when it applies.
     Keys may be declared by modules imported later; ``load_config`` validates the settings.
     """
-    if key in PRESETS:
-        raise ValueError(f"preset {key!r} is declared twice")
-    PRESETS[key] = values
+    table = PRESETS.setdefault(key, {}).setdefault(value, {})
+    for name, setting in settings.items():
+        if name in table:
+            raise ValueError(f"preset {key}={value} sets key {name!r} twice")
+        table[name] = PresetSetting(setting, required, announce, f"{key}={value}")
 
 
 def _closest(name: str) -> str:
@@ -303,6 +324,52 @@ def parse_overrides(args: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def _chosen_settings(values: dict[str, Any]) -> list[tuple[str, PresetSetting]]:
+    """The settings of every preset whose key has its preset value in ``values``."""
+    chosen = []
+    for key, table in PRESETS.items():
+        for name, setting in table.get(coerce(OPTIONS[key], values[key]), {}).items():
+            if name not in OPTIONS:
+                raise ValueError(f"preset {setting.owner} sets undeclared key {name!r}")
+            chosen.append((name, setting))
+    return chosen
+
+
+def _apply_presets(values: dict[str, Any], explicit: set[str], per_task: dict[int, dict]) -> None:
+    """Set the keys the chosen presets set, unless explicit; refuse explicit values that break a requirement.
+
+    Required settings win over other presets; two other presets that set one key differently are a bug.
+    """
+    settings = _chosen_settings(values)
+    required = {name: s for name, s in settings if s.required}
+    soft: dict[str, PresetSetting] = {}
+    for name, s in settings:
+        if s.required:
+            continue
+        other = soft.setdefault(name, s)
+        if coerce(OPTIONS[name], other.value) != coerce(OPTIONS[name], s.value) and name not in required:
+            raise ValueError(f"presets {other.owner} and {s.owner} set key {name!r} differently")
+    for name, s in {**soft, **required}.items():
+        wanted = coerce(OPTIONS[name], s.value)
+        sources = [("", values)] + [(f" (per_task {t})", v) for t, v in per_task.items()]
+        for where, table in sources:
+            if (
+                s.required
+                and name in table
+                and (where or name in explicit)
+                and coerce(OPTIONS[name], table[name]) != wanted
+            ):
+                raise ConfigError(
+                    f"key '{name}'{where}: {s.owner} needs {name}: {wanted}, got {table[name]!r}; "
+                    f"remove the key or set it to {wanted}"
+                )
+        if name in explicit:
+            continue
+        if s.announce and coerce(OPTIONS[name], values[name]) != wanted:
+            log.info("%s sets %s: %s (%s)", s.owner, name, wanted, "required" if s.required else "its default")
+        values[name] = wanted
+
+
 def load_config(files: Sequence[str | Path] = (), overrides: dict[str, Any] | None = None) -> Config:
     """Build the validated config from defaults, YAML files (in order) and overrides."""
     values = defaults()
@@ -315,13 +382,7 @@ def load_config(files: Sequence[str | Path] = (), overrides: dict[str, Any] | No
         for t, v in file_tasks.items():
             per_task.setdefault(t, {}).update(v)
     values.update(overrides or {})
-    for key, table in PRESETS.items():
-        chosen = coerce(OPTIONS[key], values[key])
-        for name, setting in table.get(chosen, {}).items():
-            if name not in OPTIONS:
-                raise ValueError(f"preset {key}={chosen} sets undeclared key {name!r}")
-            if name not in explicit:
-                values[name] = setting
+    _apply_presets(values, explicit, per_task)
     values = {name: coerce(OPTIONS[name], v) for name, v in values.items()}
     per_task = {t: {n: coerce(OPTIONS[n], v) for n, v in vals.items()} for t, vals in per_task.items()}
     try:
@@ -335,9 +396,11 @@ def reference_table() -> str:
     """Markdown table of every key, grouped, for the README/docs."""
     lines = ["| key | type | default | allowed | meaning |", "|---|---|---|---|---|"]
     preset_notes = [
-        f"- `{key}: {value}` sets " + ", ".join(f"`{n}: {v}`" for n, v in settings.items())
+        f"- `{key}: {value}` sets "
+        + ", ".join(f"`{n}: {s.value}`" + (" (required)" if s.required else "") for n, s in settings.items())
         for key, table in PRESETS.items()
         for value, settings in table.items()
+        if settings
     ]
     for group in sorted({o.group for o in OPTIONS.values()}, key=lambda g: (g != "run", g)):
         lines.append(f"| **{group}** | | | | |")

@@ -1,13 +1,14 @@
 """Continual class-specific impressions (CCSI): images of old classes synthesised from a frozen model.
 
-After each task the method keeps, per class and never any real image: the mean image and the
-channel moments (mean, variance) of the input of every ``nn.BatchNorm2d`` of the trained model
-(``ClassMemory``). Before the next task, ``synthesize`` optimises ``nb_generation`` batches of
-``syn_batch_size`` images, started from the class mean images plus noise, so that the frozen
-teacher classifies them as their labels while their per-layer moments match the stored ones
-(DeepInversion, Yin et al. CVPR 2020; Ayromlou et al. 2024). The batches are independent problems
-and are optimised together in one tensor; ``vectorised=False`` runs the same optimisation one batch
-at a time (identical up to float rounding), for tests and benchmarks.
+``synthesize`` optimises G independent batches of images so that the frozen teacher classifies them as their
+labels while the moments of its normalisation layers' inputs match given targets (DeepInversion, Yin et al.
+CVPR 2020; Ayromlou et al. 2024). It is a pure function of the teacher, the initial images, the labels, the
+targets, the configuration and the augmentation draws: no files, no ranks, no logging. Around it:
+``draw_batches`` (per-batch seeded labels, noise and augmentation), ``initial_images`` (class mean + noise, or
+noise), ``running_targets`` / ``class_mixture_targets`` (moment targets). The batches are optimised together in
+one tensor; ``group_chunk=1`` runs the same optimisation one batch at a time (identical up to float rounding).
+What CCSI keeps per class lives in ``methods/class_statistics.py``; the per-task orchestration (ranks, the
+impression grid, logging) in ``methods/ccsi.py``.
 
 Differences to the released code, on purpose: all channels are clamped to [0, 1] (the original
 clamps channel 0 with ImageNet constants); the kept iterate is the image the lowest loss was
@@ -16,27 +17,18 @@ measured on (the original keeps the image after that step); the initial images a
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-import distributed
 import synthesis_losses as sl
-from config import Config, Option, register_options
-from dataloaders.image_set import ImageSet, as_float
+from config import Config, Option, register_options, register_preset
+from dataloaders.image_set import ImageSet
 from synthesis_losses import LOSS_TERMS, LossWeights, bn_layers, capture_bn_inputs, eval_mode, teacher_logits
-
-if TYPE_CHECKING:
-    from methods.base import TaskContext
-
-logger = logging.getLogger(__name__)
 
 register_options(
     "synthesis",
@@ -82,137 +74,8 @@ register_options(
         Option("syn_log_every", "int", 100, "iterations between progress-bar refreshes of the loss terms", min=1),
     ],
 )
-
-# ----- what is kept about each class ------------------------------------------------------
-
-
-def class_mean_images(images: ImageSet, chunk: int = 4096) -> tuple[Tensor, Tensor]:
-    """(labels (K,) sorted, mean images (K, C, H, W) float in [0, 1]) of the classes present in ``images``."""
-    labels, inverse = torch.unique(images.y, sorted=True, return_inverse=True)
-    sums = torch.zeros((len(labels), *images.x.shape[1:]), dtype=torch.float64, device=images.x.device)
-    for start in range(0, len(images), chunk):
-        x = as_float(images.x[start : start + chunk]).double()  # (n, C, H, W)
-        sums.index_add_(0, inverse[start : start + chunk].to(x.device), x)
-    counts = torch.bincount(inverse, minlength=len(labels)).to(sums)
-    return labels.cpu(), (sums / counts[:, None, None, None]).float().cpu()
-
-
-@torch.no_grad()
-def class_statistics(
-    net: nn.Module, images: ImageSet, batch_size: int, device: torch.device | str
-) -> list[tuple[Tensor, Tensor, Tensor]]:
-    """Per hooked layer: (labels (K,), mean (K, ch), population variance (K, ch)) of the layer's input per class.
-
-    Accumulated over samples x pixels with ``net`` in eval mode (sums and sums of squares by label, float64).
-    """
-    layers = bn_layers(net)
-    labels, inverse = torch.unique(images.y, sorted=True, return_inverse=True)
-    k = len(labels)
-    sums = [torch.zeros(k, layer.num_features, dtype=torch.float64, device=device) for layer in layers]
-    squares = [torch.zeros_like(s) for s in sums]
-    pixels = [torch.zeros(k, dtype=torch.float64, device=device) for _ in layers]  # samples x pixels per class
-    with eval_mode(net), capture_bn_inputs(layers) as store:
-        for start in range(0, len(images), batch_size):
-            x = as_float(images.x[start : start + batch_size]).to(device)  # (b, C, H, W)
-            idx = inverse[start : start + batch_size].to(device)
-            store.clear()
-            net(x)
-            for i in range(len(layers)):
-                if i not in store:
-                    raise ValueError(f"normalisation layer {i} ({layers[i]}) was not used in the forward pass")
-                a = store[i].double()  # (b, ch, h, w)
-                sums[i].index_add_(0, idx, a.sum(dim=(2, 3)))
-                squares[i].index_add_(0, idx, a.square().sum(dim=(2, 3)))
-                pixels[i].index_add_(0, idx, torch.full_like(idx, a[0, 0].numel(), dtype=torch.float64))
-    out = []
-    for s, q, n in zip(sums, squares, pixels):
-        mean = s / n[:, None]
-        var = (q / n[:, None] - mean.square()).clamp_min(0.0)
-        out.append((labels.cpu(), mean.cpu(), var.cpu()))
-    return out
-
-
-class ClassMemory:
-    """Per class: the mean image and the moments of every hooked layer's input; merged across tasks."""
-
-    def __init__(self) -> None:
-        self.labels = torch.zeros(0, dtype=torch.long)  # (K,) sorted
-        self.mean_images: Tensor | None = None  # (K, C, H, W) float in [0, 1]
-        self.layer_means: list[Tensor] = []  # per layer (K, ch) float64
-        self.layer_vars: list[Tensor] = []  # per layer (K, ch) float64
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.layer_means)
-
-    def add(self, labels: Tensor, mean_images: Tensor, stats: list[tuple[Tensor, Tensor, Tensor]]) -> None:
-        """Merge classes in; a class already present is replaced."""
-        labels = labels.long().cpu()
-        if self.mean_images is not None and mean_images.shape[1:] != self.mean_images.shape[1:]:
-            raise ValueError(
-                f"mean images {tuple(mean_images.shape[1:])} differ from {tuple(self.mean_images.shape[1:])}"
-            )
-        if len(self) and len(stats) != self.num_layers:
-            raise ValueError(f"got statistics of {len(stats)} layers, the memory holds {self.num_layers}")
-        for layer_labels, _, _ in stats:
-            if not torch.equal(layer_labels.cpu(), labels):
-                raise ValueError("class statistics and mean images are for different labels")
-        keep = ~torch.isin(self.labels, labels)
-        order = torch.argsort(torch.cat([self.labels[keep], labels]))
-
-        def merge(old: Tensor | None, new: Tensor) -> Tensor:
-            new = new.detach().cpu()
-            if old is None:
-                return new[order]
-            return torch.cat([old[keep.to(old.device)], new.to(old)])[order.to(old.device)]
-
-        self.mean_images = merge(self.mean_images, mean_images.float())
-        old_means = self.layer_means or [None] * len(stats)
-        old_vars = self.layer_vars or [None] * len(stats)
-        self.layer_means = [merge(o, m.double()) for o, (_, m, _) in zip(old_means, stats)]
-        self.layer_vars = [merge(o, v.double()) for o, (_, _, v) in zip(old_vars, stats)]
-        self.labels = torch.cat([self.labels[keep], labels])[order]
-
-    def add_task(self, net: nn.Module, images: ImageSet, batch_size: int, device: torch.device | str) -> None:
-        """Compute and merge the mean images and class statistics of the classes in ``images``."""
-        labels, means = class_mean_images(images)
-        self.add(labels, means, class_statistics(net, images, batch_size, device))
-
-    def rows(self, labels: Tensor) -> Tensor:
-        """Row index of each label; raises if a label is not stored."""
-        labels = labels.cpu()
-        missing = sorted(set(labels.tolist()) - set(self.labels.tolist()))
-        if missing:
-            raise ValueError(f"class memory has no entry for classes {missing} (stored: {self.labels.tolist()})")
-        return torch.searchsorted(self.labels, labels)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "labels": self.labels.clone(),
-            "mean_images": None if self.mean_images is None else self.mean_images.clone(),
-            "layer_means": [m.clone() for m in self.layer_means],
-            "layer_vars": [v.clone() for v in self.layer_vars],
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.labels = state["labels"].long()
-        self.mean_images = state["mean_images"]
-        self.layer_means = list(state["layer_means"])
-        self.layer_vars = list(state["layer_vars"])
-
-    def to(self, device: torch.device | str) -> ClassMemory:
-        """Move the tensors (labels stay on the CPU for lookups); returns self."""
-        if self.mean_images is not None:
-            self.mean_images = self.mean_images.to(device)
-        self.layer_means = [m.to(device) for m in self.layer_means]
-        self.layer_vars = [v.to(device) for v in self.layer_vars]
-        return self
-
-
-# ----- synthesis ---------------------------------------------------------------------------
+register_preset("protocol", "original", {"class_stats": "running", "syn_cosine_factor": 0.2})
+register_preset("protocol", "clean", {"class_stats": "per_class", "syn_cosine_factor": 0.5})
 
 
 @dataclass
@@ -228,13 +91,13 @@ class SynthesisResult:
 
 
 @dataclass
-class _GroupDraws:
-    """Everything random about one batch, drawn from its own generator."""
+class SynthesisDraws:
+    """Everything random about G batches, each batch drawn from its own generator (see ``draw_batches``)."""
 
-    labels: Tensor  # (B,)
-    noise: Tensor  # (B, C, H, W) standard normal
-    shifts: Tensor  # (T+1, 2) circular shift (dy, dx) per evaluation
-    flips: Tensor  # (T+1,) bool
+    labels: Tensor  # (G*B,)
+    noise: Tensor  # (G*B, C, H, W) standard normal
+    shifts: Tensor  # (T+1, G, 2) circular shift (dy, dx) of each batch at each evaluation
+    flips: Tensor  # (T+1, G) bool
 
 
 def group_seed(seed: int, group: int) -> int:
@@ -242,37 +105,67 @@ def group_seed(seed: int, group: int) -> int:
     return int(np.random.SeedSequence([seed, group]).generate_state(1)[0])
 
 
-def _draw_group(seed: int, group: int, n_classes: int, shape: tuple[int, ...], cfg: Config) -> _GroupDraws:
-    gen = torch.Generator().manual_seed(group_seed(seed, group))
+def draw_batches(
+    seed: int, groups: Sequence[int], n_classes: int, image_shape: tuple[int, ...], cfg: Config
+) -> SynthesisDraws:
+    """Labels, init noise, shifts and flips of the batches ``groups``; batch g draws from a generator seeded by
+    (seed, g), so a batch gets the same draws whichever other batches are synthesised with it (e.g. on a rank)."""
+    if n_classes < 1:
+        raise ValueError(f"n_classes must be >= 1, got {n_classes}")
+    if any(g < 0 for g in groups):
+        raise ValueError(f"group indices must be >= 0, got {list(groups)}")
     b, t = cfg.syn_batch_size, cfg.syn_iterations + 1
-    if cfg.random_label:
-        labels = torch.randint(0, n_classes, (b,), generator=gen)
-    else:
-        labels = torch.arange(b) % n_classes
-    noise = torch.randn((b, *shape), generator=gen)
-    shifts = torch.randint(-cfg.jitter, cfg.jitter + 1, (t, 2), generator=gen)
-    flips = torch.rand(t, generator=gen) < 0.5
-    return _GroupDraws(labels, noise, shifts, flips & cfg.do_flip)
+    labels, noise, shifts, flips = [], [], [], []
+    for g in groups:
+        gen = torch.Generator().manual_seed(group_seed(seed, g))
+        if cfg.random_label:
+            labels.append(torch.randint(0, n_classes, (b,), generator=gen))
+        else:
+            labels.append(torch.arange(b) % n_classes)
+        noise.append(torch.randn((b, *image_shape), generator=gen))
+        shifts.append(torch.randint(-cfg.jitter, cfg.jitter + 1, (t, 2), generator=gen))
+        flips.append((torch.rand(t, generator=gen) < 0.5) & cfg.do_flip)
+    if not labels:
+        return SynthesisDraws(
+            torch.zeros(0, dtype=torch.long),
+            torch.zeros((0, *image_shape)),
+            torch.zeros((t, 0, 2), dtype=torch.long),
+            torch.zeros((t, 0), dtype=torch.bool),
+        )
+    return SynthesisDraws(torch.cat(labels), torch.cat(noise), torch.stack(shifts, dim=1), torch.stack(flips, dim=1))
 
 
-def _moment_targets(
-    layers: list[nn.BatchNorm2d], memory: ClassMemory, labels: Tensor, groups: int, n_classes: int, cfg: Config
+def initial_images(draws: SynthesisDraws, mean_images: Tensor | None, cfg: Config) -> Tensor:
+    """x0 (G*B, C, H, W) in [0, 1]: the label's class mean image + ``init_noise`` * noise (CCSI), or the noise
+    itself (``syn_init: noise``, DeepInversion); ``mean_images`` (n_classes, C, H, W) on the synthesis device."""
+    noise = draws.noise.to(mean_images.device if mean_images is not None else draws.noise.device)
+    if cfg.syn_init == "noise":
+        return noise.clamp(0.0, 1.0)
+    if mean_images is None:
+        raise ValueError("syn_init 'mean' needs the class mean images")
+    return (mean_images[draws.labels.to(mean_images.device)] + cfg.init_noise * noise).clamp(0.0, 1.0)
+
+
+def running_targets(layers: list[nn.BatchNorm2d], groups: int) -> list[tuple[Tensor, Tensor]]:
+    """Per layer (mean (G, ch), var (G, ch)): the layer's running statistics, the same for every group."""
+    if any(layer.running_mean is None or layer.running_var is None for layer in layers):
+        raise ValueError("class_stats 'running' needs running statistics in every BatchNorm2d of the teacher")
+    return [(m.running_mean.float().expand(groups, -1), m.running_var.float().expand(groups, -1)) for m in layers]
+
+
+def class_mixture_targets(
+    layers: list[nn.BatchNorm2d], labels: Tensor, groups: int, class_means: list[Tensor], class_vars: list[Tensor]
 ) -> list[tuple[Tensor, Tensor]]:
-    """Per layer (mean (G, ch), var (G, ch)) targets of each group, float32 on the labels' device."""
-    if cfg.class_stats == "running":
-        if any(layer.running_mean is None or layer.running_var is None for layer in layers):
-            raise ValueError("class_stats 'running' needs running statistics in every BatchNorm2d of the teacher")
-        return [(m.running_mean.float().expand(groups, -1), m.running_var.float().expand(groups, -1)) for m in layers]
-    if memory.num_layers != len(layers):
-        raise ValueError(f"class memory holds statistics of {memory.num_layers} layers, the teacher has {len(layers)}")
-    rows = memory.rows(torch.arange(n_classes))
-    freq = sl.label_frequencies(labels, groups, n_classes)  # (G, n_classes) float64
+    """Per layer (mean (G, ch), var (G, ch)): moments of each group's mix of classes, from per-class moments
+    ``class_means[i]``/``class_vars[i]`` (n_classes, ch) of layer i; float32 on the labels' device."""
+    if len(class_means) != len(layers):
+        raise ValueError(f"class memory holds statistics of {len(class_means)} layers, the teacher has {len(layers)}")
+    freq = sl.label_frequencies(labels, groups, class_means[0].shape[0] if class_means else 1)  # (G, n_classes)
     out = []
-    for layer, means, variances in zip(layers, memory.layer_means, memory.layer_vars):
+    for layer, means, variances in zip(layers, class_means, class_vars):
         if means.shape[1] != layer.num_features:
             raise ValueError(f"stored statistics have {means.shape[1]} channels, {layer} has {layer.num_features}")
-        r = rows.to(means.device)
-        m, v = sl.mixture_moments(freq, means[r].to(labels.device), variances[r].to(labels.device))
+        m, v = sl.mixture_moments(freq, means.to(labels.device), variances.to(labels.device))
         out.append((m.float(), v.float()))
     return out
 
@@ -333,98 +226,70 @@ def _optimise(
     return best_x, best_terms, best_it, terms[:, -1]
 
 
+def _empty_result(x0: Tensor) -> SynthesisResult:
+    none = torch.zeros(0)
+    empty = ImageSet(x0.new_zeros((0, *x0.shape[1:])), torch.zeros(0, dtype=torch.long, device=x0.device))
+    return SynthesisResult(empty, 0.0, dict.fromkeys(LOSS_TERMS, 0.0), none, none, none.long())
+
+
 def synthesize(
     teacher: nn.Module,
-    memory: ClassMemory,
-    n_classes: int,
+    x0: Tensor,
+    labels: Tensor,
+    targets: list[tuple[Tensor, Tensor]],
     cfg: Config,
-    seed: int,
-    device: torch.device | str,
-    progress: bool = True,
-    log: Any = None,
+    shifts: Tensor,
+    flips: Tensor,
     *,
-    vectorised: bool = True,
-    max_group_chunk: int | None = None,
-    groups: Sequence[int] | None = None,
-    log_step: int | None = None,
+    group_chunk: int | None = None,
+    progress: bool = False,
 ) -> SynthesisResult:
-    """Synthesise ``nb_generation`` batches of impressions of classes 0..n_classes-1 from the frozen ``teacher``.
-
-    Batch g draws labels, init noise, shifts and flips from its own generator seeded from (seed, g), so the
-    result does not depend on ``vectorised`` (all batches in one tensor) or ``max_group_chunk`` (batches
-    per tensor) beyond float rounding; ``groups`` (default range(nb_generation)) picks batches, e.g. one
-    shard per rank. ``log`` (``log_scalars(dict, step)``) receives the final terms at ``log_step``.
+    """Optimise G independent batches of impressions x0 (G*B, C, H, W) with ``labels`` (G*B,) against the frozen
+    ``teacher``: its CE on the labels, the moments of its normalisation layers' inputs against ``targets`` (per
+    layer (mean (G, ch), var (G, ch))), TV and L2 priors; ``shifts`` (T+1, G, 2) and ``flips`` (T+1, G) augment each
+    evaluation. Batches are optimised ``group_chunk`` at a time in one tensor (default: all; 1 = a per-batch loop,
+    identical up to float rounding). Keeps each batch's lowest-loss iterate. No files, ranks or logging.
     """
-    if n_classes < 1:
-        raise ValueError(f"n_classes must be >= 1, got {n_classes}")
-    if max_group_chunk is not None and max_group_chunk < 1:
-        raise ValueError(f"max_group_chunk must be >= 1 or None, got {max_group_chunk}")
-    if memory.mean_images is None:
-        raise ValueError("class memory is empty: add the classes' mean images and statistics first")
-    device = torch.device(device)
-    rows = memory.rows(torch.arange(n_classes))
-    mean_images = memory.mean_images[rows.to(memory.mean_images.device)].to(device)  # (n_classes, C, H, W)
-    group_ids = list(range(cfg.nb_generation)) if groups is None else [int(g) for g in groups]
-    if any(g < 0 for g in group_ids):
-        raise ValueError(f"group indices must be >= 0, got {group_ids}")
-    n_groups, b = len(group_ids), cfg.syn_batch_size
-    shape = tuple(mean_images.shape[1:])
+    if group_chunk is not None and group_chunk < 1:
+        raise ValueError(f"group_chunk must be >= 1 or None, got {group_chunk}")
+    n_groups, b = shifts.shape[1], cfg.syn_batch_size
+    if len(labels) != n_groups * b or len(x0) != len(labels):
+        raise ValueError(f"expected {n_groups} batches of {b} images and labels, got {len(x0)} and {len(labels)}")
     if n_groups == 0:
-        empty = ImageSet(torch.zeros((0, *shape), device=device), torch.zeros(0, dtype=torch.long, device=device))
-        none = torch.zeros(0)
-        return SynthesisResult(empty, 0.0, dict.fromkeys(LOSS_TERMS, 0.0), none, none, none.long())
+        return _empty_result(x0)
     layers = bn_layers(teacher)
     if not layers and cfg.r_feature > 0:
         raise ValueError("the teacher has no nn.BatchNorm2d layer to match moments on; set r_feature to 0")
-
-    draws = [_draw_group(seed, g, n_classes, shape, cfg) for g in group_ids]
-    y = torch.cat([d.labels for d in draws]).to(device)  # (G*B,)
-    noise = torch.cat([d.noise for d in draws]).to(device)  # (G*B, C, H, W)
-    x0 = mean_images[y] + cfg.init_noise * noise if cfg.syn_init == "mean" else noise
-    x0 = x0.clamp(0.0, 1.0)
-    shifts = torch.stack([d.shifts for d in draws], dim=1).to(device)  # (T+1, G, 2)
-    flips = torch.stack([d.flips for d in draws], dim=1).to(device)  # (T+1, G)
-
-    chunk = 1 if not vectorised else min(max_group_chunk or n_groups, n_groups)
-    outputs = []
+    if len(targets) != len(layers):
+        raise ValueError(f"got moment targets of {len(targets)} layers, the teacher has {len(layers)}")
     with eval_mode(teacher), torch.no_grad():
         logits_width = teacher_logits(teacher(x0[:1])).shape[1]
-    if logits_width < n_classes:
-        raise ValueError(f"the teacher has {logits_width} outputs, fewer than n_classes={n_classes}")
+    if int(labels.max()) >= logits_width:
+        raise ValueError(f"the teacher has {logits_width} outputs, fewer than the labels' {int(labels.max()) + 1}")
+    chunk = min(group_chunk or n_groups, n_groups)
+    outputs = []
     bar = tqdm(total=cfg.syn_iterations * -(-n_groups // chunk), desc="synthesis", disable=not progress, leave=False)
     with eval_mode(teacher), bar:
         for start in range(0, n_groups, chunk):
             stop = min(start + chunk, n_groups)
             sel = slice(start * b, stop * b)
-            with torch.no_grad():
-                targets = _moment_targets(layers, memory, y[sel], stop - start, n_classes, cfg) if layers else []
+            chunk_targets = [(m[start:stop], v[start:stop]) for m, v in targets]
             outputs.append(
                 _optimise(
-                    teacher, layers, x0[sel], y[sel], shifts[:, start:stop], flips[:, start:stop], targets, cfg, bar
+                    teacher, layers, x0[sel], labels[sel], shifts[:, start:stop], flips[:, start:stop],
+                    chunk_targets, cfg, bar,
                 )
-            )
+            )  # fmt: skip
     images = torch.cat([o[0] for o in outputs])
     terms = torch.cat([o[1] for o in outputs])
-    result = SynthesisResult(
-        images=ImageSet(images, y),
-        teacher_accuracy=teacher_accuracy(teacher, images, y, batch_size=b * chunk),
+    return SynthesisResult(
+        images=ImageSet(images, labels),
+        teacher_accuracy=teacher_accuracy(teacher, images, labels, batch_size=b * chunk),
         loss_terms=dict(zip(LOSS_TERMS, terms.mean(dim=0).tolist())),
         best_loss=terms[:, -1].cpu(),
         last_loss=torch.cat([o[3] for o in outputs]).cpu(),
         best_iteration=torch.cat([o[2] for o in outputs]).cpu(),
     )
-    summary = ", ".join(f"{k} {v:.4g}" for k, v in result.loss_terms.items())
-    logger.info(
-        "synthesised %d impressions of %d classes: teacher accuracy %.1f%%, %s",
-        len(y),
-        n_classes,
-        result.teacher_accuracy,
-        summary,
-    )
-    if log is not None:
-        scalars = {f"synthesis/{k}": v for k, v in result.loss_terms.items()}
-        log.log_scalars({**scalars, "synthesis/teacher_accuracy": result.teacher_accuracy}, log_step)
-    return result
 
 
 @torch.no_grad()
@@ -438,69 +303,3 @@ def teacher_accuracy(teacher: nn.Module, images: Tensor, labels: Tensor, batch_s
             pred = teacher_logits(teacher(images[start : start + batch_size])).argmax(dim=1)
             correct += (pred == labels[start : start + batch_size]).sum()
     return 100.0 * correct.item() / len(labels)
-
-
-def save_impressions_grid(path: str | Path, images: ImageSet, memory: ClassMemory, per_class: int = 8) -> Path:
-    """PNG with one row per stored class: its mean image, then its first ``per_class`` impressions (blank if fewer)."""
-    from torchvision.utils import save_image
-
-    if memory.mean_images is None:
-        raise ValueError("class memory is empty: nothing to draw")
-    labels = memory.labels
-    k, cols = len(labels), per_class + 1
-    grid = torch.ones((k, cols, *memory.mean_images.shape[1:]))  # (K, 1 + per_class, C, H, W), white padding
-    grid[:, 0] = memory.mean_images.cpu()
-    y, x = images.y.cpu(), as_float(images.x).cpu()
-    known = torch.isin(y, labels)
-    y, x = y[known], x[known]
-    order = torch.argsort(y, stable=True)
-    sorted_y = y[order]
-    row = torch.searchsorted(labels, sorted_y)  # class row of each impression
-    rank = torch.arange(len(sorted_y)) - torch.searchsorted(sorted_y, sorted_y)  # position within its class
-    keep = rank < per_class
-    grid[row[keep], 1 + rank[keep]] = x[order[keep]]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(grid.flatten(0, 1), path, nrow=cols, padding=1, pad_value=1.0)
-    return path
-
-
-def synthesize_for_task(teacher: nn.Module, memory: ClassMemory, ctx: TaskContext, device: torch.device) -> ImageSet:
-    """Images of the ``ctx.n_old`` old classes before task ``ctx.task``: synthesised, drawn to a PNG grid, logged.
-
-    Under torchrun each rank optimises a contiguous share of the ``nb_generation`` batches and every rank
-    receives all of them, in batch order: the same images as a single process (per-batch seeds).
-    """
-    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator))
-    share = range(ctx.cfg.nb_generation)[distributed.shard_range(ctx.cfg.nb_generation)]
-    result = synthesize(
-        teacher,
-        memory,
-        ctx.n_old,
-        ctx.cfg,
-        seed=seed,
-        device=device,
-        progress=ctx.cfg.progress,
-        log=ctx.log if not distributed.is_distributed() else None,
-        groups=share,
-    )
-    images = result.images
-    teacher_acc = result.teacher_accuracy
-    if distributed.is_distributed():
-        images = ImageSet(distributed.all_gather_rows(images.x), distributed.all_gather_rows(images.y))
-        teacher_acc = teacher_accuracy(teacher, images.x, images.y, batch_size=ctx.cfg.syn_batch_size)
-    path = ctx.output_dir / f"impressions_task_{ctx.task}.png"
-    if distributed.is_main():
-        save_impressions_grid(path, images, memory)
-    logger.info(
-        "task %d: %d synthetic images of %d old classes, teacher accuracy on them %.1f%% (grid: %s)",
-        ctx.task,
-        len(images),
-        ctx.n_old,
-        teacher_acc,
-        path,
-    )
-    if ctx.log is not None:
-        ctx.log.log_scalars({f"task{ctx.task}/impressions_teacher_accuracy": teacher_acc}, None)
-        ctx.log.log_image(f"impressions_task_{ctx.task}", str(path))
-    return images.to(device)

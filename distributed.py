@@ -2,19 +2,21 @@
 
 The engine stays the same loop on every rank; this module supplies the few collective steps:
 
-- every rank draws the same global batch (same seeds) and trains on its contiguous shard of it
-  (``shard_batch``); each rank back-propagates its loss weighted by its share of the batch and the
-  gradients are summed across ranks (``all_reduce_gradients``), so a step equals the single-process
-  step on the global batch for losses that average over samples; losses that do not (weighted means,
-  means over some rows, class centroids) build their sums with ``sum_over_ranks``;
+- the engine's step: every rank draws the same global batch (same seeds) and trains on its contiguous
+  shard of it (``shard_batch``, which also gives the shard a differentiable ``sum_over_ranks`` for losses
+  that are not a mean over samples, see ``dataloaders.batches.BatchShard``); each rank back-propagates its
+  loss weighted by its share of the batch and the gradients are summed across ranks (``backward``), so a
+  step equals the single-process step on the global batch; after each epoch running statistics are
+  averaged and the loss terms reduced (``end_epoch``);
 - batch normalisation (also inside Continual Normalization) uses the global batch's statistics
-  (``sync_bn: true``, models/layers/synced_batch_norm.py) or each rank's shard (``sync_bn: false``,
-  cheaper); running statistics are averaged across ranks after every epoch (``average_buffers``);
+  (``sync_bn: true``, models/layers/synced_batch_norm.py, given ``sum_over_ranks``) or each rank's shard
+  (``sync_bn: false``, cheaper);
 - evaluation and CCSI synthesis are split across ranks and gathered (``all_gather_rows``);
 - after each task rank 0's method state (net, teacher, class statistics, memory, ...) is given to every
   rank (``broadcast_method_state``), so all ranks continue from the same state; only rank 0 writes files.
 
 Without torchrun (``WORLD_SIZE`` unset or 1) every function here is a no-op and nothing is initialised.
+This is the only module that imports ``torch.distributed``.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from config import ConfigError, Option, register_options
-from dataloaders.batches import Batch
+from dataloaders.batches import Batch, BatchShard
+from models.layers.synced_batch_norm import sync_batch_norm
 
 log = logging.getLogger(__name__)
 
@@ -196,15 +199,30 @@ def shard_batch(batch: Batch) -> Batch | None:
     if len(batch) < world_size():
         return None
     rows = shard_range(len(batch))
-    return Batch(batch.x[rows], batch.y[rows], batch.synthetic[rows], rows=rows, global_size=len(batch))
+    shard = BatchShard(rows, len(batch), sum_over_ranks)
+    return Batch(batch.x[rows], batch.y[rows], batch.synthetic[rows], shard)
+
+
+def backward(loss: Tensor, local: Batch, batch: Batch, params: list[Tensor]) -> None:
+    """Back-propagate this rank's share of the batch's loss and sum the gradients over ranks.
+
+    ``loss`` is ``local``'s loss (a mean over its rows, or a global-batch loss built with ``BatchShard.total``);
+    weighting it by the share of rows makes the summed gradients those of the global batch.
+    """
+    (loss * (len(local) / len(batch))).backward()
+    all_reduce_gradients(params)
+
+
+def end_epoch(net: nn.Module, sums: dict[str, Tensor], steps: int) -> dict[str, float]:
+    """After an epoch: average the running statistics over ranks; the mean of each loss term over steps and ranks."""
+    average_buffers(net)
+    return all_reduce_mean({name: (value / max(steps, 1)).item() for name, value in sums.items()})
 
 
 def prepare_model(net: nn.Module, sync_bn: bool) -> None:
     """Before a task's training under torchrun: share batch-norm statistics across ranks if asked."""
     if is_distributed() and sync_bn:
-        from models.layers.synced_batch_norm import sync_batch_norm
-
-        sync_batch_norm(net)
+        sync_batch_norm(net, sum_over_ranks)
 
 
 class _SumOverRanks(torch.autograd.Function):

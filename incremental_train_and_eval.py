@@ -1,8 +1,10 @@
 """The class-incremental task loop, the same for every method.
 
-For each task: ``before_task`` -> epochs of ``training_step`` (the engine does backward and the
-optimiser step) with optional per-epoch model selection -> ``after_task`` -> evaluation on the
-test images of all classes seen so far -> atomic checkpoint ``task_<t>.pt`` -> metrics and plots.
+For each task (``run_task``): the method's ``begin_task`` -> the task's epochs (``task_training.fit_task``:
+``training_step``, backward and optimiser step, optional per-epoch model selection) -> ``end_task`` ->
+evaluation on the test images of all classes seen so far -> atomic checkpoint ``task_<t>.pt`` -> metrics and
+plots. The data, split, net and method are built and checked against each other before any training
+(``build_run``).
 A run can continue from its last complete task (``resume: true``) or train one task from the
 previous task's checkpoint (``task: t`` + ``saved_model_address``), as the original's per-task
 sweeps do. Every task reseeds from (seed, task), so both give the same result as one run.
@@ -12,9 +14,7 @@ only rank 0 writes files.
 
 from __future__ import annotations
 
-import copy
 import logging
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -23,31 +23,28 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 import dataloaders
 import distributed
 import models
 from checkpoint import (
+    TaskCheckpoint,
     completed_tasks,
-    load_checkpoint,
     partial_checkpoint_path,
     rng_state,
-    save_atomic,
     set_rng_state,
     task_checkpoint_path,
 )
 from config import Config, ConfigError, Option, register_options, register_preset
-from dataloaders.image_set import DataSplits, ImageSet, as_float
+from dataloaders.image_set import DataSplits
 from dataloaders.scenario import Scenario
-from distributed import resolve_device  # noqa: F401  (engine.resolve_device, used by bench/protocol_timing.py)
-from errors import CheckpointError, TrainingError
+from errors import CheckpointError
 from loggers import RunLogger, build_logger
-from methods import build_method
+from methods import build_method, method_class
 from methods.base import Method, TaskContext
 from metrics import RunMetrics, evaluate_predictions
-from optimization import build_optimizer, build_scheduler
 from plots import write_run_plots
+from task_training import fit_task, predict_labels
 
 log = logging.getLogger(__name__)
 
@@ -108,29 +105,6 @@ register_options(
         ),
     ],
 )
-register_preset(
-    "protocol",
-    {
-        "original": {
-            "idc_source": "test",
-            "select_on": "test",
-            "scheduler": "plateau_original",
-            "cn_momentum": 1.0,
-            "class_stats": "running",
-            "syn_cosine_factor": 0.2,
-            "lamda_new_classes": "nb_cl",
-        },
-        "clean": {
-            "idc_source": "val",
-            "select_on": "val",
-            "scheduler": "plateau",
-            "cn_momentum": 0.1,
-            "class_stats": "per_class",
-            "syn_cosine_factor": 0.5,
-            "lamda_new_classes": "actual",
-        },
-    },
-)
 register_options(
     "train",
     [
@@ -152,6 +126,8 @@ register_options(
         ),
     ],
 )
+register_preset("protocol", "original", {"select_on": "test"})
+register_preset("protocol", "clean", {"select_on": "val"})
 
 
 def task_seed(seed: int, task: int) -> int:
@@ -163,22 +139,6 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
-
-
-@torch.no_grad()
-def predict_labels(method: Method, images: ImageSet, batch_size: int) -> torch.Tensor:
-    """Predicted class-order labels (N,) for every image, in eval mode (under torchrun: each rank a part)."""
-    method.eval()
-    part = images.x[distributed.shard_range(len(images))]
-    preds = [method.predict(as_float(part[i : i + batch_size])).argmax(1) for i in range(0, len(part), batch_size)]
-    local = torch.cat(preds) if preds else torch.empty(0, dtype=torch.long, device=images.y.device)
-    return distributed.all_gather_rows(local)
-
-
-def accuracy(method: Method, images: ImageSet, batch_size: int) -> float:
-    if len(images) == 0:
-        raise ConfigError("model selection/plateau needs a non-empty split, but it holds no image of the seen classes")
-    return 100.0 * (predict_labels(method, images, batch_size) == images.y).float().mean().item()
 
 
 @dataclass
@@ -196,156 +156,45 @@ class RunState:
 
 
 # Keys that say how to run, not what to train: a task in progress may be resumed with other values.
-RUN_CONTROL_KEYS = ("resume", "overwrite", "progress", "save_every_epochs", "logger", "backend", "dist_timeout_minutes")
+# ----- one task ----------------------------------------------------------------------------------------------
 
 
-def training_config(cfg: Config) -> dict[str, Any]:
-    return {k: v for k, v in cfg.to_dict().items() if k not in RUN_CONTROL_KEYS}
-
-
-def load_partial(state: RunState, task: int) -> dict[str, Any] | None:
-    """The saved state of ``task`` in progress when resuming, else None; refuses one from another run."""
-    path = partial_checkpoint_path(state.output_dir, task)
-    if not (state.cfg.resume and path.is_file()):
-        return None
-    partial = load_checkpoint(path)
-    if partial.get("task") != task or partial.get("config") != training_config(state.cfg):
-        raise CheckpointError(
-            f"{path} was saved by a run with another configuration; delete it to restart task {task} from its start"
-        )
-    log.info("resuming task %d after epoch %d from %s", task, partial["epoch"], path)
-    return partial
-
-
-def train_task(state: RunState, ctx: TaskContext, partial: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Epoch loop of one task with per-epoch model selection (from a saved epoch with ``partial``);
-    returns a record of the training."""
-    cfg, method = ctx.cfg, state.method
-    opt = build_optimizer(method.parameter_groups(ctx), cfg)
-    params = [p for group in opt.param_groups for p in group["params"]]
-    sched = build_scheduler(opt, cfg)
-    monitor = {"val": ctx.val, "test": ctx.test, "last": None}[cfg.select_on]
-    if monitor is None and cfg.scheduler.startswith("plateau"):
-        monitor = ctx.val
-    best_acc, best_state, best_epoch = -math.inf, None, cfg.epochs
-    history: list[dict[str, float]] = []
-    first = 0
-    if partial is not None:
-        method.net.load_state_dict(partial["net"])
-        opt.load_state_dict(partial["optimizer"])
-        if sched is not None:
-            sched.load_state_dict(partial["scheduler"])
-        best_acc, best_state, best_epoch = partial["best_accuracy"], partial["best_state"], partial["best_epoch"]
-        history, first = partial["history"], partial["epoch"]
-        ctx.generator.set_state(partial["generator"])
-        set_rng_state(partial["rng"])
-    epochs = tqdm(
-        range(first, cfg.epochs),
-        desc=f"task {ctx.task}",
-        disable=not cfg.progress,
-        unit="epoch",
-        leave=False,
-        initial=first,
-        total=cfg.epochs,
-    )
-    for epoch in epochs:
-        method.train()
-        method.on_epoch_start(ctx, epoch)
-        batches = method.train_batches(ctx, epoch)
-        sums: dict[str, torch.Tensor] = {}
-        n = 0
-        for batch in batches:
-            local = distributed.shard_batch(batch)  # the whole batch in a single process
-            if local is None:
-                continue
-            terms = method.training_step(local)
-            opt.zero_grad(set_to_none=True)
-            (terms["loss"] * (len(local) / len(batch))).backward()  # this rank's share of the batch mean
-            distributed.all_reduce_gradients(params)
-            opt.step()
-            method.after_step()
-            for name, value in terms.items():
-                sums[name] = sums.get(name, 0.0) + value.detach().float()
-            n += 1
-        distributed.average_buffers(method.net)
-        means = distributed.all_reduce_mean({name: (value / max(n, 1)).item() for name, value in sums.items()})
-        bad = [name for name, value in means.items() if not math.isfinite(value)]
-        if bad:
-            raise TrainingError(
-                f"task {ctx.task} epoch {epoch + 1}: loss term '{bad[0]}' is {means[bad[0]]}; "
-                f"lower lr (now {cfg.lr}) or check the data; tasks before {ctx.task} are saved in {state.output_dir}"
-            )
-        record = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], **means}
-        if monitor is not None:
-            record["monitor_accuracy"] = acc = accuracy(method, monitor, cfg.eval_batch_size)
-            if cfg.select_on != "last" and acc > best_acc:
-                best_acc, best_epoch = acc, epoch + 1
-                best_state = copy.deepcopy(method.net.state_dict())
-        if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            sched.step(record["monitor_accuracy"])
-        elif sched is not None:
-            sched.step()
-        history.append(record)
-        state.logger.log_scalars({f"task{ctx.task}/{k}": v for k, v in record.items() if k != "epoch"}, step=None)
-        epochs.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k not in ("epoch", "lr")})
-        k = cfg.save_every_epochs
-        if k and (epoch + 1) % k == 0 and epoch + 1 < cfg.epochs and distributed.is_main():
-            save_atomic(
-                {
-                    "format_version": 1,
-                    "task": ctx.task,
-                    "epoch": epoch + 1,
-                    "config": training_config(state.cfg),
-                    "net": method.net.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict() if sched is not None else None,
-                    "best_accuracy": best_acc,
-                    "best_state": best_state,
-                    "best_epoch": best_epoch,
-                    "history": history,
-                    "generator": ctx.generator.get_state(),
-                    "rng": rng_state(),
-                },
-                partial_checkpoint_path(state.output_dir, ctx.task),
-            )
-    if best_state is not None:
-        method.net.load_state_dict(best_state)
-    return {"selected_epoch": best_epoch, "select_on": cfg.select_on, "history": history}
-
-
-def run_task(state: RunState, task: int) -> None:
-    """Train, adapt, evaluate and checkpoint one task."""
-    cfg = state.cfg.for_task(task)
+def task_context(state: RunState, task: int, cfg: Config, generator: torch.Generator) -> TaskContext:
+    """What the method is given for ``task``: new classes, the real data it may use, the seeded generator."""
     scenario, splits, method = state.scenario, state.splits, state.method
-    generator = seed_everything(task_seed(cfg.seed, task))
     new_classes = scenario.classes_of_task(task)
     seen = list(range(scenario.n_seen(task)))
-    test_seen = splits.test.of_classes(seen)
     wants_test = cfg.select_on == "test" or method.reads_test_split(cfg)
-    ctx = TaskContext(
+    return TaskContext(
         task=task,
-        cfg=cfg,
         new_classes=new_classes,
         n_old=scenario.n_old(task),
         train=splits.train.of_classes(seen if method.uses_old_data else new_classes),
         val=splits.val.of_classes(seen),
-        test=test_seen if wants_test else None,
+        test=splits.test.of_classes(seen) if wants_test else None,
         device=state.device,
         output_dir=state.output_dir,
         generator=generator,
         log=state.logger,
     )
-    log.info("task %d/%d: classes %s (%d train images)", task, scenario.num_tasks, new_classes, len(ctx.train))
+
+
+def run_task(state: RunState, task: int) -> None:
+    """Train, adapt, evaluate and checkpoint one task."""
+    cfg = state.cfg.for_task(task)
+    scenario, method = state.scenario, state.method
+    ctx = task_context(state, task, cfg, seed_everything(task_seed(cfg.seed, task)))
+    log.info("task %d/%d: classes %s (%d train images)", task, scenario.num_tasks, ctx.new_classes, len(ctx.train))
     start = time.perf_counter()
-    method.cfg = cfg  # the method reads this task's values (per_task applied) through self.cfg
-    method.before_task(ctx)
+    method.begin_task(ctx, cfg)
     distributed.prepare_model(method.net, cfg.sync_bn)
     prepared = time.perf_counter()
-    training = train_task(state, ctx, load_partial(state, task))
+    training = fit_task(state, ctx, cfg)
     trained = time.perf_counter()
-    method.after_task(ctx)
+    method.end_task(ctx)
     rank_fingerprints = distributed.broadcast_method_state(method)  # [] in a single process
     done = time.perf_counter()
+    test_seen = state.splits.test.of_classes(list(range(ctx.n_seen)))
     evaluation = evaluate_predictions(
         predict_labels(method, test_seen, cfg.eval_batch_size), test_seen.y, scenario.task_sizes[:task]
     )
@@ -359,55 +208,63 @@ def run_task(state: RunState, task: int) -> None:
     if rank_fingerprints:
         extra["rank_state_fingerprints"] = rank_fingerprints  # method state of each rank before the broadcast
     state.metrics.add(task, evaluation, extra)
-    if not distributed.is_main():
-        return
-    save_atomic(
-        {
-            "format_version": 1,
-            "task": task,
-            "method_name": cfg.method,
-            "config": state.cfg.to_dict(),
-            "scenario": scenario.to_dict(),
-            "method": method.state_dict(),
-            "metrics": state.metrics.to_dict(),
-            "rng": rng_state(),
-        },
-        task_checkpoint_path(state.output_dir, task),
-    )
+    if distributed.is_main():
+        save_task(state, task, cfg)
+        log_task(state, task, evaluation, training["selected_epoch"], done - start)
+
+
+def save_task(state: RunState, task: int, cfg: Config) -> None:
+    """``task_<t>.pt`` (and the task's partial file removed)."""
+    TaskCheckpoint(
+        task=task,
+        method_name=cfg.method,
+        config=state.cfg.to_dict(),
+        scenario=state.scenario.to_dict(),
+        method=state.method.state_dict(),
+        metrics=state.metrics.to_dict(),
+        rng=rng_state(),
+    ).save(task_checkpoint_path(state.output_dir, task))
     partial_checkpoint_path(state.output_dir, task).unlink(missing_ok=True)
+
+
+def log_task(state: RunState, task: int, evaluation: Any, selected_epoch: int, seconds: float) -> None:
+    """The task's line on the console and its row in the run logger."""
     row = {"task": task, "accuracy": evaluation.accuracy, "balanced_accuracy": evaluation.balanced_accuracy}
     state.logger.log_task(task, row)
     old = "-" if evaluation.old_accuracy is None else f"{evaluation.old_accuracy:.2f}"
     log.info(
         "task %d/%d: accuracy %.2f%% on %d seen classes (old %s, new %.2f), selected epoch %s, %.1fs",
         task,
-        scenario.num_tasks,
+        state.scenario.num_tasks,
         evaluation.accuracy,
-        len(seen),
+        evaluation.n_seen,
         old,
         evaluation.new_accuracy,
-        training["selected_epoch"],
-        done - start,
+        selected_epoch,
+        seconds,
     )
+
+
+# ----- the run -----------------------------------------------------------------------------------------------
 
 
 def _restore(state: RunState, path: Path) -> int:
     """Load a checkpoint into the run; returns the task it completed."""
-    ckpt = load_checkpoint(path)
-    if ckpt["method_name"] != state.cfg.method:
-        raise CheckpointError(f"{path} was written by method '{ckpt['method_name']}', not '{state.cfg.method}'")
-    if ckpt["scenario"] != state.scenario.to_dict():
+    ckpt = TaskCheckpoint.load(path)
+    if ckpt.method_name != state.cfg.method:
+        raise CheckpointError(f"{path} was written by method '{ckpt.method_name}', not '{state.cfg.method}'")
+    if ckpt.scenario != state.scenario.to_dict():
         raise CheckpointError(
-            f"{path} was trained on another class split/order ({ckpt['scenario']}); use the same dataset, "
+            f"{path} was trained on another class split/order ({ckpt.scenario}); use the same dataset, "
             "nb_cl_fg, nb_cl and class_order"
         )
     try:
-        state.method.load_state_dict(ckpt["method"])
+        state.method.load_state_dict(ckpt.method)
     except (RuntimeError, KeyError) as err:
         raise CheckpointError(f"{path} does not match this model/method ({str(err).splitlines()[0][:100]})") from None
-    state.metrics = RunMetrics.from_dict(ckpt["metrics"])
-    set_rng_state(ckpt["rng"])
-    return int(ckpt["task"])
+    state.metrics = RunMetrics.from_dict(ckpt.metrics)
+    set_rng_state(ckpt.rng)
+    return int(ckpt.task)
 
 
 def plan_tasks(state: RunState) -> list[int]:
@@ -453,10 +310,8 @@ def run(cfg: Config) -> dict[str, Any]:
         distributed.teardown()
 
 
-def _run(cfg: Config, device: torch.device, main_process: bool) -> dict[str, Any]:
-    if not main_process:
-        cfg = cfg.replace(progress=False)  # one set of progress bars: rank 0's
-    output_dir = Path(cfg.output_dir)
+def build_run(cfg: Config, device: torch.device) -> RunState:
+    """Data on the device, the class split, the net and the method, checked against each other before training."""
     with distributed.main_first():  # one download, not one per rank
         splits, scenario = dataloaders.prepare(cfg)
     splits = DataSplits(
@@ -467,10 +322,18 @@ def _run(cfg: Config, device: torch.device, main_process: bool) -> dict[str, Any
         splits.num_classes,
         splits.class_names,
     )
+    method_class(cfg.method).check(cfg, scenario.task_sizes)
     torch.manual_seed(cfg.seed)
     net = models.build_net(cfg, splits.channels, splits.image_size).to(device)
     method = build_method(cfg, net, device)
-    state = RunState(cfg, splits, scenario, method, RunMetrics(), device, output_dir, RunLogger())
+    return RunState(cfg, splits, scenario, method, RunMetrics(), device, Path(cfg.output_dir), RunLogger())
+
+
+def _run(cfg: Config, device: torch.device, main_process: bool) -> dict[str, Any]:
+    if not main_process:
+        cfg = cfg.replace(progress=False)  # one set of progress bars: rank 0's
+    state = build_run(cfg, device)
+    output_dir, scenario, splits = state.output_dir, state.scenario, state.splits
     tasks = plan_tasks(state)
     if main_process:
         output_dir.mkdir(parents=True, exist_ok=True)

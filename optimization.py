@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from config import Config, Option, register_options
+from config import Config, Option, register_options, register_preset
 
 register_options(
     "optimization",
@@ -28,6 +28,8 @@ register_options(
         Option("lr_patience", "int", 5, "epochs without improvement before a plateau scheduler decays lr", min=0),
     ],
 )
+register_preset("protocol", "original", {"scheduler": "plateau_original"})
+register_preset("protocol", "clean", {"scheduler": "plateau"})
 
 
 def build_optimizer(groups: list[dict[str, Any]], cfg: Config) -> torch.optim.Optimizer:

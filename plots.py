@@ -18,6 +18,7 @@ __all__ = [
     "plot_accuracy_per_task",
     "plot_confusion",
     "plot_method_curves",
+    "save_impressions_grid",
     "write_run_plots",
 ]
 
@@ -136,3 +137,35 @@ def write_run_plots(
         plot_accuracy_matrix(out / "accuracy_matrix.png", summary["accuracy_matrix"]),
         plot_confusion(out / "confusion_matrix.png", summary["confusion_matrix"], class_names),
     ]
+
+
+def save_impressions_grid(
+    path: str | Path, images: Any, labels: Any, mean_images: Any | None = None, per_class: int = 8
+) -> Path:
+    """PNG with one row per class: its mean image (when given), then its first ``per_class`` impressions.
+
+    ``images`` float (N, C, H, W) in [0, 1] with ``labels`` (N,); ``mean_images`` (K, C, H, W) of classes 0..K-1
+    fixes the rows to those K classes, otherwise the rows are the classes present in ``labels``.
+    """
+    import torch
+    from torchvision.utils import save_image
+
+    x, y = images.detach().float().cpu(), labels.detach().cpu()
+    classes = torch.arange(len(mean_images)) if mean_images is not None else torch.unique(y, sorted=True)
+    lead = 1 if mean_images is not None else 0
+    cols = lead + per_class
+    grid = torch.ones((len(classes), cols, *x.shape[1:]))  # (K, cols, C, H, W), white padding
+    if mean_images is not None:
+        grid[:, 0] = mean_images.detach().float().cpu()
+    known = torch.isin(y, classes)
+    y, x = y[known], x[known]
+    order = torch.argsort(y, stable=True)
+    sorted_y = y[order]
+    row = torch.searchsorted(classes, sorted_y)  # class row of each impression
+    rank = torch.arange(len(sorted_y)) - torch.searchsorted(sorted_y, sorted_y)  # position within its class
+    keep = rank < per_class
+    grid[row[keep], lead + rank[keep]] = x[order[keep]]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(grid.flatten(0, 1), path, nrow=cols, padding=1, pad_value=1.0)
+    return path

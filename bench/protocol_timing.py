@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import config
+import distributed
 import incremental_train_and_eval as engine
 from bench.report import publish
 from bench.synthesis_speed import describe_machine
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         source = f"generated {fake} ({args.n_train} train images, BloodMNIST's shape; {real} not found)"
     values = {"progress": "false", **data, **overrides, "output_dir": str(work / "run"), "overwrite": "true"}
     cfg = config.load_config([ROOT / "configs" / "bloodmnist" / "ccsi.yaml"], values)
-    device = engine.resolve_device(cfg.device)
+    device = distributed.resolve_device(cfg.device)
 
     start = time.perf_counter()
     engine.run(cfg)

@@ -31,6 +31,8 @@ import distributed
 import models
 from config import ConfigError
 from dataloaders.image_set import ImageSet
+from methods.ccsi import synthesize_classes
+from methods.class_statistics import ClassMemory
 
 
 def resolve_device(name: str) -> torch.device:
@@ -65,7 +67,7 @@ def describe_machine(device: torch.device | str | None = None) -> str:
     return text
 
 
-def build_teacher(cfg: config.Config, classes: int, device: torch.device) -> tuple[torch.nn.Module, ccsi.ClassMemory]:
+def build_teacher(cfg: config.Config, classes: int, device: torch.device) -> tuple[torch.nn.Module, ClassMemory]:
     """Random CCSI ResNet teacher with running statistics of random images, and a class memory of random images."""
     torch.manual_seed(0)
     net = models.build_net(cfg, 3, 32)
@@ -78,7 +80,7 @@ def build_teacher(cfg: config.Config, classes: int, device: torch.device) -> tup
         for idx in torch.arange(len(images)).split(64):
             net(images.x[idx].float() / 255)
     teacher = net.copy_frozen().to(device)
-    memory = ccsi.ClassMemory()
+    memory = ClassMemory()
     memory.add_task(teacher, images, batch_size=128, device=device)
     return teacher, memory
 
@@ -113,10 +115,8 @@ def measure_synthesis(
     teacher, memory = build_teacher(cfg, classes, device)
 
     def run(vectorised: bool, conf: config.Config = cfg) -> ccsi.SynthesisResult:
-        return ccsi.synthesize(
-            teacher, memory, classes, conf, seed=0, device=device, progress=False,
-            vectorised=vectorised, max_group_chunk=chunk,
-        )  # fmt: skip
+        group_chunk = chunk if vectorised else 1  # 1: one batch at a time, the per-batch loop
+        return synthesize_classes(teacher, classes, (3, 32, 32), conf, 0, device, memory, group_chunk=group_chunk)
 
     warm = cfg.replace(syn_iterations=2)
     run(True, warm), run(False, warm)  # one-time costs (allocator, cuDNN autotuning) out of the timings

@@ -3,41 +3,24 @@
 ``load_dataset(cfg)`` returns a ``DataSplits`` with original labels 0..C-1 and uint8 images
 (N, C, H, W); ``prepare(cfg)`` also builds the ``Scenario`` and remaps labels to class-order
 positions, so task t's classes are ``scenario.classes_of_task(t)``. Loaders register themselves
-with ``@register_dataset(name)``; the ``dataset`` key accepts exactly the registered names.
+with ``@register_dataset(name)`` (dataloaders/registry.py); the ``dataset`` key accepts exactly the
+registered names.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 import torch
 
 from config import Config, ConfigError, Option, register_options
+from dataloaders import digits, medmnist_data, npz_data, torchvision_data  # noqa: F401  (each registers itself)
 from dataloaders.image_set import DataSplits, ImageSet
+from dataloaders.registry import DATASETS, register_dataset
 from dataloaders.scenario import Scenario
 from errors import DataError
 
 log = logging.getLogger(__name__)
-
-Loader = Callable[[Config], DataSplits]
-DATASETS: dict[str, Loader] = {}
-
-
-def register_dataset(name: str) -> Callable[[Loader], Loader]:
-    """Decorator: make ``fn(cfg) -> DataSplits`` loadable as ``dataset: name``."""
-
-    def add(fn: Loader) -> Loader:
-        if name in DATASETS:
-            raise ValueError(f"dataset {name!r} is registered twice")
-        DATASETS[name] = fn
-        return fn
-
-    return add
-
-
-# The loader modules register themselves; imported here, after register_dataset exists.
-from dataloaders import digits, medmnist_data, npz_data, torchvision_data  # noqa: E402, F401
 
 register_options(
     "data",

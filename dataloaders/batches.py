@@ -7,7 +7,7 @@ batch tensor on the device it lives on.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -18,29 +18,55 @@ from dataloaders.image_set import ImageSet, as_float
 AUGMENTATIONS = ("none", "flip", "crop_flip")
 
 
+@dataclass(frozen=True)
+class BatchShard:
+    """Where a batch sits in the global batch of one optimiser step.
+
+    One process holds the whole batch: sums over the batch are plain sums. Under torchrun each rank holds
+    ``rows`` of a global batch of ``size`` rows, and distributed.py supplies ``sum_over_ranks``
+    (differentiable). Losses that are not a mean over samples (a weighted mean, a mean over some rows, class
+    centroids) take the shard and form their sums with ``total``; per-row random draws use ``draw_rows``, so
+    every rank draws for the global batch and its random stream stays in step.
+    """
+
+    rows: slice | None = None  # None: this process holds the whole batch
+    size: int = 0  # rows of the global batch (when ``rows`` is set)
+    sum_over_ranks: Callable[[Tensor], Tensor] | None = None
+
+    @property
+    def whole(self) -> bool:
+        return self.rows is None
+
+    def total(self, x: Tensor) -> Tensor:
+        """Sum over the global batch of this process's partial sum ``x`` (``x`` itself for a whole batch)."""
+        return x if self.sum_over_ranks is None else self.sum_over_ranks(x)
+
+    def draw_rows(self, n: int, high: int, generator: torch.Generator | None = None) -> Tensor:
+        """Uniform integers in [0, high), one per row of this process's ``n`` rows, drawn for the global batch."""
+        if self.rows is None:
+            return torch.randint(0, high, (n,), generator=generator)
+        return torch.randint(0, high, (self.size,), generator=generator)[self.rows]
+
+
+WHOLE_BATCH = BatchShard()
+
+
 @dataclass
 class Batch:
-    """Float images (B, C, H, W) in [0, 1], labels (B,), and which rows are synthetic (B,) bool.
-
-    Under torchrun a rank trains on ``rows`` of a global batch of ``global_size`` rows. A method that draws
-    random numbers per row draws them for the global batch and keeps ``rows`` (``draw_rows``), so every
-    rank's random stream stays in step and the draws equal a single process's.
-    """
+    """Float images (B, C, H, W) in [0, 1], labels (B,), which rows are synthetic (B,) bool, and the ``shard``
+    of the global batch this is (the whole batch outside torchrun)."""
 
     x: Tensor
     y: Tensor
     synthetic: Tensor
-    rows: slice | None = None  # None: this batch is the whole batch
-    global_size: int | None = None
+    shard: BatchShard = WHOLE_BATCH
 
     def __len__(self) -> int:
         return len(self.y)
 
     def draw_rows(self, high: int, generator: torch.Generator | None = None) -> Tensor:
-        """Uniform integers in [0, high), one per row of this batch, drawn for the global batch."""
-        if self.rows is None or self.global_size is None:
-            return torch.randint(0, high, (len(self),), generator=generator)
-        return torch.randint(0, high, (self.global_size,), generator=generator)[self.rows]
+        """Uniform integers in [0, high), one per row, drawn for the global batch (see ``BatchShard``)."""
+        return self.shard.draw_rows(len(self), high, generator)
 
 
 def random_crop(x: Tensor, padding: int, generator: torch.Generator | None = None) -> Tensor:

@@ -10,8 +10,8 @@ import torch
 from sklearn.datasets import load_digits as sklearn_digits
 
 from config import Config
-from dataloaders import register_dataset
 from dataloaders.image_set import DataSplits, ImageSet
+from dataloaders.registry import register_dataset
 from dataloaders.scenario import stratified_split
 
 SPLIT_SEED = 0  # fixed: independent of the run's seed

@@ -14,9 +14,9 @@ from medmnist import INFO
 from medmnist.dataset import MedMNIST2D
 
 from config import Config
-from dataloaders import Loader, register_dataset
 from dataloaders.image_set import DataSplits
 from dataloaders.npz_data import read_npz
+from dataloaders.registry import Loader, register_dataset
 from errors import DataError
 
 log = logging.getLogger(__name__)

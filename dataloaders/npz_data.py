@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from config import Config
-from dataloaders import register_dataset
 from dataloaders.image_set import DataSplits, ImageSet
+from dataloaders.registry import register_dataset
 from errors import DataError
 
 SPLITS = ("train", "val", "test")

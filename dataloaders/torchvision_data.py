@@ -18,8 +18,8 @@ import torchvision
 from PIL import Image
 
 from config import Config
-from dataloaders import register_dataset
 from dataloaders.image_set import DataSplits, ImageSet
+from dataloaders.registry import register_dataset
 from dataloaders.scenario import stratified_split
 from errors import DataError
 

@@ -1,37 +1,14 @@
-"""Method registry. Each method is one module here, registered with ``@register_method(name)``."""
+"""The continual-learning methods, one module each, registered with ``@register_method`` (methods/registry.py).
+
+Importing this package imports every method module (explicitly, no directory scan), declares the ``method`` key
+with the registered names as its choices, and turns each method's ``defaults`` and ``requires`` into presets of
+the ``method`` key (see ``config.register_preset``).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-import torch
-from torch import nn
-
-from config import Config, ConfigError, Option, register_options
-from methods.base import Method
-
-METHODS: dict[str, type[Method]] = {}
-
-
-def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
-    def add(cls: type[Method]) -> type[Method]:
-        if name in METHODS:
-            raise ValueError(f"method {name!r} is registered twice")
-        cls.name = name
-        METHODS[name] = cls
-        return cls
-
-    return add
-
-
-def build_method(cfg: Config, net: nn.Module, device: torch.device) -> Method:
-    if cfg.method not in METHODS:
-        raise ConfigError(f"unknown method '{cfg.method}'; known: {', '.join(sorted(METHODS))}")
-    return METHODS[cfg.method](cfg, net, device)
-
-
-# Explicit imports (no directory scan): each module registers its method and its config keys.
-from methods import (  # noqa: E402, F401
+from config import Option, register_options, register_preset
+from methods import (  # noqa: F401  (each module registers its method)
     ccsi,
     deepinversion,
     der,
@@ -45,8 +22,17 @@ from methods import (  # noqa: E402, F401
     rehearsal_kd,
     wa,
 )
+from methods.registry import METHODS, build_method, method_class, register_method
+
+__all__ = ["METHODS", "build_method", "method_class", "register_method"]
 
 register_options(
     "run",
     [Option("method", "str", "finetune", "continual-learning method to run", choices=tuple(sorted(METHODS)))],
 )
+for _name, _cls in sorted(METHODS.items()):
+    _soft = {key: value for key, value in _cls.defaults.items() if key not in _cls.requires}
+    if _soft:
+        register_preset("method", _name, _soft, announce=True)
+    if _cls.requires:
+        register_preset("method", _name, _cls.requires, required=True, announce=True)

@@ -6,38 +6,38 @@ class; before the next task the frozen model turns those into synthetic "impress
 class, which are mixed with the new classes' real images (fraction ``rs_ratio`` synthetic).
 Task 1: class-weighted CE. Tasks >= 2: LUCIR less-forget distillation (adaptive lambda) +
 class-weighted cosine CE + margin ranking on old-class samples + intra-domain contrastive (IdC).
+
+This module also holds the per-task synthesis of old classes (``synthesize_classes``, ``replay_impressions``:
+draws, initial images, moment targets, ranks, the impression grid, logging), which DeepInversion shares.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-import continual_class_specific_impression as ccsi_synthesis
-from config import Config, Option, register_options
+import continual_class_specific_impression as synthesis
+import distributed
+from config import Config, ConfigError, Option, register_options, register_preset
 from dataloaders.batches import Batch
 from dataloaders.image_set import ImageSet, as_float
-from methods import losses, register_method
+from methods import losses
 from methods.base import Method, TaskContext
+from methods.class_statistics import ClassMemory
+from methods.lucir import less_forget_weight, prepare_cosine_head
+from methods.registry import register_method
+from plots import save_impressions_grid
+from synthesis_losses import bn_layers
+
+log = logging.getLogger(__name__)
 
 register_options(
     "ccsi",
     [
-        Option("lamda", "float", 5.0, "less-forget distillation weight (LUCIR; CCSI configs: 5)", min=0.0),
-        Option("adapt_lamda", "bool", True, "scale lamda by sqrt(n_old / n_new) each task (LUCIR)"),
-        Option(
-            "lamda_new_classes",
-            "str",
-            "actual",
-            "n_new in the adaptive lamda: actual = classes this task adds; nb_cl = the configured classes per task, "
-            "as the released CCSI and LUCIR code (differs when the last task is smaller, e.g. OrganAMNIST task 4)",
-            choices=("actual", "nb_cl"),
-        ),
-        Option("K", "int", 1, "margin ranking: number of hardest new classes per old-class sample (CCSI: 1)", min=1),
-        Option("dist", "float", 0.3, "margin ranking: margin m (CCSI: 0.3)", min=0.0),
-        Option("lw_mr", "float", 1.0, "margin ranking weight (CCSI: 1)", min=0.0),
         Option("da_coef", "float", 1.0, "IdC (intra-domain contrastive) weight; 0 disables it", min=0.0),
         Option("ro", "float", 0.9, "IdC: EMA weight of the current batch's class centroids", min=0.0, max=1.0),
         Option("temprature", "float", 0.5, "IdC: softmax temperature tau (original key spelling)", min=1e-6),
@@ -56,31 +56,115 @@ register_options(
             min=0.0,
             max=0.99,
         ),
-        Option("imprint", "bool", True, "imprint new-class weights from class-mean features (CCSI, LUCIR)"),
-        Option("freeze_old_weights", "bool", True, "keep old-class classifier weights fixed (CCSI: lr 0)"),
     ],
 )
+register_preset("protocol", "original", {"idc_source": "test"})
+register_preset("protocol", "clean", {"idc_source": "val"})
 
 
-def less_forget_weight(cfg: Config, ctx: TaskContext) -> float:
-    """The task's less-forget weight: lamda, or lamda * sqrt(n_old / n_new) with ``adapt_lamda``."""
-    if not cfg.adapt_lamda:
-        return cfg.lamda
-    return losses.adaptive_lambda(cfg.lamda, ctx.n_old, ctx.n_new if cfg.lamda_new_classes == "actual" else cfg.nb_cl)
+# ----- synthesis of old classes, shared with DeepInversion ----------------------------------------
+
+
+def synthesize_classes(
+    teacher: nn.Module,
+    n_classes: int,
+    image_shape: tuple[int, ...],
+    cfg: Config,
+    seed: int,
+    device: torch.device | str,
+    memory: ClassMemory | None = None,
+    groups: Sequence[int] | None = None,
+    group_chunk: int | None = None,
+    progress: bool = False,
+) -> synthesis.SynthesisResult:
+    """Impressions of classes 0..n_classes-1 (batches ``groups``, default all ``nb_generation``): per-batch seeded
+    draws, initial images (class means from ``memory`` or noise, ``syn_init``), moment targets (``class_stats``:
+    the teacher's running statistics, or the class mixture of ``memory``'s moments), then ``synthesize``."""
+    device = torch.device(device)
+    group_ids = list(range(cfg.nb_generation)) if groups is None else [int(g) for g in groups]
+    draws = synthesis.draw_batches(seed, group_ids, n_classes, tuple(image_shape), cfg)
+    labels = draws.labels.to(device)
+    mean_images = None
+    if cfg.syn_init == "mean" or cfg.class_stats == "per_class":
+        if memory is None or memory.mean_images is None:
+            raise ValueError("class memory is empty: add the classes' mean images and statistics first")
+        rows = memory.rows(torch.arange(n_classes))
+        mean_images = memory.mean_images[rows.to(memory.mean_images.device)].to(device)  # (n_classes, C, H, W)
+    x0 = synthesis.initial_images(draws, mean_images, cfg).to(device)
+    layers = bn_layers(teacher)
+    with torch.no_grad():
+        if not layers or not group_ids:
+            targets = []
+        elif cfg.class_stats == "running":
+            targets = synthesis.running_targets(layers, len(group_ids))
+        else:
+            assert memory is not None
+            rows = memory.rows(torch.arange(n_classes))
+            means = [m[rows.to(m.device)] for m in memory.layer_means]
+            variances = [v[rows.to(v.device)] for v in memory.layer_vars]
+            targets = synthesis.class_mixture_targets(layers, labels, len(group_ids), means, variances)
+    shifts, flips = draws.shifts.to(device), draws.flips.to(device)
+    return synthesis.synthesize(
+        teacher, x0, labels, targets, cfg, shifts, flips, group_chunk=group_chunk, progress=progress
+    )
+
+
+def replay_impressions(
+    teacher: nn.Module, ctx: TaskContext, cfg: Config, image_shape: tuple[int, ...], memory: ClassMemory | None
+) -> ImageSet:
+    """Images of the ``ctx.n_old`` old classes before task ``ctx.task``: synthesised, drawn to a PNG grid, logged.
+
+    Under torchrun each rank optimises a contiguous share of the ``nb_generation`` batches and every rank
+    receives all of them, in batch order: the same images as a single process (per-batch seeds).
+    """
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator))
+    share = range(cfg.nb_generation)[distributed.shard_range(cfg.nb_generation)]
+    result = synthesize_classes(
+        teacher, ctx.n_old, image_shape, cfg, seed, ctx.device, memory, groups=share, progress=cfg.progress
+    )
+    images, teacher_acc = result.images, result.teacher_accuracy
+    summary = ", ".join(f"{k} {v:.4g}" for k, v in result.loss_terms.items())
+    log.info("synthesised %d impressions: teacher accuracy %.1f%%, %s", len(images), teacher_acc, summary)
+    if ctx.log is not None and not distributed.is_distributed():  # per-rank terms are partial under torchrun
+        scalars = {f"synthesis/{k}": v for k, v in result.loss_terms.items()}
+        ctx.log.log_scalars({**scalars, "synthesis/teacher_accuracy": teacher_acc}, None)
+    if distributed.is_distributed():
+        images = ImageSet(distributed.all_gather_rows(images.x), distributed.all_gather_rows(images.y))
+        teacher_acc = synthesis.teacher_accuracy(teacher, images.x, images.y, batch_size=cfg.syn_batch_size)
+    path = ctx.output_dir / f"impressions_task_{ctx.task}.png"
+    if distributed.is_main():
+        mean_images = memory.mean_images if memory is not None and cfg.syn_init == "mean" else None
+        save_impressions_grid(path, images.x, images.y, mean_images)
+    log.info(
+        "task %d: %d synthetic images of %d old classes, teacher accuracy on them %.1f%% (grid: %s)",
+        ctx.task,
+        len(images),
+        ctx.n_old,
+        teacher_acc,
+        path,
+    )
+    if ctx.log is not None:
+        ctx.log.log_scalars({f"task{ctx.task}/impressions_teacher_accuracy": teacher_acc}, None)
+        ctx.log.log_image(f"impressions_task_{ctx.task}", str(path))
+    return images.to(ctx.device)
+
+
+# ----- the method ------------------------------------------------------------------------------
 
 
 @register_method("ccsi")
 class CCSI(Method):
     """Data-free: old classes come back only as impressions synthesised from the frozen previous model."""
 
-    def __init__(self, cfg: Config, net: torch.nn.Module, device: torch.device):
+    needs_teacher = True
+    defaults: ClassVar[dict[str, Any]] = {"head": "cosine", "K": 1, "dist": 0.3}  # CCSI's margin ranking values
+
+    def __init__(self, cfg: Config, net: nn.Module, device: torch.device):
         super().__init__(cfg, net, device)
-        self.memory = ccsi_synthesis.ClassMemory()  # class mean images + per-class CN moments, no real images
-        self.teacher: torch.nn.Module | None = None
+        self.memory = self.add_part("memory", ClassMemory())  # class mean images + per-class CN moments only
         self.synthetic: ImageSet | None = None
         self.class_weights: Tensor | None = None
         self.lamda_t = 0.0
-        self.n_old = 0
         self.idc: losses.IntraDomainContrastive | None = None
         self.idc_pool: ImageSet | None = None
         self.generator: torch.Generator | None = None
@@ -88,21 +172,27 @@ class CCSI(Method):
     def reads_test_split(self, cfg: Config) -> bool:
         return cfg.idc_source == "test"
 
+    @classmethod
+    def check(cls, cfg: Config, task_sizes: list[int]) -> None:
+        for task, n_new in enumerate(task_sizes[1:], start=2):
+            k = cfg.for_task(task).K
+            if k > n_new:
+                raise ConfigError(
+                    f"key 'K': margin ranking against the top {k} new classes, but task {task} adds only {n_new}; "
+                    f"set K <= {n_new}"
+                )
+
     # ----- task life cycle ---------------------------------------------------------------
     def before_task(self, ctx: TaskContext) -> None:
-        cfg = ctx.cfg
-        self.n_old, self.generator = ctx.n_old, ctx.generator
-        self.teacher, self.synthetic, self.idc = None, None, None
+        cfg = self.cfg
+        self.generator, self.synthetic, self.idc = ctx.generator, None, None
         if ctx.task > 1:
-            self.teacher = self.net.copy_frozen()
-            self.synthetic = self._synthesise(ctx)
+            assert self.teacher is not None
+            self.synthetic = replay_impressions(self.teacher, ctx, cfg, tuple(ctx.train.x.shape[1:]), self.memory)
         self.net.expand_head(ctx.n_new)
-        self.n_seen = ctx.n_seen
         if ctx.task > 1:
-            if cfg.imprint:
-                self._imprint(ctx.train)
-            self.net.freeze_old_classes(cfg.freeze_old_weights)
-            self.lamda_t = less_forget_weight(cfg, ctx)
+            prepare_cosine_head(self.net, ctx.train, cfg)
+            self.lamda_t = less_forget_weight(cfg, ctx.n_old, ctx.n_new)
             if cfg.da_coef > 0:
                 self.idc = losses.IntraDomainContrastive(cfg.ro, cfg.temprature)
                 self.idc_pool = {"test": ctx.test, "val": ctx.val, "train": ctx.train}[cfg.idc_source]
@@ -112,20 +202,8 @@ class CCSI(Method):
         counts = torch.bincount(labels, minlength=ctx.n_seen).float()
         self.class_weights = losses.class_balance_weights(counts).to(self.device)
 
-    def _synthesise(self, ctx: TaskContext) -> ImageSet:
-        """Impressions of every old class from the frozen teacher (regenerated each task)."""
-        return ccsi_synthesis.synthesize_for_task(self.teacher, self.memory, ctx, self.device)
-
-    @torch.no_grad()
-    def _imprint(self, train: ImageSet) -> None:
-        """New-class weights from the mean normalised feature of each new class (current model, eval mode)."""
-        self.net.eval()
-        bs = self.cfg.eval_batch_size
-        feats = torch.cat([self.net.features(as_float(train.x[i : i + bs])) for i in range(0, len(train), bs)])
-        self.net.imprint(feats, train.y)
-
     def replay(self, ctx: TaskContext) -> tuple[ImageSet | None, float]:
-        return self.synthetic, ctx.cfg.rs_ratio
+        return self.synthetic, self.cfg.rs_ratio
 
     def on_epoch_start(self, ctx: TaskContext, epoch: int) -> None:
         if self.idc is not None:
@@ -133,7 +211,7 @@ class CCSI(Method):
 
     def training_step(self, batch: Batch) -> dict[str, Tensor]:
         out = self.net(batch.x)
-        ce = losses.weighted_cross_entropy(out["logits"], batch.y, self.class_weights)
+        ce = losses.weighted_cross_entropy(out["logits"], batch.y, self.class_weights, batch.shard)
         if self.teacher is None:
             return {"loss": ce, "ce": ce}
         with torch.no_grad():
@@ -141,14 +219,14 @@ class CCSI(Method):
         terms = {
             "ce": ce,
             "distill": losses.less_forget(out["features"], ref, self.lamda_t),
-            "margin": losses.margin_ranking(out["scores"], batch.y, self.n_old, self.cfg.K, self.cfg.dist),
+            "margin": losses.margin_ranking(out["scores"], batch.y, self.n_old, self.cfg.K, self.cfg.dist, batch.shard),
         }
         loss = terms["ce"] + terms["distill"] + self.cfg.lw_mr * terms["margin"]
         if self.idc is not None:
             assert self.idc_pool is not None
             idx = batch.draw_rows(len(self.idc_pool), self.generator)  # (B,)
             target = as_float(self.idc_pool.x[idx.to(self.idc_pool.x.device)]).to(self.device)
-            terms["idc"] = self.idc(out["scores"], batch.y, self.net(target)["scores"])
+            terms["idc"] = self.idc(out["scores"], batch.y, self.net(target)["scores"], batch.shard)
             loss = loss + self.cfg.da_coef * terms["idc"]
         return {"loss": loss, **terms}
 
@@ -156,13 +234,4 @@ class CCSI(Method):
         """Keep what synthesis needs: the new classes' mean images and CN moments (no real image)."""
         self.net.eval()
         self.memory.add_task(self.net, ctx.train, batch_size=self.cfg.eval_batch_size, device=self.device)
-        self.teacher, self.synthetic, self.idc, self.idc_pool = None, None, None, None
-
-    # ----- checkpoints -----------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "memory": self.memory.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.memory.load_state_dict(state["memory"])
-        self.memory.to(self.device)
+        self.synthetic, self.idc, self.idc_pool = None, None, None

@@ -13,18 +13,19 @@ Memory: the rehearsal buffer of ``methods.memory`` (paper: 2000 exemplars, herdi
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 import models
-from config import Config, ConfigError, Option, register_options
+from config import Config, Option, register_options
 from dataloaders.batches import Batch
-from methods import register_method
 from methods.base import Method, TaskContext
-from methods.memory import ReplayMethod
+from methods.memory import RehearsalMemory
+from methods.registry import register_method
 
 register_options(
     "der",
@@ -131,22 +132,22 @@ class DERNet(nn.Module):
 
 
 @register_method("der")
-class DER(ReplayMethod):
+class DER(Method):
     """One new extractor per task on top of the frozen old ones, trained with rehearsal and an auxiliary loss."""
 
+    requires: ClassVar[dict[str, Any]] = {"head": "linear"}  # a linear classifier over concatenated features
+
     def __init__(self, cfg: Config, net: nn.Module, device: torch.device):
-        if cfg.head != "linear":
-            raise ConfigError(f"key 'head': der uses a linear classifier over concatenated features, got {cfg.head!r}")
         backbone = net.backbone
 
         def make_extractor() -> nn.Module:
             return models.build_net(cfg, backbone.in_channels, backbone.image_size).backbone
 
         super().__init__(cfg, DERNet(backbone, make_extractor, cfg.der_init_from_previous).to(device), device)
+        self.memory = self.add_part("memory", RehearsalMemory.from_config(cfg, device))
 
-    def before_task(self, ctx: TaskContext) -> None:
-        self.teacher, self.n_old, self.task_cfg = None, ctx.n_old, ctx.cfg  # DER distils nothing: no teacher
-        Method.before_task(self, ctx)  # adds the extractor and grows the classifier
+    def train_batches(self, ctx: TaskContext, epoch: int) -> Iterable[Batch]:
+        return self.memory.loader(ctx.train, self.cfg, ctx.generator, self.device)
 
     def training_step(self, batch: Batch) -> dict[str, Tensor]:
         out = self.net(batch.x)
@@ -156,3 +157,6 @@ class DER(ReplayMethod):
         aux_y = torch.where(batch.y >= self.n_old, batch.y - self.n_old + 1, torch.zeros_like(batch.y))  # (B,)
         aux = F.cross_entropy(out["aux_logits"], aux_y)
         return {"loss": ce + self.cfg.der_aux_weight * aux, "ce": ce, "aux": aux}
+
+    def after_task(self, ctx: TaskContext) -> None:
+        self.memory.add_task(self.net, ctx.train, ctx.n_seen, ctx.generator, self.cfg.eval_batch_size)

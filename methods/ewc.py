@@ -14,7 +14,7 @@ are joined into one (n_classes, ...) tensor per kind, so the head's growth does 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +24,8 @@ from torch.func import functional_call, grad, vmap
 from config import Config, Option, register_options
 from dataloaders.batches import Batch
 from dataloaders.image_set import ImageSet, as_float
-from methods import register_method
 from methods.base import Method, TaskContext
+from methods.registry import register_method
 from synthesis_losses import eval_mode
 
 register_options(
@@ -169,15 +169,12 @@ def fisher_diagonal(
 class EWC(Method):
     """Quadratic penalty that keeps parameters important to earlier tasks near their trained values."""
 
+    defaults: ClassVar[dict[str, Any]] = {"head": "linear"}  # PyCIL's linear classifier
+
     def __init__(self, cfg: Config, net: nn.Module, device: torch.device):
         super().__init__(cfg, net, device)
         self.fisher: dict[str, Tensor] | None = None  # canonical name -> accumulated Fisher
         self.anchor: dict[str, Tensor] | None = None  # canonical name -> theta* after the last task
-        self.n_old = 0
-
-    def before_task(self, ctx: TaskContext) -> None:
-        self.n_old = ctx.n_old
-        super().before_task(ctx)
 
     def penalty(self) -> Tensor:
         """sum F (theta - theta*)^2 of the current parameters (no lambda/2); 0 before the first anchor."""
@@ -186,17 +183,16 @@ class EWC(Method):
         return ewc_penalty(canonical_parameters(self.net.named_parameters()), self.anchor, self.fisher)
 
     def training_step(self, batch: Batch) -> dict[str, Tensor]:
-        logits = self.net(batch.x)["logits"]  # (B, n_seen)
         if self.anchor is None:
-            ce = F.cross_entropy(logits, batch.y)
-            return {"loss": ce, "ce": ce}
+            return super().training_step(batch)
+        logits = self.net(batch.x)["logits"]  # (B, n_seen)
         ce = F.cross_entropy(logits[:, self.n_old :], batch.y - self.n_old)
         ewc = self.penalty()
         return {"loss": ce + self.cfg.ewc_lambda / 2 * ewc, "ce": ce, "ewc": ewc}
 
     def after_task(self, ctx: TaskContext) -> None:
         """Fisher of this task at the trained parameters, merged into the running Fisher; new anchor."""
-        cfg = ctx.cfg
+        cfg = self.cfg
         task_fisher = canonical_parameters(
             fisher_diagonal(
                 self.net, ctx.train, cfg.ewc_fisher_target, cfg.ewc_fisher_estimator, cfg.batch_size, self.device

@@ -12,64 +12,57 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from config import Config, ConfigError
 from dataloaders.batches import Batch, BatchLoader
-from methods import register_method
 from methods.base import Method, TaskContext
 from methods.memory import RehearsalMemory
+from methods.registry import register_method
 
 
 @register_method("gdumb")
 class GDumb(Method):
     """Class-balanced random memory; the net is retrained from its initial weights on the memory for every task."""
 
+    requires: ClassVar[dict[str, Any]] = {"memory_selection": "random"}  # its greedy class-balanced sampler
+    defaults: ClassVar[dict[str, Any]] = {"head": "linear"}
+
     def __init__(self, cfg: Config, net: nn.Module, device: torch.device):
-        if cfg.memory_selection != "random":
-            raise ConfigError(
-                f"method 'gdumb' keeps a class-balanced random memory (its greedy sampler): set memory_selection: "
-                f"random, got {cfg.memory_selection}"
-            )
         super().__init__(cfg, net, device)
-        self.memory = RehearsalMemory.from_config(cfg, device)
+        self.memory = self.add_part("memory", RehearsalMemory.from_config(cfg, device))
         self.initial_backbone = copy.deepcopy(net.backbone.state_dict())  # seeded by the engine: same on resume
+
+    @classmethod
+    def check(cls, cfg: Config, task_sizes: list[int]) -> None:
+        """GDumb trains on the memory only: it must keep an exemplar of every class up to the last task."""
+        if RehearsalMemory.from_config(cfg, "cpu").quota(sum(task_sizes)) < 1:
+            raise ConfigError(
+                f"key 'memory_size': gdumb trains on the memory only, which would be empty (memory_size="
+                f"{cfg.memory_size}, memory_per_class={cfg.memory_per_class}, {sum(task_sizes)} classes in all)"
+            )
 
     def before_task(self, ctx: TaskContext) -> None:
         self.memory.update(ctx.train, ctx.n_seen, ctx.generator)
         if self.memory.data() is None:
             raise ConfigError(
                 f"key 'memory_size': gdumb trains on the memory only, which is empty (memory_size="
-                f"{ctx.cfg.memory_size}, memory_per_class={ctx.cfg.memory_per_class})"
+                f"{self.cfg.memory_size}, memory_per_class={self.cfg.memory_per_class})"
             )
         self.net.backbone.load_state_dict(self.initial_backbone)
         self.net.set_head_layout([ctx.n_seen])  # freshly initialised rows for every seen class
-        self.n_seen = ctx.n_seen
 
     def train_batches(self, ctx: TaskContext, epoch: int) -> Iterable[Batch]:
         memory = self.memory.data()
         assert memory is not None
         return BatchLoader(
             memory,
-            batch_size=ctx.cfg.batch_size,
+            batch_size=self.cfg.batch_size,
             shuffle=True,
-            augment=ctx.cfg.augment,
+            augment=self.cfg.augment,
             generator=ctx.generator,
             device=self.device,
         )
-
-    def training_step(self, batch: Batch) -> dict[str, Tensor]:
-        logits = self.net(batch.x)["logits"]  # (B, n_seen)
-        ce = F.cross_entropy(logits, batch.y)
-        return {"loss": ce, "ce": ce}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "memory": self.memory.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.memory.load_state_dict(state["memory"])

@@ -13,7 +13,8 @@ model selection) the network's own logits are used. Means use the exemplars only
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -21,9 +22,10 @@ from torch import Tensor, nn
 
 from config import Config, ConfigError, Option, register_options
 from dataloaders.batches import Batch
-from methods import losses, register_method
-from methods.base import TaskContext
-from methods.memory import ReplayMethod, extract_features
+from methods import losses
+from methods.base import Method, TaskContext, extract_features
+from methods.memory import RehearsalMemory
+from methods.registry import register_method
 
 register_options(
     "icarl",
@@ -64,22 +66,38 @@ def nme_logits(features: Tensor, means: Tensor) -> Tensor:
 
 
 @register_method("icarl")
-class ICaRL(ReplayMethod):
+class ICaRL(Method):
     """Herding memory, distillation from the previous model, nearest-mean-of-exemplars classification."""
+
+    needs_teacher = True
+    defaults: ClassVar[dict[str, Any]] = {"head": "linear"}
 
     def __init__(self, cfg: Config, net: nn.Module, device: torch.device):
         super().__init__(cfg, net, device)
+        self.memory = self.add_part("memory", RehearsalMemory.from_config(cfg, device))
         self.means: Tensor | None = None  # (n_seen, D) exemplar means, set after each task
+
+    @classmethod
+    def check(cls, cfg: Config, task_sizes: list[int]) -> None:
+        """The nearest-mean classifier needs an exemplar of every class after every task."""
+        if cfg.memory_selection == "reservoir":
+            return
+        for task in range(1, len(task_sizes) + 1):
+            task_cfg, n_seen = cfg.for_task(task), sum(task_sizes[:task])
+            quota = RehearsalMemory.from_config(task_cfg, "cpu").quota(n_seen)
+            if quota < 1:
+                raise ConfigError(
+                    f"key 'memory_size': iCaRL's nearest-mean classifier needs an exemplar of every class, but "
+                    f"memory_size={task_cfg.memory_size}, memory_per_class={task_cfg.memory_per_class} leave none per "
+                    f"class for {n_seen} classes (task {task})"
+                )
 
     def before_task(self, ctx: TaskContext) -> None:
         super().before_task(ctx)
         self.means = None  # stale: the representation is about to change and new classes have none
-        if self.memory.selection != "reservoir" and self.memory.quota(ctx.n_seen) < 1:  # fail before training
-            raise ConfigError(
-                f"key 'memory_size': iCaRL's nearest-mean classifier needs an exemplar of every class, but "
-                f"memory_size={self.cfg.memory_size}, memory_per_class={self.cfg.memory_per_class} leave none per "
-                f"class for {ctx.n_seen} classes"
-            )
+
+    def train_batches(self, ctx: TaskContext, epoch: int) -> Iterable[Batch]:
+        return self.memory.loader(ctx.train, self.cfg, ctx.generator, self.device)
 
     def training_step(self, batch: Batch) -> dict[str, Tensor]:
         logits = self.net(batch.x)["logits"]  # (B, n_seen)
@@ -87,7 +105,7 @@ class ICaRL(ReplayMethod):
         if self.teacher is not None:
             with torch.no_grad():
                 old_logits = self.teacher(batch.x)["logits"]  # (B, n_old)
-        if self.task_cfg.icarl_loss == "bce":
+        if self.cfg.icarl_loss == "bce":
             targets = F.one_hot(batch.y, logits.shape[1]).to(logits.dtype)  # (B, n_seen)
             if old_logits is not None:
                 targets[:, : self.n_old] = torch.sigmoid(old_logits)
@@ -96,14 +114,14 @@ class ICaRL(ReplayMethod):
         ce = F.cross_entropy(logits, batch.y)
         if old_logits is None:
             return {"loss": ce, "ce": ce}
-        kd = losses.kd_loss(logits[:, : self.n_old], old_logits, self.task_cfg.kd_temperature)
+        kd = losses.kd_loss(logits[:, : self.n_old], old_logits, self.cfg.kd_temperature)
         return {"loss": ce + kd, "ce": ce, "kd": kd}
 
     def after_task(self, ctx: TaskContext) -> None:
-        super().after_task(ctx)  # herding with the trained net
+        self.memory.add_task(self.net, ctx.train, ctx.n_seen, ctx.generator, self.cfg.eval_batch_size)
         counts = self.memory.class_counts(ctx.n_seen)
         exemplars = self.memory.data()
-        if exemplars is None or bool((counts == 0).any()):
+        if exemplars is None or bool((counts == 0).any()):  # reservoir sampling may miss a class
             missing = torch.nonzero(counts == 0).flatten().tolist()
             raise ConfigError(
                 f"key 'memory_size': iCaRL's nearest-mean classifier needs an exemplar of every class, but "

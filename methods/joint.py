@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from methods import register_method
 from methods.finetune import Finetune
+from methods.registry import register_method
 
 
 @register_method("joint")

@@ -2,6 +2,9 @@
 
 Pure functions: tensors in, a scalar tensor out; the calling method applies the weights from its config.
 The one stateful loss, :class:`IntraDomainContrastive`, keeps per-epoch EMA class centroids (CCSI).
+A loss that is not a mean over samples (a class-weighted mean, a mean over some rows, class centroids) takes
+the batch's ``BatchShard`` and forms its sums over the global batch with ``shard.total`` (under torchrun each
+rank holds part of the batch); it cannot be called without one. Per-sample means need nothing.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-import distributed
+from config import Option, register_options
+from dataloaders.batches import BatchShard
 
 __all__ = [
     "IntraDomainContrastive",
@@ -23,6 +27,15 @@ __all__ = [
     "margin_ranking",
     "weighted_cross_entropy",
 ]
+
+register_options(
+    "distillation",
+    [
+        Option(
+            "kd_temperature", "float", 2.0, "softmax temperature of logit distillation (LwF, iCaRL, WA: 2)", min=1e-6
+        ),
+    ],
+)
 
 
 def _check_labels(logits: Tensor, y: Tensor, name: str) -> None:
@@ -53,16 +66,16 @@ def class_balance_weights(counts: Tensor) -> Tensor:
     return weights.to(torch.get_default_dtype())
 
 
-def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    """Mean of ``values`` where ``mask`` (same shape) is true: over the global batch under torchrun, and a zero
+def masked_mean(values: Tensor, mask: Tensor, shard: BatchShard) -> Tensor:
+    """Mean of ``values`` where ``mask`` (same shape) is true, over the global batch of ``shard``, and a zero
     that keeps the graph when no entry is selected."""
     weights = mask.to(values.dtype)
-    total, count = distributed.sum_over_ranks(torch.stack([(values * weights).sum(), weights.sum()]))
+    total, count = shard.total(torch.stack([(values * weights).sum(), weights.sum()]))
     return total / count.clamp(min=1)
 
 
-def weighted_cross_entropy(logits: Tensor, y: Tensor, weights: Tensor | None = None) -> Tensor:
-    """Class-weighted CE, logits (B, C), labels (B,), weights (C,) or None (plain CE).
+def weighted_cross_entropy(logits: Tensor, y: Tensor, weights: Tensor | None, shard: BatchShard) -> Tensor:
+    """Class-weighted CE, logits (B, C), labels (B,), weights (C,) or None (plain CE), over the global batch.
 
     Reduction as ``F.cross_entropy(weight=...)``: sum_i w_{y_i} * nll_i / sum_i w_{y_i} (a weighted mean).
     """
@@ -71,11 +84,11 @@ def weighted_cross_entropy(logits: Tensor, y: Tensor, weights: Tensor | None = N
         raise ValueError(f"weights must have shape ({logits.shape[1]},), got {tuple(weights.shape)}")
     if weights is not None:
         weights = weights.to(device=logits.device, dtype=logits.dtype)
-    if weights is None or not distributed.is_distributed():
+    if weights is None or shard.whole:
         return F.cross_entropy(logits, y, weight=weights)
     nll = F.cross_entropy(logits, y, reduction="none")  # (B,)
     w = weights[y]  # (B,)
-    num, den = distributed.sum_over_ranks(torch.stack([(w * nll).sum(), w.sum()]))  # over the global batch
+    num, den = shard.total(torch.stack([(w * nll).sum(), w.sum()]))  # over the global batch
     return num / den
 
 
@@ -103,7 +116,7 @@ def less_forget(features: Tensor, ref_features: Tensor, lamda_t: float) -> Tenso
     return lamda_t * (1.0 - cos).mean()
 
 
-def margin_ranking(scores: Tensor, y: Tensor, n_old: int, K: int, margin: float) -> Tensor:
+def margin_ranking(scores: Tensor, y: Tensor, n_old: int, K: int, margin: float, shard: BatchShard) -> Tensor:
     """LUCIR inter-class separation: mean over (old-class sample, top-K new class) pairs of
     max(0, m - <theta_y, f> + <theta_k, f>) (Hou et al. 2019), on pre-sigma cosines ``scores`` (B, n_seen).
 
@@ -119,7 +132,7 @@ def margin_ranking(scores: Tensor, y: Tensor, n_old: int, K: int, margin: float)
     top_new = scores[:, n_old:].topk(K, dim=1).values  # (B, K)
     hinge = (margin - gt + top_new).clamp(min=0)  # (B, K)
     hard = (y < n_old).view(-1, 1).expand_as(hinge)  # (B, K): pairs of old-class samples
-    return masked_mean(hinge, hard)
+    return masked_mean(hinge, hard, shard)
 
 
 # ----- knowledge distillation ----------------------------------------------------------------------------------
@@ -145,11 +158,11 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, T: float) -> Tensor:
 # ----- CCSI intra-domain contrastive loss ----------------------------------------------------------------------
 
 
-def _class_means(scores: Tensor, labels: Tensor, n_classes: int) -> Tensor:
-    """Per-class mean of score rows (B, C) -> (n_classes, C); a class absent from the batch gets a zero row."""
+def _class_means(scores: Tensor, labels: Tensor, n_classes: int, shard: BatchShard) -> Tensor:
+    """Per-class mean of score rows (B, C) -> (n_classes, C) over the global batch; a class absent gets a zero row."""
     one_hot = F.one_hot(labels, n_classes).to(scores.dtype)  # (B, n_classes)
-    sums = distributed.sum_over_ranks(one_hot.t() @ scores)  # (n_classes, C), over the global batch
-    counts = distributed.sum_over_ranks(one_hot.sum(dim=0)).clamp(min=1).unsqueeze(1)  # (n_classes, 1)
+    sums = shard.total(one_hot.t() @ scores)  # (n_classes, C)
+    counts = shard.total(one_hot.sum(dim=0)).clamp(min=1).unsqueeze(1)  # (n_classes, 1)
     return sums / counts
 
 
@@ -178,8 +191,11 @@ class IntraDomainContrastive:
         self.source_centroids = None
         self.target_centroids = None
 
-    def __call__(self, source_scores: Tensor, source_labels: Tensor, target_scores: Tensor) -> Tensor:
-        """Loss for one step: source_scores (B, C) with labels (B,), target_scores (B2, C) unlabelled."""
+    def __call__(
+        self, source_scores: Tensor, source_labels: Tensor, target_scores: Tensor, shard: BatchShard
+    ) -> Tensor:
+        """Loss for one step: source_scores (B, C) with labels (B,), target_scores (B2, C) unlabelled; the
+        centroids are over the global batch of ``shard`` (the target rows are sharded like the source rows)."""
         _check_labels(source_scores, source_labels, "IntraDomainContrastive")
         n_classes = source_scores.shape[1]
         if target_scores.dim() != 2 or target_scores.shape[1] != n_classes:
@@ -193,8 +209,8 @@ class IntraDomainContrastive:
             )
         # sigma > 0 scales every logit alike, so argmax of pre-sigma scores = argmax of logits (the original's).
         pseudo_labels = target_scores.detach().argmax(dim=1)  # (B2,)
-        s_new = self._update(self.source_centroids, _class_means(source_scores, source_labels, n_classes))
-        t_new = self._update(self.target_centroids, _class_means(target_scores, pseudo_labels, n_classes))
+        s_new = self._update(self.source_centroids, _class_means(source_scores, source_labels, n_classes, shard))
+        t_new = self._update(self.target_centroids, _class_means(target_scores, pseudo_labels, n_classes, shard))
         self.source_centroids, self.target_centroids = s_new.detach(), t_new.detach()
         s_norm = s_new / (s_new.norm(dim=1, keepdim=True) + 1e-10)  # (C, C)
         t_norm = t_new / (t_new.norm(dim=1, keepdim=True) + 1e-10)  # (C, C)

@@ -9,15 +9,17 @@ paper T = 2). Task 1 is plain cross-entropy.
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-import methods.memory  # noqa: F401  (declares kd_temperature, shared by the distillation methods)
-from config import Config, Option, register_options
+from config import Option, register_options
 from dataloaders.batches import Batch
-from methods import losses, register_method
-from methods.base import Method, TaskContext
+from methods import losses
+from methods.base import Method
+from methods.registry import register_method
 
 register_options(
     "lwf",
@@ -37,26 +39,15 @@ register_options(
 class LwF(Method):
     """Distil the previous model's old-class logits on the new data; no memory of old images."""
 
-    def __init__(self, cfg: Config, net: nn.Module, device: torch.device):
-        super().__init__(cfg, net, device)
-        self.teacher: nn.Module | None = None  # frozen previous model, None on the first task
-        self.n_old = 0
-
-    def before_task(self, ctx: TaskContext) -> None:
-        self.teacher = self.net.copy_frozen() if ctx.task > 1 else None
-        self.n_old = ctx.n_old
-        super().before_task(ctx)
+    needs_teacher = True
+    defaults: ClassVar[dict[str, Any]] = {"head": "linear"}  # the paper's linear classifier
 
     def training_step(self, batch: Batch) -> dict[str, Tensor]:
-        logits = self.net(batch.x)["logits"]  # (B, n_seen)
         if self.teacher is None:
-            ce = F.cross_entropy(logits, batch.y)
-            return {"loss": ce, "ce": ce}
+            return super().training_step(batch)
+        logits = self.net(batch.x)["logits"]  # (B, n_seen)
         ce = F.cross_entropy(logits[:, self.n_old :], batch.y - self.n_old)
         with torch.no_grad():
             old_logits = self.teacher(batch.x)["logits"]  # (B, n_old)
         kd = losses.kd_loss(logits[:, : self.n_old], old_logits, self.cfg.kd_temperature)
         return {"loss": ce + self.cfg.lwf_lambda * kd, "ce": ce, "kd": kd}
-
-    def after_task(self, ctx: TaskContext) -> None:
-        self.teacher = None  # the next task snapshots the model it starts from

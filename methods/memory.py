@@ -6,13 +6,13 @@ Selection: ``herding`` (iCaRL, Rebuffi et al. 2017, Alg. 4: greedy, the running 
 features tracks the class mean), ``random`` (seeded by the task's generator) or ``reservoir`` (Vitter's Algorithm R
 over the stream of training images, class-agnostic, total budget only). With herding or random, each class's
 exemplars are stored in selection order, so shrinking the memory when classes arrive keeps the first m of each.
-``ReplayMethod`` is the base of the methods that keep such a memory (iCaRL, rehearsal+KD, LUCIR, WA).
+A method that rehearses holds a ``RehearsalMemory`` as a part (``Method.add_part``) and calls ``loader`` for its
+epochs and ``add_task`` after each task (iCaRL, rehearsal+KD, LUCIR, WA, DER, GDumb).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from config import Config, ConfigError, Option, register_options
-from dataloaders.batches import Batch, BatchLoader
-from dataloaders.image_set import ImageSet, as_float
-from methods.base import Method, TaskContext
+from dataloaders.batches import BatchLoader
+from dataloaders.image_set import ImageSet
+from methods.base import extract_features
 
 log = logging.getLogger(__name__)
 
@@ -55,23 +55,8 @@ register_options(
             False,
             "batches half new data, half memory (drawn with replacement); false: memory joined to the new data",
         ),
-        Option(
-            "kd_temperature", "float", 2.0, "softmax temperature of logit distillation (LwF, iCaRL, WA: 2)", min=1e-6
-        ),
     ],
 )
-
-
-@torch.no_grad()
-def extract_features(net: nn.Module, images: ImageSet, batch_size: int) -> Tensor:
-    """Backbone features (N, D) of every image, in eval mode (the net's mode is restored afterwards)."""
-    was_training = net.training
-    net.eval()
-    chunks = [net.features(as_float(images.x[i : i + batch_size])) for i in range(0, len(images), batch_size)]
-    net.train(was_training)
-    if not chunks:
-        return torch.empty(0, net.feature_dim, device=images.x.device)
-    return torch.cat(chunks)
 
 
 @torch.no_grad()
@@ -232,6 +217,28 @@ class RehearsalMemory:
         self.x, self.y = new_x, new_y
         self.n_stream += n
 
+    # ----- use by a method -------------------------------------------------------------
+    def loader(
+        self, train: ImageSet, cfg: Config, generator: torch.Generator, device: torch.device | str
+    ) -> BatchLoader:
+        """One epoch over the task's data plus the memory: joined and shuffled, or 50/50 batches (memory rows
+        flagged in ``Batch.synthetic``) with ``balanced_replay``."""
+        common = {"batch_size": cfg.batch_size, "augment": cfg.augment, "generator": generator, "device": device}
+        memory = self.data()
+        if memory is None:
+            return BatchLoader(train, shuffle=True, **common)
+        if cfg.balanced_replay:
+            return BatchLoader(train, shuffle=True, synthetic=memory, synthetic_ratio=0.5, **common)
+        return BatchLoader(ImageSet.concat([train, memory.to(train.x.device)]), shuffle=True, **common)
+
+    def add_task(
+        self, net: nn.Module, train: ImageSet, n_seen: int, generator: torch.Generator, batch_size: int
+    ) -> None:
+        """Select the new classes' exemplars with the trained ``net`` (herding) and shrink the old classes' share."""
+        features = extract_features(net, train, batch_size) if self.selection == "herding" else None
+        self.update(train, n_seen, generator, features)
+        log.info("memory holds %d exemplars (budget %d)", len(self), self.budget(n_seen))
+
     # ----- checkpoints ------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"x": self.x, "y": self.y, "n_stream": self.n_stream}
@@ -240,57 +247,3 @@ class RehearsalMemory:
         self.x = None if state["x"] is None else state["x"].to(self.device)
         self.y = state["y"].to(self.device)
         self.n_stream = int(state["n_stream"])
-
-
-def replay_loader(ctx: TaskContext, memory: ImageSet | None, balanced: bool, device: torch.device) -> BatchLoader:
-    """One epoch over the task's data plus the memory: joined and shuffled, or 50/50 batches if ``balanced``."""
-    cfg = ctx.cfg
-    common = {"batch_size": cfg.batch_size, "augment": cfg.augment, "generator": ctx.generator, "device": device}
-    if memory is None or len(memory) == 0:
-        return BatchLoader(ctx.train, shuffle=True, **common)
-    if balanced:  # memory rows are flagged in Batch.synthetic
-        return BatchLoader(ctx.train, shuffle=True, synthetic=memory, synthetic_ratio=0.5, **common)
-    return BatchLoader(ImageSet.concat([ctx.train, memory.to(ctx.train.x.device)]), shuffle=True, **common)
-
-
-class ReplayMethod(Method):
-    """Base of the exemplar methods: a teacher snapshot per task, replayed memory, memory update after the task.
-
-    Subclasses write ``training_step`` (``self.teacher`` is None on the first task) and may extend the hooks.
-    """
-
-    def __init__(self, cfg: Config, net: nn.Module, device: torch.device):
-        super().__init__(cfg, net, device)
-        self.memory = RehearsalMemory.from_config(cfg, device)
-        self.teacher: nn.Module | None = None  # frozen previous model, None on the first task
-        self.n_old = 0
-        self.task_cfg = cfg  # configuration in force for the current task (per_task values applied)
-
-    def before_task(self, ctx: TaskContext) -> None:
-        self.teacher = self.net.copy_frozen() if ctx.task > 1 else None
-        self.n_old, self.task_cfg = ctx.n_old, ctx.cfg
-        super().before_task(ctx)  # grows the head
-
-    def train_batches(self, ctx: TaskContext, epoch: int) -> Iterable[Batch]:
-        return replay_loader(ctx, self.memory.data(), ctx.cfg.balanced_replay, self.device)
-
-    def after_task(self, ctx: TaskContext) -> None:
-        self.update_memory(ctx)
-        self.teacher = None  # the next task snapshots the model it starts from
-
-    def update_memory(self, ctx: TaskContext) -> None:
-        """Select the new classes' exemplars with the trained net and shrink the old classes' share."""
-        features = None
-        if self.memory.selection == "herding":
-            features = extract_features(self.net, ctx.train, self.cfg.eval_batch_size)
-        self.memory.update(ctx.train, ctx.n_seen, ctx.generator, features)
-        log.info(
-            "task %d: memory holds %d exemplars (budget %d)", ctx.task, len(self.memory), self.memory.budget(ctx.n_seen)
-        )
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "memory": self.memory.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.memory.load_state_dict(state["memory"])

@@ -10,13 +10,14 @@ PyCIL). With ``wa_clip_weights`` the head's weights are clamped to be non-negati
 from __future__ import annotations
 
 import logging
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from config import Config, ConfigError, Option, register_options
-from methods import register_method
+from config import Option, register_options
 from methods.base import TaskContext
+from methods.registry import register_method
 from methods.rehearsal_kd import RehearsalKD
 from models.layers.cosine_linear import IncrementalHead
 
@@ -57,20 +58,16 @@ def clip_weights(head: IncrementalHead) -> None:
 class WA(RehearsalKD):
     """Rehearsal + KD, then weight aligning of the new classes' classifier rows after each incremental task."""
 
-    def __init__(self, cfg: Config, net: nn.Module, device: torch.device):
-        if cfg.head != "linear":
-            raise ConfigError(f"method 'wa' needs head: linear (it rescales linear weight rows), got head: {cfg.head}")
-        super().__init__(cfg, net, device)
-        self.gamma: float | None = None  # last aligning factor, for the log
+    requires: ClassVar[dict[str, Any]] = {"head": "linear"}  # it rescales linear weight rows
 
     def after_step(self) -> None:
-        if self.task_cfg.wa_clip_weights:
+        if self.cfg.wa_clip_weights:
             clip_weights(self.net.head)
 
     def after_task(self, ctx: TaskContext) -> None:
         if ctx.task > 1:
-            self.gamma = align_weights(self.net.head, ctx.n_old)
-            log.info("task %d: weight aligning gamma = %.4f", ctx.task, self.gamma)
+            gamma = align_weights(self.net.head, ctx.n_old)
+            log.info("task %d: weight aligning gamma = %.4f", ctx.task, gamma)
             if ctx.log is not None:
-                ctx.log.log_scalars({f"task{ctx.task}/wa_gamma": self.gamma}, None)
+                ctx.log.log_scalars({f"task{ctx.task}/wa_gamma": gamma}, None)
         super().after_task(ctx)  # memory update

@@ -53,7 +53,6 @@ def context(cfg, task: int, n_old: int, n_new: int, tmp_path: Path) -> TaskConte
     new = list(range(n_old, n_old + n_new))
     return TaskContext(
         task=task,
-        cfg=cfg,
         new_classes=new,
         n_old=n_old,
         train=tiny_images(12, new),
@@ -115,10 +114,10 @@ def test_fisher_matches_a_per_sample_loop(estimator):
 def test_ewc_penalty_is_zero_at_the_anchor_and_positive_away_from_it(make_cfg, tmp_path):
     cfg = make_cfg(method="ewc", head="linear", ewc_fisher_max=None)
     method = EWC(cfg, tiny_net(), torch.device("cpu"))
-    method.before_task(context(cfg, 1, 0, 2, tmp_path))
+    method.begin_task(context(cfg, 1, 0, 2, tmp_path), cfg)
     assert method.penalty().item() == 0.0  # no anchor yet
-    method.after_task(context(cfg, 1, 0, 2, tmp_path))
-    method.before_task(context(cfg, 2, 2, 2, tmp_path))  # the head grows: new rows are free
+    method.end_task(context(cfg, 1, 0, 2, tmp_path))
+    method.begin_task(context(cfg, 2, 2, 2, tmp_path), cfg)  # the head grows: new rows are free
     assert method.penalty().item() == 0.0
     with torch.no_grad():
         method.net.head.fc.fc1.weight[0, 0] += 0.5  # an old-class row
@@ -138,8 +137,8 @@ def test_ewc_penalty_is_zero_at_the_anchor_and_positive_away_from_it(make_cfg, t
 def test_lwf_distillation_vanishes_only_when_the_student_matches_the_teacher(make_cfg, tmp_path):
     cfg = make_cfg(method="lwf", head="linear")
     method = LwF(cfg, tiny_net(), torch.device("cpu"))
-    method.before_task(context(cfg, 1, 0, 2, tmp_path))
-    method.before_task(context(cfg, 2, 2, 2, tmp_path))
+    method.begin_task(context(cfg, 1, 0, 2, tmp_path), cfg)
+    method.begin_task(context(cfg, 2, 2, 2, tmp_path), cfg)
     assert method.teacher is not None and not method.teacher.training
     assert not any(p.requires_grad for p in method.teacher.parameters())
     batch = next(iter(method.train_batches(context(cfg, 2, 2, 2, tmp_path), 0)))

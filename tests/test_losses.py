@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from dataloaders.batches import WHOLE_BATCH as WHOLE
 from methods import losses
 
 
@@ -34,19 +35,19 @@ def test_weighted_cross_entropy_by_hand():
     y = torch.tensor([0, 2])
     # p(y) = 3/5 and 2/5, so nll = log(5/3) and log(5/2)
     nll = torch.tensor([math.log(5 / 3), math.log(5 / 2)])
-    assert close(losses.weighted_cross_entropy(logits, y, None), nll.mean())
+    assert close(losses.weighted_cross_entropy(logits, y, None, WHOLE), nll.mean())
     weights = torch.tensor([1.0, 2.0, 5.0])  # w_y = 1 and 5
     expected = (1 * math.log(5 / 3) + 5 * math.log(5 / 2)) / (1 + 5)
-    assert close(losses.weighted_cross_entropy(logits, y, weights), expected)
+    assert close(losses.weighted_cross_entropy(logits, y, weights, WHOLE), expected)
     # and the same through an explicit log-softmax
     log_p = logits - logits.exp().sum(dim=1, keepdim=True).log()
     manual = -(weights[y] * log_p[torch.arange(2), y]).sum() / weights[y].sum()
-    assert close(losses.weighted_cross_entropy(logits, y, weights), manual)
+    assert close(losses.weighted_cross_entropy(logits, y, weights, WHOLE), manual)
 
 
 def test_weighted_cross_entropy_rejects_wrong_weight_shape():
     with pytest.raises(ValueError, match="weights"):
-        losses.weighted_cross_entropy(torch.zeros(2, 3), torch.tensor([0, 1]), torch.ones(2))
+        losses.weighted_cross_entropy(torch.zeros(2, 3), torch.tensor([0, 1]), torch.ones(2), WHOLE)
 
 
 # ----- LUCIR -----------------------------------------------------------------------------------------------------
@@ -95,7 +96,7 @@ def _ranking_batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_margin_ranking_k1():
     scores, y = _ranking_batch()
-    loss = losses.margin_ranking(scores, y, n_old=2, K=1, margin=0.3)
+    loss = losses.margin_ranking(scores, y, n_old=2, K=1, margin=0.3, shard=WHOLE)
     # pairs: max(0, 0.3 - 0.5 + 0.4) = 0.2 and max(0, 0.3 - 0.6 + 0.5) = 0.2
     assert close(loss, 0.2)
     loss.backward()
@@ -105,7 +106,7 @@ def test_margin_ranking_k1():
 
 def test_margin_ranking_k2():
     scores, y = _ranking_batch()
-    loss = losses.margin_ranking(scores, y, n_old=2, K=2, margin=0.3)
+    loss = losses.margin_ranking(scores, y, n_old=2, K=2, margin=0.3, shard=WHOLE)
     # pairs: 0.2, max(0, 0.3 - 0.5 + 0.2) = 0, 0.2, max(0, 0.3 - 0.6 + 0.4) = 0.1 -> 0.5 / 4
     assert close(loss, 0.125)
     # same as torch's MarginRankingLoss on the 4 (gt, new) pairs
@@ -116,7 +117,7 @@ def test_margin_ranking_k2():
 
 def test_margin_ranking_without_old_samples_is_differentiable_zero():
     scores, _ = _ranking_batch()
-    loss = losses.margin_ranking(scores, torch.tensor([2, 3, 3]), n_old=2, K=1, margin=0.3)
+    loss = losses.margin_ranking(scores, torch.tensor([2, 3, 3]), n_old=2, K=1, margin=0.3, shard=WHOLE)
     assert loss.shape == () and loss.item() == 0.0 and loss.requires_grad
     loss.backward()
     assert torch.equal(scores.grad, torch.zeros_like(scores))
@@ -125,7 +126,7 @@ def test_margin_ranking_without_old_samples_is_differentiable_zero():
 def test_margin_ranking_rejects_k_above_new_classes():
     scores, y = _ranking_batch()
     with pytest.raises(ValueError, match="K=3"):
-        losses.margin_ranking(scores, y, n_old=2, K=3, margin=0.3)
+        losses.margin_ranking(scores, y, n_old=2, K=3, margin=0.3, shard=WHOLE)
 
 
 # ----- knowledge distillation ------------------------------------------------------------------------------------
@@ -168,7 +169,7 @@ STEP2_TARGET = torch.tensor([[0.0, 1.0]])  # pseudo-label 1; class 0 absent
 
 def test_idc_first_step_by_hand():
     idc = losses.IntraDomainContrastive(ro=0.9, temperature=0.5)
-    loss = idc(STEP1_SOURCE, STEP1_LABELS, STEP1_TARGET)
+    loss = idc(STEP1_SOURCE, STEP1_LABELS, STEP1_TARGET, WHOLE)
     # S = ro * class means = 0.9 * [[1, 0], [0, 0.75]]; T = 0.9 * [[0.8, 0.6], [0.6, 0.8]]
     assert close(idc.source_centroids, 0.9 * torch.tensor([[1.0, 0.0], [0.0, 0.75]]))
     assert close(idc.target_centroids, 0.9 * torch.tensor([[0.8, 0.6], [0.6, 0.8]]))
@@ -178,8 +179,8 @@ def test_idc_first_step_by_hand():
 
 def test_idc_second_step_ema_by_hand():
     idc = losses.IntraDomainContrastive(ro=0.5, temperature=0.5)
-    idc(STEP1_SOURCE, STEP1_LABELS, STEP1_TARGET)
-    loss = idc(STEP2_SOURCE, STEP2_LABELS, STEP2_TARGET)
+    idc(STEP1_SOURCE, STEP1_LABELS, STEP1_TARGET, WHOLE)
+    loss = idc(STEP2_SOURCE, STEP2_LABELS, STEP2_TARGET, WHOLE)
     # S = 0.5 * 0.5 * [[1, 0], [0, 0.75]] + 0.5 * [[0, 1], [0, 0]]  (absent class 1 decays)
     s = torch.tensor([[0.25, 0.5], [0.0, 0.1875]])
     # T = 0.5 * 0.5 * [[0.8, 0.6], [0.6, 0.8]] + 0.5 * [[0, 0], [0, 1]]  (absent class 0 decays)
@@ -193,12 +194,12 @@ def test_idc_second_step_ema_by_hand():
 
 def test_idc_reset_and_zero_rows_of_unseen_classes():
     idc = losses.IntraDomainContrastive(ro=0.5, temperature=0.5)
-    idc(STEP1_SOURCE, STEP1_LABELS, STEP1_TARGET)
+    idc(STEP1_SOURCE, STEP1_LABELS, STEP1_TARGET, WHOLE)
     idc.reset()
     assert idc.source_centroids is None and idc.target_centroids is None
     source = STEP2_SOURCE.clone().requires_grad_(True)
     target = STEP2_TARGET.clone().requires_grad_(True)
-    loss = idc(source, STEP2_LABELS, target)
+    loss = idc(source, STEP2_LABELS, target, WHOLE)
     # fresh memory: S0 = (0, 1), S1 = 0; T0 = 0, T1 = (0, 1). T S^T / tau = [[0, 0], [2, 0]]:
     # the zero rows still enter as exp(0) = 1, so L = -log(2 / (3 + e^2))
     assert close(loss, math.log((3 + math.exp(2.0)) / 2))
@@ -209,10 +210,10 @@ def test_idc_reset_and_zero_rows_of_unseen_classes():
 def test_idc_gradient_reaches_current_batch_only():
     idc = losses.IntraDomainContrastive(ro=0.9, temperature=1.0)
     first = STEP1_SOURCE.clone().requires_grad_(True)
-    idc(first, STEP1_LABELS, STEP1_TARGET)
+    idc(first, STEP1_LABELS, STEP1_TARGET, WHOLE)
     source = torch.tensor([[0.9, 0.3], [0.2, 0.7], [0.4, 0.1]], requires_grad=True)
     target = torch.tensor([[0.3, 0.6], [0.7, 0.2]], requires_grad=True)
-    loss = idc(source, torch.tensor([0, 1, 0]), target)
+    loss = idc(source, torch.tensor([0, 1, 0]), target, WHOLE)
     loss.backward()
     assert first.grad is None  # the memory of past steps is detached
     assert source.grad.abs().sum() > 0 and target.grad.abs().sum() > 0
@@ -225,16 +226,16 @@ def test_idc_rejects_bad_arguments():
     with pytest.raises(ValueError, match="temperature"):
         losses.IntraDomainContrastive(ro=0.9, temperature=0.0)
     idc = losses.IntraDomainContrastive(ro=0.9, temperature=1.0)
-    idc(STEP1_SOURCE, STEP1_LABELS, STEP1_TARGET)
+    idc(STEP1_SOURCE, STEP1_LABELS, STEP1_TARGET, WHOLE)
     with pytest.raises(ValueError, match="reset"):
-        idc(torch.zeros(2, 3), torch.tensor([0, 2]), torch.zeros(2, 3))
+        idc(torch.zeros(2, 3), torch.tensor([0, 2]), torch.zeros(2, 3), WHOLE)
 
 
 def test_masked_mean_averages_the_selected_entries_and_is_zero_without_any():
     values = torch.tensor([1.0, 2.0, 4.0, 8.0], requires_grad=True)
-    mean = losses.masked_mean(values, torch.tensor([True, False, True, False]))
+    mean = losses.masked_mean(values, torch.tensor([True, False, True, False]), WHOLE)
     assert mean.item() == pytest.approx(2.5)  # (1 + 4) / 2
     mean.backward()
     assert values.grad.tolist() == [0.5, 0.0, 0.5, 0.0]
-    empty = losses.masked_mean(values, torch.zeros(4, dtype=torch.bool))
+    empty = losses.masked_mean(values, torch.zeros(4, dtype=torch.bool), WHOLE)
     assert empty.item() == 0.0 and empty.requires_grad

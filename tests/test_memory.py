@@ -7,8 +7,7 @@ from checkpoint import load_checkpoint, task_checkpoint_path
 from config import ConfigError
 from dataloaders.image_set import ImageSet
 from incremental_train_and_eval import run
-from methods.base import TaskContext
-from methods.memory import RehearsalMemory, herding_order, replay_loader
+from methods.memory import RehearsalMemory, herding_order
 
 
 def images(labels, seed=0):
@@ -126,27 +125,19 @@ def test_memory_state_round_trips_and_rejects_float_images():
         memory.update(ImageSet(torch.rand(2, 1, 4, 4), torch.tensor([0, 1])), n_seen=2, generator=torch.Generator())
 
 
-def _ctx(cfg, train):
-    return TaskContext(
-        task=2,
-        cfg=cfg,
-        new_classes=[2, 3],
-        n_old=2,
-        train=train,
-        val=train,
-        test=None,
-        device=torch.device("cpu"),
-        output_dir=None,
-        generator=torch.Generator().manual_seed(0),
-    )
+def _memory_of(data):
+    memory = RehearsalMemory(memory_size=len(data), per_class=None, selection="reservoir", device="cpu")
+    memory.update(data, n_seen=2, generator=torch.Generator().manual_seed(0))
+    return memory
 
 
 def test_replay_batches_join_or_balance_the_memory(make_cfg):
     train, memory = images([2] * 30 + [3] * 30), images([0] * 10 + [1] * 10, seed=5)
-    joined = list(replay_loader(_ctx(make_cfg(batch_size=16), train), memory, balanced=False, device="cpu"))
+    gen = torch.Generator().manual_seed(0)
+    joined = list(_memory_of(memory).loader(train, make_cfg(batch_size=16), gen, "cpu"))
     labels = torch.cat([b.y for b in joined])
     assert len(labels) == 80 and torch.bincount(labels).tolist() == [10, 10, 30, 30]  # one pass over both
-    balanced = list(replay_loader(_ctx(make_cfg(batch_size=200), train), memory, balanced=True, device="cpu"))
+    balanced = list(_memory_of(memory).loader(train, make_cfg(batch_size=200, balanced_replay=True), gen, "cpu"))
     syn = torch.cat([b.synthetic for b in balanced])
     y = torch.cat([b.y for b in balanced])
     assert len(y) == 120 and abs(syn.float().mean().item() - 0.5) < 0.15

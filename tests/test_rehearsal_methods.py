@@ -41,7 +41,6 @@ def ctx_for(cfg, task, n_old, n_new, n_per_class=4):
     train = ImageSet(x, labels)
     return TaskContext(
         task=task,
-        cfg=cfg,
         new_classes=list(range(n_old, n_old + n_new)),
         n_old=n_old,
         train=train,
@@ -82,9 +81,8 @@ def test_methods_refuse_heads_and_selections_they_cannot_use(make_cfg):
         LUCIR(make_cfg(head="linear"), tiny_net("linear"), torch.device("cpu"))
     with pytest.raises(ConfigError, match="memory_selection: random"):
         GDumb(make_cfg(memory_selection="herding"), tiny_net(), torch.device("cpu"))
-    icarl = ICaRL(make_cfg(memory_size=3), tiny_net(), torch.device("cpu"))
     with pytest.raises(ConfigError, match=r"memory_size=3.*4 classes"):  # before any training
-        icarl.before_task(ctx_for(icarl.cfg, 1, 0, 4))
+        ICaRL.check(make_cfg(method="icarl", memory_size=3), [4])
 
 
 # ----- iCaRL -------------------------------------------------------------------------------------------------------
@@ -110,7 +108,7 @@ def test_nme_classifies_by_the_nearest_normalised_class_mean():
 def _second_task(method, n_old=2, n_new=2):
     """Put a method in the state of task 2 without training: teacher snapshot, grown head."""
     method.net.expand_head(n_old)
-    method.before_task(ctx_for(method.cfg, 2, n_old, n_new))
+    method.begin_task(ctx_for(method.cfg, 2, n_old, n_new), method.cfg)
     return method
 
 
@@ -137,10 +135,10 @@ def test_rehearsal_kd_mixes_ce_and_kd_by_the_share_of_old_classes(make_cfg):
 
 def test_lucir_imprints_freezes_and_adapts_lambda(make_cfg):
     method = LUCIR(make_cfg(head="cosine", lamda=5.0, K=2, dist=0.5), tiny_net("cosine"), torch.device("cpu"))
-    method.before_task(ctx_for(method.cfg, 1, 0, 4))
+    method.begin_task(ctx_for(method.cfg, 1, 0, 4), method.cfg)
     old_rows = method.net.head.all_weights().detach().clone()
     ctx = ctx_for(method.cfg, 2, 4, 1)
-    method.before_task(ctx)
+    method.begin_task(ctx, method.cfg)
     assert method.lamda_t == pytest.approx(5.0 * math.sqrt(4 / 1)) and method.k == 1  # K clamped to n_new
     assert not method.net.head.fc.fc1.weight.requires_grad and method.net.head.fc.fc2.weight.requires_grad
     assert torch.equal(method.net.head.all_weights()[:4], old_rows)
@@ -154,8 +152,8 @@ def test_adaptive_lambda_can_use_the_configured_classes_per_task(make_cfg):
     """The released code divides by nb_cl, not by the classes the (smaller last) task adds."""
     cfg = make_cfg(head="cosine", lamda=5.0, K=1, nb_cl=2, lamda_new_classes="nb_cl")
     method = LUCIR(cfg, tiny_net("cosine"), torch.device("cpu"))
-    method.before_task(ctx_for(method.cfg, 1, 0, 4))
-    method.before_task(ctx_for(method.cfg, 2, 4, 1))  # the task adds 1 class, nb_cl says 2
+    method.begin_task(ctx_for(method.cfg, 1, 0, 4), method.cfg)
+    method.begin_task(ctx_for(method.cfg, 2, 4, 1), method.cfg)  # the task adds 1 class, nb_cl says 2
     assert method.lamda_t == pytest.approx(5.0 * math.sqrt(4 / 2))
     assert make_cfg(protocol="original").lamda_new_classes == "nb_cl"
     assert make_cfg().lamda_new_classes == "actual"
@@ -168,12 +166,12 @@ def test_gdumb_retrains_from_the_initial_weights_on_the_memory_only(make_cfg):
     cfg = make_cfg(memory_selection="random", memory_size=6, batch_size=4)
     method = GDumb(cfg, tiny_net(), torch.device("cpu"))
     initial = {k: v.clone() for k, v in method.net.backbone.state_dict().items()}
-    method.before_task(ctx_for(cfg, 1, 0, 2))
+    method.begin_task(ctx_for(cfg, 1, 0, 2), cfg)
     with torch.no_grad():
         for p in method.net.parameters():
             p.add_(1.0)  # pretend task 1 trained the net
     ctx = ctx_for(cfg, 2, 2, 2)
-    method.before_task(ctx)
+    method.begin_task(ctx, method.cfg)
     assert all(torch.equal(v, initial[k]) for k, v in method.net.backbone.state_dict().items())
     assert method.net.head_layout() == [4]
     labels = torch.cat([b.y for b in method.train_batches(ctx, 0)])

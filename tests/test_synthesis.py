@@ -13,6 +13,10 @@ import continual_class_specific_impression as ccsi
 import models
 import synthesis_losses as sl
 from dataloaders.image_set import ImageSet
+from methods.base import TaskContext
+from methods.ccsi import replay_impressions, synthesize_classes
+from methods.class_statistics import ClassMemory, class_mean_images, class_statistics
+from plots import save_impressions_grid
 
 torch.set_num_threads(2)
 
@@ -64,8 +68,14 @@ def random_images(n: int, classes: int, channels: int = 1, size: int = 8, seed: 
     return ImageSet(x, y)
 
 
-def tiny_memory(net: nn.Module, classes: int = 3) -> ccsi.ClassMemory:
-    memory = ccsi.ClassMemory()
+def synth(net: nn.Module, memory: ClassMemory, n_classes: int, cfg: config.Config, seed: int, **kwargs):
+    """Impressions of classes 0..n_classes-1 from the class memory (methods.ccsi.synthesize_classes)."""
+    shape = tuple(memory.mean_images.shape[1:])
+    return synthesize_classes(net, n_classes, shape, cfg, seed, "cpu", memory, **kwargs)
+
+
+def tiny_memory(net: nn.Module, classes: int = 3) -> ClassMemory:
+    memory = ClassMemory()
     memory.add_task(net, random_images(30, classes), batch_size=7, device="cpu")
     return memory
 
@@ -146,8 +156,8 @@ def test_learning_rate_warms_up_then_follows_the_cosine():
 def test_class_statistics_and_mean_images_equal_a_direct_computation():
     net = tiny_teacher()
     images = ImageSet(random_images(23, 3).x, torch.tensor([2, 0, 0, 1, 2] * 4 + [0, 0, 2]))  # unequal counts
-    stats = ccsi.class_statistics(net, images, batch_size=4, device="cpu")
-    labels, means = ccsi.class_mean_images(images)
+    stats = class_statistics(net, images, batch_size=4, device="cpu")
+    labels, means = class_mean_images(images)
     assert labels.tolist() == [0, 1, 2] and len(stats) == 2
 
     x = images.x.float() / 255
@@ -172,7 +182,7 @@ def test_class_statistics_and_mean_images_equal_a_direct_computation():
 
 def test_class_memory_merges_tasks_and_round_trips(tmp_path):
     net = tiny_teacher()
-    memory = ccsi.ClassMemory()
+    memory = ClassMemory()
     first = random_images(12, 2)
     memory.add_task(net, first, batch_size=5, device="cpu")
     second = ImageSet(random_images(10, 2, seed=1).x, torch.tensor([4, 3] * 5))
@@ -184,7 +194,7 @@ def test_class_memory_merges_tasks_and_round_trips(tmp_path):
         memory.rows(torch.tensor([2]))
 
     torch.save(memory.state_dict(), tmp_path / "memory.pt")
-    restored = ccsi.ClassMemory()
+    restored = ClassMemory()
     restored.load_state_dict(torch.load(tmp_path / "memory.pt"))
     assert torch.equal(restored.labels, memory.labels) and torch.equal(restored.mean_images, memory.mean_images)
     assert all(torch.equal(a, b) for a, b in zip(restored.layer_vars, memory.layer_vars))
@@ -198,15 +208,15 @@ def test_vectorised_synthesis_equals_the_per_batch_loop():
     net = tiny_teacher()
     memory = tiny_memory(net)
     cfg = make_cfg(**{**SMALL, "nb_generation": 3, "syn_iterations": 30})
-    vec = ccsi.synthesize(net, memory, 3, cfg, seed=5, device="cpu", progress=False)
-    loop = ccsi.synthesize(net, memory, 3, cfg, seed=5, device="cpu", progress=False, vectorised=False)
-    chunked = ccsi.synthesize(net, memory, 3, cfg, seed=5, device="cpu", progress=False, max_group_chunk=2)
+    vec = synth(net, memory, 3, cfg, seed=5)
+    loop = synth(net, memory, 3, cfg, seed=5, group_chunk=1)
+    chunked = synth(net, memory, 3, cfg, seed=5, group_chunk=2)
     assert torch.equal(vec.images.y, loop.images.y)
     # float32 reductions over different batch shapes differ in the last bits; after 30 Adam steps: < 1e-4
     assert torch.allclose(vec.images.x, loop.images.x, atol=1e-4)
     assert torch.allclose(vec.images.x, chunked.images.x, atol=1e-4)
     assert torch.allclose(vec.best_loss, loop.best_loss, rtol=1e-4)
-    shard = ccsi.synthesize(net, memory, 3, cfg, seed=5, device="cpu", progress=False, groups=[2])
+    shard = synth(net, memory, 3, cfg, seed=5, groups=[2])
     assert torch.allclose(shard.images.x, vec.images.x[16:24], atol=1e-4)  # batch 2 alone, e.g. on another rank
     assert (vec.images.x - vec.images.x[:1]).abs().max() > 0.01  # the images are not all the same
 
@@ -215,9 +225,9 @@ def test_synthesis_is_deterministic_and_seed_dependent():
     net = tiny_teacher()
     memory = tiny_memory(net)
     cfg = make_cfg(**SMALL)
-    a = ccsi.synthesize(net, memory, 3, cfg, seed=1, device="cpu", progress=False)
-    b = ccsi.synthesize(net, memory, 3, cfg, seed=1, device="cpu", progress=False)
-    c = ccsi.synthesize(net, memory, 3, cfg, seed=2, device="cpu", progress=False)
+    a = synth(net, memory, 3, cfg, seed=1)
+    b = synth(net, memory, 3, cfg, seed=1)
+    c = synth(net, memory, 3, cfg, seed=2)
     assert torch.equal(a.images.x, b.images.x) and torch.equal(a.images.y, b.images.y)
     assert not torch.equal(a.images.x, c.images.x)
 
@@ -226,7 +236,7 @@ def test_zero_iterations_return_the_initial_images_drawn_from_each_batch_generat
     net = tiny_teacher()
     memory = tiny_memory(net)
     cfg = make_cfg(**{**SMALL, "syn_iterations": 0})
-    result = ccsi.synthesize(net, memory, 3, cfg, seed=7, device="cpu", progress=False)
+    result = synth(net, memory, 3, cfg, seed=7)
     for g in range(2):
         gen = torch.Generator().manual_seed(ccsi.group_seed(7, g))
         labels = torch.randint(0, 3, (8,), generator=gen)
@@ -236,7 +246,7 @@ def test_zero_iterations_return_the_initial_images_drawn_from_each_batch_generat
         assert torch.allclose(result.images.x[8 * g : 8 * (g + 1)], expected, atol=1e-7)
     assert result.best_iteration.tolist() == [0, 0]
 
-    cyclic = ccsi.synthesize(net, memory, 3, cfg.replace(random_label=False), seed=7, device="cpu", progress=False)
+    cyclic = synth(net, memory, 3, cfg.replace(random_label=False), seed=7)
     assert cyclic.images.y.tolist() == ([0, 1, 2] * 3)[:8] * 2
 
 
@@ -244,14 +254,14 @@ def test_best_iterate_is_kept_and_images_stay_in_range():
     net = tiny_teacher()
     memory = tiny_memory(net)
     cfg = make_cfg(**{**SMALL, "generation_lr": 50.0, "syn_warmup": 0, "jitter": 0, "do_flip": False})
-    result = ccsi.synthesize(net, memory, 3, cfg, seed=3, device="cpu", progress=False)
+    result = synth(net, memory, 3, cfg, seed=3)
     assert result.images.x.min() >= 0 and result.images.x.max() <= 1
     assert (result.best_loss <= result.last_loss).all()
     assert (result.best_loss < result.last_loss).any()  # a huge lr makes things worse: an earlier iterate is kept
     assert (result.best_iteration < cfg.syn_iterations).any()
     # the kept images are the ones their loss was measured on (no augmentation here, so it is recomputable)
     layers = ccsi.bn_layers(net)
-    targets = ccsi._moment_targets(layers, memory, result.images.y, 2, 3, cfg)
+    targets = ccsi.class_mixture_targets(layers, result.images.y, 2, memory.layer_means, memory.layer_vars)
     with sl.capture_bn_inputs(layers) as store, torch.no_grad():
         x5 = result.images.x.reshape(2, 8, 1, 8, 8)
         terms = sl.impression_loss(net, layers, store, x5, result.images.y, targets, ccsi.loss_weights(cfg))
@@ -262,7 +272,7 @@ def test_plain_bn_teacher_returning_a_tensor_and_running_targets():
     net = tiny_teacher(cn=False, as_dict=False)
     memory = tiny_memory(net)
     for stats in ("running", "per_class"):
-        result = ccsi.synthesize(net, memory, 3, make_cfg(**SMALL, class_stats=stats), 0, "cpu", progress=False)
+        result = synth(net, memory, 3, make_cfg(**SMALL, class_stats=stats), 0)
         assert result.images.x.shape == (16, 1, 8, 8)
         assert result.loss_terms["total"] < 1e9
 
@@ -272,15 +282,15 @@ def test_bad_inputs_raise_clear_errors():
     memory = tiny_memory(net, classes=2)
     cfg = make_cfg(**SMALL)
     with pytest.raises(ValueError, match=r"no entry for classes \[2\]"):
-        ccsi.synthesize(net, memory, 3, cfg, 0, "cpu", progress=False)
+        synth(net, memory, 3, cfg, 0)
     with pytest.raises(ValueError, match="n_classes"):
-        ccsi.synthesize(net, memory, 0, cfg, 0, "cpu", progress=False)
+        synth(net, memory, 0, cfg, 0)
     other = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
     with pytest.raises(ValueError, match="statistics of 2 layers, the teacher has 1"):
-        ccsi.synthesize(other.eval(), memory, 2, cfg, 0, "cpu", progress=False)
+        synth(other.eval(), memory, 2, cfg, 0)
     with pytest.raises(config.ConfigError, match="syn_init"):
         make_cfg(syn_init="zeros")
-    empty = ccsi.synthesize(net, memory, 2, cfg.replace(nb_generation=0), 0, "cpu", progress=False)
+    empty = synth(net, memory, 2, cfg.replace(nb_generation=0), 0)
     assert len(empty.images) == 0
 
 
@@ -293,10 +303,28 @@ def test_impressions_grid_and_log(tmp_path):
         def log_scalars(self, scalars, step=None):
             logged.append((scalars, step))
 
-    result = ccsi.synthesize(net, memory, 3, make_cfg(**SMALL), 0, "cpu", progress=True, log=Recorder(), log_step=2)
-    assert logged[0][1] == 2 and logged[0][0]["synthesis/teacher_accuracy"] == result.teacher_accuracy
-    assert set(logged[0][0]) >= {"synthesis/ce", "synthesis/bn", "synthesis/tv", "synthesis/l2", "synthesis/total"}
-    path = ccsi.save_impressions_grid(tmp_path / "grid" / "impressions.png", result.images, memory, per_class=4)
+        def log_image(self, name, path):
+            logged.append(({name: path}, None))
+
+    ctx = TaskContext(
+        task=2,
+        new_classes=[3],
+        n_old=3,
+        train=random_images(4, 1),
+        val=random_images(4, 1),
+        test=None,
+        device=torch.device("cpu"),
+        output_dir=tmp_path,
+        generator=torch.Generator().manual_seed(0),
+        log=Recorder(),
+    )
+    images = replay_impressions(net, ctx, make_cfg(**SMALL, progress=False), (1, 8, 8), memory)
+    assert len(images) == 16 and set(images.y.tolist()) <= {0, 1, 2}
+    synthesis_terms = logged[0][0]
+    assert set(synthesis_terms) >= {"synthesis/ce", "synthesis/bn", "synthesis/tv", "synthesis/l2", "synthesis/total"}
+    assert logged[1][0]["task2/impressions_teacher_accuracy"] == synthesis_terms["synthesis/teacher_accuracy"]
+    assert (tmp_path / "impressions_task_2.png").is_file()
+    path = save_impressions_grid(tmp_path / "grid" / "impressions.png", images.x, images.y, memory.mean_images, 4)
     from PIL import Image
 
     with Image.open(path) as png:
@@ -327,7 +355,7 @@ def digits_teacher():
             loss.backward()
             optimizer.step()
     teacher = net.copy_frozen()
-    memory = ccsi.ClassMemory()
+    memory = ClassMemory()
     memory.add_task(teacher, data, batch_size=256, device="cpu")
     return teacher, memory
 
@@ -342,8 +370,8 @@ def test_synthesis_raises_the_digits_teachers_confidence(digits_teacher):
     teacher, memory = digits_teacher
     assert memory.num_layers == len(models.norm_layers(teacher)) == 9
     cfg = make_cfg(**{**SMALL, "init_noise": 0.3, "syn_iterations": 30})
-    start = ccsi.synthesize(teacher, memory, 4, cfg.replace(syn_iterations=0), 0, "cpu", progress=False)
-    end = ccsi.synthesize(teacher, memory, 4, cfg, 0, "cpu", progress=False)
+    start = synth(teacher, memory, 4, cfg.replace(syn_iterations=0), 0)
+    end = synth(teacher, memory, 4, cfg, 0)
     before, after = target_confidence(teacher, start.images), target_confidence(teacher, end.images)
     print(f"teacher confidence in the target class: {before:.3f} -> {after:.3f}")
     assert after > before + 0.05

@@ -1,0 +1,143 @@
+"""What CCSI keeps about each learned class instead of real images: its mean image and layer moments.
+
+After a class's task, ``ClassMemory.add_task`` stores, per class, the pixel-wise mean of its training images and
+the channel moments (mean, population variance) of the input of every ``nn.BatchNorm2d`` of the trained model
+(for Continual Normalization: the GroupNorm output). Synthesis starts impressions from the mean images and
+matches the moments (``continual_class_specific_impression``). No real image is ever stored.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dataloaders.image_set import ImageSet, as_float
+from synthesis_losses import bn_layers, capture_bn_inputs, eval_mode
+
+
+def class_mean_images(images: ImageSet, chunk: int = 4096) -> tuple[Tensor, Tensor]:
+    """(labels (K,) sorted, mean images (K, C, H, W) float in [0, 1]) of the classes present in ``images``."""
+    labels, inverse = torch.unique(images.y, sorted=True, return_inverse=True)
+    sums = torch.zeros((len(labels), *images.x.shape[1:]), dtype=torch.float64, device=images.x.device)
+    for start in range(0, len(images), chunk):
+        x = as_float(images.x[start : start + chunk]).double()  # (n, C, H, W)
+        sums.index_add_(0, inverse[start : start + chunk].to(x.device), x)
+    counts = torch.bincount(inverse, minlength=len(labels)).to(sums)
+    return labels.cpu(), (sums / counts[:, None, None, None]).float().cpu()
+
+
+@torch.no_grad()
+def class_statistics(
+    net: nn.Module, images: ImageSet, batch_size: int, device: torch.device | str
+) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """Per hooked layer: (labels (K,), mean (K, ch), population variance (K, ch)) of the layer's input per class.
+
+    Accumulated over samples x pixels with ``net`` in eval mode (sums and sums of squares by label, float64).
+    """
+    layers = bn_layers(net)
+    labels, inverse = torch.unique(images.y, sorted=True, return_inverse=True)
+    k = len(labels)
+    sums = [torch.zeros(k, layer.num_features, dtype=torch.float64, device=device) for layer in layers]
+    squares = [torch.zeros_like(s) for s in sums]
+    pixels = [torch.zeros(k, dtype=torch.float64, device=device) for _ in layers]  # samples x pixels per class
+    with eval_mode(net), capture_bn_inputs(layers) as store:
+        for start in range(0, len(images), batch_size):
+            x = as_float(images.x[start : start + batch_size]).to(device)  # (b, C, H, W)
+            idx = inverse[start : start + batch_size].to(device)
+            store.clear()
+            net(x)
+            for i in range(len(layers)):
+                if i not in store:
+                    raise ValueError(f"normalisation layer {i} ({layers[i]}) was not used in the forward pass")
+                a = store[i].double()  # (b, ch, h, w)
+                sums[i].index_add_(0, idx, a.sum(dim=(2, 3)))
+                squares[i].index_add_(0, idx, a.square().sum(dim=(2, 3)))
+                pixels[i].index_add_(0, idx, torch.full_like(idx, a[0, 0].numel(), dtype=torch.float64))
+    out = []
+    for s, q, n in zip(sums, squares, pixels):
+        mean = s / n[:, None]
+        var = (q / n[:, None] - mean.square()).clamp_min(0.0)
+        out.append((labels.cpu(), mean.cpu(), var.cpu()))
+    return out
+
+
+class ClassMemory:
+    """Per class: the mean image and the moments of every hooked layer's input; merged across tasks."""
+
+    def __init__(self) -> None:
+        self.labels = torch.zeros(0, dtype=torch.long)  # (K,) sorted
+        self.mean_images: Tensor | None = None  # (K, C, H, W) float in [0, 1]
+        self.layer_means: list[Tensor] = []  # per layer (K, ch) float64
+        self.layer_vars: list[Tensor] = []  # per layer (K, ch) float64
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_means)
+
+    def add(self, labels: Tensor, mean_images: Tensor, stats: list[tuple[Tensor, Tensor, Tensor]]) -> None:
+        """Merge classes in; a class already present is replaced."""
+        labels = labels.long().cpu()
+        if self.mean_images is not None and mean_images.shape[1:] != self.mean_images.shape[1:]:
+            raise ValueError(
+                f"mean images {tuple(mean_images.shape[1:])} differ from {tuple(self.mean_images.shape[1:])}"
+            )
+        if len(self) and len(stats) != self.num_layers:
+            raise ValueError(f"got statistics of {len(stats)} layers, the memory holds {self.num_layers}")
+        for layer_labels, _, _ in stats:
+            if not torch.equal(layer_labels.cpu(), labels):
+                raise ValueError("class statistics and mean images are for different labels")
+        keep = ~torch.isin(self.labels, labels)
+        order = torch.argsort(torch.cat([self.labels[keep], labels]))
+
+        def merge(old: Tensor | None, new: Tensor) -> Tensor:
+            new = new.detach().cpu()
+            if old is None:
+                return new[order]
+            return torch.cat([old[keep.to(old.device)], new.to(old)])[order.to(old.device)]
+
+        self.mean_images = merge(self.mean_images, mean_images.float())
+        old_means = self.layer_means or [None] * len(stats)
+        old_vars = self.layer_vars or [None] * len(stats)
+        self.layer_means = [merge(o, m.double()) for o, (_, m, _) in zip(old_means, stats)]
+        self.layer_vars = [merge(o, v.double()) for o, (_, _, v) in zip(old_vars, stats)]
+        self.labels = torch.cat([self.labels[keep], labels])[order]
+
+    def add_task(self, net: nn.Module, images: ImageSet, batch_size: int, device: torch.device | str) -> None:
+        """Compute and merge the mean images and class statistics of the classes in ``images``."""
+        labels, means = class_mean_images(images)
+        self.add(labels, means, class_statistics(net, images, batch_size, device))
+
+    def rows(self, labels: Tensor) -> Tensor:
+        """Row index of each label; raises if a label is not stored."""
+        labels = labels.cpu()
+        missing = sorted(set(labels.tolist()) - set(self.labels.tolist()))
+        if missing:
+            raise ValueError(f"class memory has no entry for classes {missing} (stored: {self.labels.tolist()})")
+        return torch.searchsorted(self.labels, labels)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "labels": self.labels.clone(),
+            "mean_images": None if self.mean_images is None else self.mean_images.clone(),
+            "layer_means": [m.clone() for m in self.layer_means],
+            "layer_vars": [v.clone() for v in self.layer_vars],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.labels = state["labels"].long()
+        self.mean_images = state["mean_images"]
+        self.layer_means = list(state["layer_means"])
+        self.layer_vars = list(state["layer_vars"])
+
+    def to(self, device: torch.device | str) -> ClassMemory:
+        """Move the tensors (labels stay on the CPU for lookups); returns self."""
+        if self.mean_images is not None:
+            self.mean_images = self.mean_images.to(device)
+        self.layer_means = [m.to(device) for m in self.layer_means]
+        self.layer_vars = [v.to(device) for v in self.layer_vars]
+        return self

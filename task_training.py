@@ -1,0 +1,226 @@
+"""One task's training: the epoch loop, per-epoch model selection, partial saves inside a task, evaluation.
+
+``fit_task`` runs the epochs of the task the engine (``incremental_train_and_eval.run_task``) prepared:
+``train_epoch`` (optimiser steps over the method's batches, sharded under torchrun), a finite-loss check,
+model selection (``ModelSelector``: the epoch with the best accuracy on the monitored split, or the last),
+the lr schedule, logging, and ``task_<t>_partial.pt`` every ``save_every_epochs`` epochs, from which
+``--resume`` continues inside the task (``start_training``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from tqdm.auto import tqdm
+
+import distributed
+from checkpoint import PartialCheckpoint, partial_checkpoint_path, rng_state, set_rng_state
+from config import Config, ConfigError
+from dataloaders.image_set import ImageSet, as_float
+from errors import CheckpointError, TrainingError
+from methods.base import Method, TaskContext
+from optimization import build_optimizer, build_scheduler
+
+if TYPE_CHECKING:
+    from incremental_train_and_eval import RunState
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def predict_labels(method: Method, images: ImageSet, batch_size: int) -> torch.Tensor:
+    """Predicted class-order labels (N,) for every image, in eval mode (under torchrun: each rank a part)."""
+    method.eval()
+    part = images.x[distributed.shard_range(len(images))]
+    preds = [method.predict(as_float(part[i : i + batch_size])).argmax(1) for i in range(0, len(part), batch_size)]
+    local = torch.cat(preds) if preds else torch.empty(0, dtype=torch.long, device=images.y.device)
+    return distributed.all_gather_rows(local)
+
+
+def accuracy(method: Method, images: ImageSet, batch_size: int) -> float:
+    if len(images) == 0:
+        raise ConfigError("model selection/plateau needs a non-empty split, but it holds no image of the seen classes")
+    return 100.0 * (predict_labels(method, images, batch_size) == images.y).float().mean().item()
+
+
+RUN_CONTROL_KEYS = ("resume", "overwrite", "progress", "save_every_epochs", "logger", "backend", "dist_timeout_minutes")
+
+
+def training_config(cfg: Config) -> dict[str, Any]:
+    return {k: v for k, v in cfg.to_dict().items() if k not in RUN_CONTROL_KEYS}
+
+
+class ModelSelector:
+    """Keeps the net's state at the epoch with the best monitored accuracy; inactive for ``select_on: last``."""
+
+    def __init__(self, active: bool, epochs: int):
+        self.active = active
+        self.best_accuracy = -math.inf
+        self.best_state: dict[str, Any] | None = None
+        self.best_epoch = epochs  # the last epoch, unless a better one is seen
+
+    def update(self, epoch: int, accuracy: float, net: torch.nn.Module) -> None:
+        """Record ``epoch`` (1-based) if its accuracy beats every earlier one (ties keep the earlier epoch)."""
+        if self.active and accuracy > self.best_accuracy:
+            self.best_accuracy, self.best_epoch = accuracy, epoch
+            self.best_state = copy.deepcopy(net.state_dict())
+
+    def restore(self, net: torch.nn.Module) -> None:
+        """Load the selected epoch's state into ``net`` (nothing to do when the last epoch is kept)."""
+        if self.best_state is not None:
+            net.load_state_dict(self.best_state)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_accuracy": self.best_accuracy, "best_state": self.best_state, "best_epoch": self.best_epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best_accuracy, self.best_state = state["best_accuracy"], state["best_state"]
+        self.best_epoch = state["best_epoch"]
+
+
+def monitored_split(cfg: Config, ctx: TaskContext) -> ImageSet | None:
+    """The split model selection (and a plateau scheduler) watches: val, test, or none for select_on last."""
+    monitor = {"val": ctx.val, "test": ctx.test, "last": None}[cfg.select_on]
+    if monitor is None and cfg.scheduler.startswith("plateau"):
+        monitor = ctx.val
+    return monitor
+
+
+def train_epoch(
+    method: Method, ctx: TaskContext, epoch: int, opt: torch.optim.Optimizer, params: list[torch.Tensor]
+) -> dict[str, float]:
+    """One epoch of optimiser steps over ``method.train_batches``; returns the mean of each loss term."""
+    method.train()
+    method.on_epoch_start(ctx, epoch)
+    batches: Iterable = method.train_batches(ctx, epoch)
+    sums: dict[str, torch.Tensor] = {}
+    steps = 0
+    for batch in batches:
+        local = distributed.shard_batch(batch)  # the whole batch in a single process
+        if local is None:
+            continue
+        terms = method.training_step(local)
+        opt.zero_grad(set_to_none=True)
+        distributed.backward(terms["loss"], local, batch, params)
+        opt.step()
+        method.after_step()
+        for name, value in terms.items():
+            sums[name] = sums.get(name, 0.0) + value.detach().float()
+        steps += 1
+    return distributed.end_epoch(method.net, sums, steps)
+
+
+def check_finite(means: dict[str, float], task: int, epoch: int, cfg: Config, output_dir: Path) -> None:
+    """Stop with one line when a loss term is not finite."""
+    bad = [name for name, value in means.items() if not math.isfinite(value)]
+    if bad:
+        raise TrainingError(
+            f"task {task} epoch {epoch}: loss term '{bad[0]}' is {means[bad[0]]}; "
+            f"lower lr (now {cfg.lr}) or check the data; tasks before {task} are saved in {output_dir}"
+        )
+
+
+@dataclass
+class TaskTraining:
+    """The optimiser, schedule and model selection of one task, and what its epochs recorded."""
+
+    opt: torch.optim.Optimizer
+    params: list[torch.Tensor]
+    scheduler: Any
+    selector: ModelSelector
+    history: list[dict[str, float]]
+    first_epoch: int = 0
+
+
+def start_training(state: RunState, ctx: TaskContext, cfg: Config) -> TaskTraining:
+    """Optimiser over the net's trainable parameters, lr schedule and model selection; from the saved epoch
+    when resuming inside the task (``--resume`` with a ``task_<t>_partial.pt``)."""
+    method = state.method
+    opt = build_optimizer([{"params": [p for p in method.net.parameters() if p.requires_grad]}], cfg)
+    params = [p for group in opt.param_groups for p in group["params"]]
+    training = TaskTraining(
+        opt, params, build_scheduler(opt, cfg), ModelSelector(cfg.select_on != "last", cfg.epochs), []
+    )
+    partial = load_partial(state, ctx.task)
+    if partial is not None:
+        method.net.load_state_dict(partial.net)
+        opt.load_state_dict(partial.optimizer)
+        if training.scheduler is not None:
+            training.scheduler.load_state_dict(partial.scheduler)
+        training.selector.load_state_dict(partial.selection)
+        training.history, training.first_epoch = partial.history, partial.epoch
+        ctx.generator.set_state(partial.generator)
+        set_rng_state(partial.rng)
+    return training
+
+
+def load_partial(state: RunState, task: int) -> PartialCheckpoint | None:
+    """The saved state of ``task`` in progress when resuming, else None; refuses one from another run."""
+    path = partial_checkpoint_path(state.output_dir, task)
+    if not (state.cfg.resume and path.is_file()):
+        return None
+    partial = PartialCheckpoint.load(path)
+    if partial.task != task or partial.config != training_config(state.cfg):
+        raise CheckpointError(
+            f"{path} was saved by a run with another configuration; delete it to restart task {task} from its start"
+        )
+    log.info("resuming task %d after epoch %d from %s", task, partial.epoch, path)
+    return partial
+
+
+def save_partial(state: RunState, ctx: TaskContext, training: TaskTraining, epoch: int) -> None:
+    """``task_<t>_partial.pt`` after ``epoch`` (1-based) epochs of the task in progress."""
+    PartialCheckpoint(
+        task=ctx.task,
+        epoch=epoch,
+        config=training_config(state.cfg),
+        net=state.method.net.state_dict(),
+        optimizer=training.opt.state_dict(),
+        scheduler=training.scheduler.state_dict() if training.scheduler is not None else None,
+        selection=training.selector.state_dict(),
+        history=training.history,
+        generator=ctx.generator.get_state(),
+        rng=rng_state(),
+    ).save(partial_checkpoint_path(state.output_dir, ctx.task))
+
+
+def fit_task(state: RunState, ctx: TaskContext, cfg: Config) -> dict[str, Any]:
+    """The epochs of one task with per-epoch model selection; returns a record of the training."""
+    method = state.method
+    training = start_training(state, ctx, cfg)
+    monitor = monitored_split(cfg, ctx)
+    epochs = tqdm(
+        range(training.first_epoch, cfg.epochs),
+        desc=f"task {ctx.task}",
+        disable=not cfg.progress,
+        unit="epoch",
+        leave=False,
+        initial=training.first_epoch,
+        total=cfg.epochs,
+    )
+    for epoch in epochs:
+        means = train_epoch(method, ctx, epoch, training.opt, training.params)
+        check_finite(means, ctx.task, epoch + 1, cfg, state.output_dir)
+        record = {"epoch": epoch + 1, "lr": training.opt.param_groups[0]["lr"], **means}
+        if monitor is not None:
+            record["monitor_accuracy"] = acc = accuracy(method, monitor, cfg.eval_batch_size)
+            training.selector.update(epoch + 1, acc, method.net)
+        if isinstance(training.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            training.scheduler.step(record["monitor_accuracy"])
+        elif training.scheduler is not None:
+            training.scheduler.step()
+        training.history.append(record)
+        state.logger.log_scalars({f"task{ctx.task}/{k}": v for k, v in record.items() if k != "epoch"}, step=None)
+        epochs.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k not in ("epoch", "lr")})
+        k = cfg.save_every_epochs
+        if k and (epoch + 1) % k == 0 and epoch + 1 < cfg.epochs and distributed.is_main():
+            save_partial(state, ctx, training, epoch + 1)
+    training.selector.restore(method.net)
+    return {"selected_epoch": training.selector.best_epoch, "history": training.history}

@@ -1,0 +1,45 @@
+"""Every registered method, parametrised over the registry (a new method cannot ship untested): it runs from
+the digits base config with only ``--method`` changed (its own defaults and requirements fill in the rest), and
+training task 2 alone from the task-1 checkpoint gives the same results as the uninterrupted run."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+import main
+from checkpoint import task_checkpoint_path
+from methods import METHODS
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = [
+    "--epochs=1",
+    "--batch_size=64",
+    "--nb_cl_fg=8",
+    "--nb_cl=2",
+    "--device=cpu",
+    "--progress=false",
+    "--memory_size=60",
+    "--nb_generation=1",
+    "--syn_batch_size=8",
+    "--syn_iterations=2",
+    "--syn_warmup=1",
+]
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_method_runs_from_the_base_config_and_chains_per_task(name, tmp_path, capsys):
+    base = ["--config", str(ROOT / "configs/digits/finetune.yaml"), f"--method={name}", *SMALL]
+    assert main.main([*base, f"--output_dir={tmp_path / 'full'}"]) == 0, capsys.readouterr().err
+    full = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    assert len(full["accuracy_matrix"]) == 2 and all(0 <= a <= 100 for a in full["accuracy_per_task"])
+    first = str(task_checkpoint_path(tmp_path / "full", 1))
+    step = [f"--output_dir={tmp_path / 'step'}", "--task=2", f"--saved_model_address={first}"]
+    assert main.main([*base, *step]) == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "step" / "metrics.json").read_text())["accuracy_matrix"] == full["accuracy_matrix"]
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_has_a_digits_config_and_a_description(name):
+    assert (ROOT / "configs" / "digits" / f"{name}.yaml").is_file(), "the benchmark runs configs/digits/<method>.yaml"
+    assert (METHODS[name].__doc__ or "").strip(), "the class docstring's first line describes the method"
