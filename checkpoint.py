@@ -23,6 +23,7 @@ from errors import CheckpointError
 
 FORMAT_VERSION = 2
 _TASK_FILE = re.compile(r"^task_(\d+)\.pt$")
+_PARTIAL_FILE = re.compile(r"^task_(\d+)_partial\.pt$")
 _KIND_NAMES = {
     "task": "a completed task's checkpoint (task_<t>.pt)",
     "partial": "a task in progress (task_<t>_partial.pt)",
@@ -105,6 +106,7 @@ class TaskCheckpoint(_Checkpoint):
     task: int
     method_name: str
     config: dict[str, Any]
+    config_hash: str  # the run's identity (run_folder.config_hash_of)
     scenario: dict[str, Any]
     method: dict[str, Any]
     metrics: dict[str, Any]
@@ -126,6 +128,15 @@ class PartialCheckpoint(_Checkpoint):
     history: list[dict[str, float]]
     generator: torch.Tensor  # the task's generator state
     rng: dict[str, Any]
+
+
+def partial_tasks(output_dir: str | Path) -> list[int]:
+    """Task numbers with a ``task_<t>_partial.pt`` (a task in progress) in ``output_dir``, ascending."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    found = (_PARTIAL_FILE.match(p.name) for p in folder.iterdir())
+    return sorted(int(m.group(1)) for m in found if m)
 
 
 def completed_tasks(output_dir: str | Path) -> list[int]:

@@ -15,8 +15,11 @@ mapping of the YAML file: ``per_task: {2: {nb_generation: 16}, 3: {nb_generation
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 import logging
 import math
+import string
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,10 +54,22 @@ class Option:
     min: float | None = None  # inclusive bounds for numbers
     max: float | None = None
     nullable: bool = False  # whether null/None is an accepted value
+    scope: str | None = None  # one of SCOPES; None: the group's scope given to register_options
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"option {self.name}: unknown kind {self.kind!r}")
+        if self.scope is not None and self.scope not in SCOPES:
+            raise ValueError(f"option {self.name}: unknown scope {self.scope!r}")
+
+
+# What a key's value means for a run's results and identity:
+# - "run": how to run (folders, progress, logging, device); never part of a run's identity;
+# - "experiment": what is learned and how the run is set up (data, split, model, method, seed, protocol); fixed
+#   for a whole run: resuming a run or continuing another run's checkpoint needs the same value;
+# - "task": a per-task hyper-parameter (lr, epochs, losses, synthesis); may be set under ``per_task`` and may
+#   differ when one task continues from another run's checkpoint (the per-task sweeps tune these).
+SCOPES = ("run", "experiment", "task")
 
 
 OPTIONS: dict[str, Option] = {}
@@ -78,12 +93,15 @@ PRESETS: dict[str, dict[Any, dict[str, PresetSetting]]] = {}
 _STRUCTURE_KEYS = ("defaults", "per_task")
 
 
-def register_options(group: str, options: Iterable[Option]) -> None:
-    """Declare configuration keys; a key name may be declared only once."""
+def register_options(group: str, options: Iterable[Option], scope: str = "experiment") -> None:
+    """Declare configuration keys; a key name may be declared only once. ``scope`` (see SCOPES) applies to the
+    options that do not set their own."""
+    if scope not in SCOPES:
+        raise ValueError(f"register_options({group!r}): unknown scope {scope!r}")
     for opt in options:
         if opt.name in OPTIONS or opt.name in _STRUCTURE_KEYS:
             raise ValueError(f"configuration key {opt.name!r} is declared twice")
-        opt = Option(**{**opt.__dict__, "group": group})
+        opt = Option(**{**opt.__dict__, "group": group, "scope": opt.scope or scope})
         coerce(opt, opt.default)  # the default itself must be valid
         OPTIONS[opt.name] = opt
 
@@ -256,6 +274,38 @@ class Config:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
+def identity_values(values: dict[str, Any]) -> dict[str, Any]:
+    """What a run computes: the value of every key whose scope is not "run" (a key missing from ``values``, e.g.
+    in an older checkpoint, takes its default), and the ``per_task`` table."""
+    out = {name: values.get(name, opt.default) for name, opt in sorted(OPTIONS.items()) if opt.scope != "run"}
+    out["per_task"] = {str(t): dict(sorted(v.items())) for t, v in sorted((values.get("per_task") or {}).items())}
+    return out
+
+
+def config_hash(values: dict[str, Any], **context: Any) -> str:
+    """8 hex digits identifying a run: sha256 of its identity values (``Config.to_dict()``) and ``context``
+    (for example the task a per-task run trains and the identity of the checkpoint it continues from)."""
+    text = json.dumps({"config": identity_values(values), **context}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def differences(saved: dict[str, Any], current: dict[str, Any], scopes: Sequence[str]) -> dict[str, tuple[Any, Any]]:
+    """Keys of the given scopes whose values differ between two ``Config.to_dict()``: name -> (saved, current).
+    With scope "task", differing ``per_task`` tables count as one key ``per_task``."""
+    a, b = identity_values(saved), identity_values(current)
+    out = {
+        name: (a[name], b[name]) for name, opt in OPTIONS.items() if opt.scope in scopes and a.get(name) != b.get(name)
+    }
+    if "task" in scopes and a["per_task"] != b["per_task"]:
+        out["per_task"] = (a["per_task"], b["per_task"])
+    return dict(sorted(out.items()))
+
+
+def describe_differences(diffs: dict[str, tuple[Any, Any]], before: str, now: str) -> str:
+    """'lr (0.1 before, 0.05 now), epochs (...)' for messages."""
+    return ", ".join(f"{name} ({a!r} {before}, {b!r} {now})" for name, (a, b) in diffs.items())
+
+
 def defaults() -> dict[str, Any]:
     return {name: opt.default for name, opt in OPTIONS.items()}
 
@@ -370,6 +420,24 @@ def _apply_presets(values: dict[str, Any], explicit: set[str], per_task: dict[in
         values[name] = wanted
 
 
+# Placeholders of output_dir besides the key names, filled when the run starts (run_folder.resolve_output_dir).
+RUN_PLACEHOLDERS = ("config_hash", "task")
+
+
+def _check_placeholders(template: str) -> None:
+    """Refuse an output_dir whose ``{placeholder}`` is neither a key nor one of RUN_PLACEHOLDERS."""
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as err:
+        raise ConfigError(f"key 'output_dir': {err} in {template!r}") from None
+    for field in fields:
+        if field not in OPTIONS and field not in RUN_PLACEHOLDERS:
+            raise ConfigError(
+                f"key 'output_dir': unknown placeholder {{{field}}} in {template!r}; use a key name, "
+                + " or ".join(f"{{{p}}}" for p in RUN_PLACEHOLDERS)
+            )
+
+
 def load_config(files: Sequence[str | Path] = (), overrides: dict[str, Any] | None = None) -> Config:
     """Build the validated config from defaults, YAML files (in order) and overrides."""
     values = defaults()
@@ -385,10 +453,7 @@ def load_config(files: Sequence[str | Path] = (), overrides: dict[str, Any] | No
     _apply_presets(values, explicit, per_task)
     values = {name: coerce(OPTIONS[name], v) for name, v in values.items()}
     per_task = {t: {n: coerce(OPTIONS[n], v) for n, v in vals.items()} for t, vals in per_task.items()}
-    try:
-        values["output_dir"] = str(values["output_dir"]).format(**values)
-    except (KeyError, IndexError, ValueError) as err:
-        raise ConfigError(f"key 'output_dir': cannot fill placeholder {err} in {values['output_dir']!r}") from None
+    _check_placeholders(str(values["output_dir"]))
     return Config(values, per_task, set(overrides or {}))
 
 

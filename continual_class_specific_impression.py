@@ -71,8 +71,16 @@ register_options(
             "moment targets: running = the layer's running mean/var; per_class = the batch's class mixture",
             choices=("running", "per_class"),
         ),
-        Option("syn_log_every", "int", 100, "iterations between progress-bar refreshes of the loss terms", min=1),
+        Option(
+            "syn_log_every",
+            "int",
+            100,
+            "iterations between progress-bar refreshes of the loss terms",
+            min=1,
+            scope="run",
+        ),
     ],
+    scope="task",
 )
 register_preset("protocol", "original", {"class_stats": "running", "syn_cosine_factor": 0.2})
 register_preset("protocol", "clean", {"class_stats": "per_class", "syn_cosine_factor": 0.5})

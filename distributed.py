@@ -59,6 +59,7 @@ register_options(
             "as a single process would; false: each rank's shard (no extra communication)",
         ),
     ],
+    scope="run",
 )
 
 LAUNCH_HINT = "launch with: torchrun --nproc_per_node=N main.py --config FILE [--key=value ...]"

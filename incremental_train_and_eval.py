@@ -14,6 +14,7 @@ only rank 0 writes files.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -27,15 +28,9 @@ import torch
 import dataloaders
 import distributed
 import models
-from checkpoint import (
-    TaskCheckpoint,
-    completed_tasks,
-    partial_checkpoint_path,
-    rng_state,
-    set_rng_state,
-    task_checkpoint_path,
-)
-from config import Config, ConfigError, Option, register_options, register_preset
+import provenance
+from checkpoint import TaskCheckpoint, partial_checkpoint_path, rng_state, set_rng_state, task_checkpoint_path
+from config import Config, Option, register_options, register_preset
 from dataloaders.image_set import DataSplits
 from dataloaders.scenario import Scenario
 from errors import CheckpointError
@@ -44,6 +39,13 @@ from methods import build_method, method_class
 from methods.base import Method, TaskContext
 from metrics import RunMetrics, evaluate_predictions
 from plots import write_run_plots
+from run_folder import (
+    RunFolder,
+    check_same_experiment,
+    plan_run,
+    resolve_output_dir,
+    resolve_saved_model_address,
+)
 from task_training import fit_task, predict_labels
 
 log = logging.getLogger(__name__)
@@ -51,22 +53,9 @@ log = logging.getLogger(__name__)
 register_options(
     "run",
     [
-        Option("seed", "int", 0, "random seed; each task reseeds from (seed, task)", min=0),
+        Option("seed", "int", 0, "random seed; each task reseeds from (seed, task)", min=0, scope="experiment"),
         Option(
             "device", "str", "auto", "where to train: auto picks cuda when available", choices=("auto", "cpu", "cuda")
-        ),
-        Option(
-            "output_dir",
-            "str",
-            "runs/{dataset}/{method}/seed{seed}",
-            "run folder (config, checkpoints, metrics, plots); {key} is replaced by that key's value",
-        ),
-        Option(
-            "resume",
-            "bool",
-            False,
-            "continue the run in output_dir from its last complete task (or from the task in progress, when "
-            "save_every_epochs saved it)",
         ),
         Option(
             "save_every_epochs",
@@ -75,22 +64,6 @@ register_options(
             "also save the task in progress every k epochs (task_<t>_partial.pt: net, optimiser, scheduler, model "
             "selection, random states; removed when the task completes); 0: whole tasks only",
             min=0,
-        ),
-        Option("overwrite", "bool", False, "allow starting a new run in an output_dir that holds checkpoints"),
-        Option(
-            "task",
-            "int",
-            None,
-            "train only this task (1-based); task > 1 needs saved_model_address",
-            min=1,
-            nullable=True,
-        ),
-        Option(
-            "saved_model_address",
-            "str",
-            None,
-            "checkpoint (task_<t>.pt) to continue from: trains task t+1 on",
-            nullable=True,
         ),
         Option("progress", "bool", True, "show progress bars"),
         Option("eval_batch_size", "int", 500, "batch size for evaluation", min=1),
@@ -102,8 +75,10 @@ register_options(
             "used for IdC and model selection, plateau-on-accuracy quirk, BN momentum 1); clean = val for both, "
             "no test image before the final evaluation. Results state the protocol that produced them",
             choices=("original", "clean"),
+            scope="experiment",
         ),
     ],
+    scope="run",
 )
 register_options(
     "train",
@@ -125,6 +100,7 @@ register_options(
             choices=("none", "flip", "crop_flip"),
         ),
     ],
+    scope="task",
 )
 register_preset("protocol", "original", {"select_on": "test"})
 register_preset("protocol", "clean", {"select_on": "val"})
@@ -153,6 +129,7 @@ class RunState:
     device: torch.device
     output_dir: Path
     logger: RunLogger
+    run_hash: str = ""  # the run's identity (run_folder.config_hash_of)
 
 
 # Keys that say how to run, not what to train: a task in progress may be resumed with other values.
@@ -199,6 +176,7 @@ def run_task(state: RunState, task: int) -> None:
         predict_labels(method, test_seen, cfg.eval_batch_size), test_seen.y, scenario.task_sizes[:task]
     )
     extra = {
+        "val_accuracy": val_accuracy(state, ctx.n_seen, cfg.eval_batch_size),
         "selected_epoch": training["selected_epoch"],
         "seconds_before_task": prepared - start,
         "seconds_training": trained - prepared,
@@ -210,7 +188,16 @@ def run_task(state: RunState, task: int) -> None:
     state.metrics.add(task, evaluation, extra)
     if distributed.is_main():
         save_task(state, task, cfg)
-        log_task(state, task, evaluation, training["selected_epoch"], done - start)
+        log_task(state, task, evaluation, extra["val_accuracy"], training["selected_epoch"], done - start)
+
+
+def val_accuracy(state: RunState, n_seen: int, batch_size: int) -> float | None:
+    """Accuracy on the validation images of the seen classes, measured by the harness after the task (like the test
+    accuracy, it never reaches the method); what sweeps choose hyper-parameters on. None without val images."""
+    val = state.splits.val.of_classes(list(range(n_seen)))
+    if len(val) == 0:
+        return None
+    return 100.0 * (predict_labels(state.method, val, batch_size) == val.y).float().mean().item()
 
 
 def save_task(state: RunState, task: int, cfg: Config) -> None:
@@ -219,6 +206,7 @@ def save_task(state: RunState, task: int, cfg: Config) -> None:
         task=task,
         method_name=cfg.method,
         config=state.cfg.to_dict(),
+        config_hash=state.run_hash,
         scenario=state.scenario.to_dict(),
         method=state.method.state_dict(),
         metrics=state.metrics.to_dict(),
@@ -227,19 +215,22 @@ def save_task(state: RunState, task: int, cfg: Config) -> None:
     partial_checkpoint_path(state.output_dir, task).unlink(missing_ok=True)
 
 
-def log_task(state: RunState, task: int, evaluation: Any, selected_epoch: int, seconds: float) -> None:
-    """The task's line on the console and its row in the run logger."""
-    row = {"task": task, "accuracy": evaluation.accuracy, "balanced_accuracy": evaluation.balanced_accuracy}
-    state.logger.log_task(task, row)
+def log_task(
+    state: RunState, task: int, evaluation: Any, val: float | None, selected_epoch: int, seconds: float
+) -> None:
+    """The task's line on the console and its row in the run logger (test and val accuracy under their names)."""
+    row = {"test_accuracy": evaluation.accuracy, "test_balanced_accuracy": evaluation.balanced_accuracy}
+    state.logger.log_task(task, {**row, **({} if val is None else {"val_accuracy": val})})
     old = "-" if evaluation.old_accuracy is None else f"{evaluation.old_accuracy:.2f}"
     log.info(
-        "task %d/%d: accuracy %.2f%% on %d seen classes (old %s, new %.2f), selected epoch %s, %.1fs",
+        "task %d/%d: test accuracy %.2f%% on %d seen classes (old %s, new %.2f), val %s, selected epoch %s, %.1fs",
         task,
         state.scenario.num_tasks,
         evaluation.accuracy,
         evaluation.n_seen,
         old,
         evaluation.new_accuracy,
+        "-" if val is None else f"{val:.2f}%",
         selected_epoch,
         seconds,
     )
@@ -248,9 +239,8 @@ def log_task(state: RunState, task: int, evaluation: Any, selected_epoch: int, s
 # ----- the run -----------------------------------------------------------------------------------------------
 
 
-def _restore(state: RunState, path: Path) -> int:
-    """Load a checkpoint into the run; returns the task it completed."""
-    ckpt = TaskCheckpoint.load(path)
+def restore(state: RunState, ckpt: TaskCheckpoint, path: Path) -> None:
+    """Load a task checkpoint into the run (method state, metrics so far, random state)."""
     if ckpt.method_name != state.cfg.method:
         raise CheckpointError(f"{path} was written by method '{ckpt.method_name}', not '{state.cfg.method}'")
     if ckpt.scenario != state.scenario.to_dict():
@@ -264,41 +254,6 @@ def _restore(state: RunState, path: Path) -> int:
         raise CheckpointError(f"{path} does not match this model/method ({str(err).splitlines()[0][:100]})") from None
     state.metrics = RunMetrics.from_dict(ckpt.metrics)
     set_rng_state(ckpt.rng)
-    return int(ckpt.task)
-
-
-def plan_tasks(state: RunState) -> list[int]:
-    """Which tasks this invocation trains, after restoring any earlier state."""
-    cfg, out, num_tasks = state.cfg, state.output_dir, state.scenario.num_tasks
-    done = completed_tasks(out)
-    if cfg.task is not None:
-        if cfg.task > num_tasks:
-            raise ConfigError(f"key 'task': {cfg.task} is beyond the last task ({num_tasks})")
-        if cfg.task > 1:
-            if cfg.saved_model_address is None:
-                raise ConfigError(
-                    f"key 'task': task {cfg.task} needs --saved_model_address=<checkpoint of task {cfg.task - 1}>"
-                )
-            previous = _restore(state, Path(cfg.saved_model_address))
-            if previous != cfg.task - 1:
-                raise CheckpointError(
-                    f"{cfg.saved_model_address} is the checkpoint of task {previous}, but task {cfg.task} needs "
-                    f"that of task {cfg.task - 1}"
-                )
-        return [cfg.task]
-    if cfg.saved_model_address is not None:
-        first = _restore(state, Path(cfg.saved_model_address)) + 1
-    elif cfg.resume and done:
-        first = _restore(state, task_checkpoint_path(out, done[-1])) + 1
-        log.info("resuming %s after task %d", out, first - 1)
-    else:
-        if done and not cfg.overwrite and not cfg.resume:
-            raise ConfigError(
-                f"output_dir {out} already holds checkpoints of tasks {done}; pass --resume=true to continue "
-                "that run, --overwrite=true to replace it, or choose another --output_dir"
-            )
-        first = 1
-    return list(range(first, num_tasks + 1))
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -329,37 +284,66 @@ def build_run(cfg: Config, device: torch.device) -> RunState:
     return RunState(cfg, splits, scenario, method, RunMetrics(), device, Path(cfg.output_dir), RunLogger())
 
 
+def continued_checkpoint(cfg: Config) -> tuple[Config, TaskCheckpoint | None]:
+    """The checkpoint ``saved_model_address`` names (``best:<folder>`` resolved), checked against ``cfg``."""
+    cfg = resolve_saved_model_address(cfg)
+    if cfg.saved_model_address is None:
+        return cfg, None
+    parent = TaskCheckpoint.load(cfg.saved_model_address)
+    check_same_experiment(parent.config, cfg, cfg.saved_model_address, resume=False)
+    return cfg, parent
+
+
+def start_run(state: RunState, parent: TaskCheckpoint | None, main_process: bool) -> list[int]:
+    """Plan the tasks (guards of the run folder), restore the checkpoint continued from; returns the tasks."""
+    cfg, folder = state.cfg, RunFolder(state.output_dir)
+    parent_path = None if parent is None else Path(cfg.saved_model_address)
+    with distributed.main_first():  # rank 0 moves an overwritten run's files before the others look
+        if main_process:
+            folder.remove_stale_temporaries()
+        plan = plan_run(cfg, folder, state.scenario.num_tasks, None if parent is None else parent.task, parent_path)
+    if plan.resume:
+        ckpt = TaskCheckpoint.load(plan.restore)
+        check_same_experiment(ckpt.config, cfg, str(plan.restore), resume=True)
+        restore(state, ckpt, plan.restore)
+        log.info("resuming %s after task %d", state.output_dir, ckpt.task)
+    elif parent is not None:
+        restore(state, parent, parent_path)
+    return list(range(plan.first, plan.last + 1))
+
+
 def _run(cfg: Config, device: torch.device, main_process: bool) -> dict[str, Any]:
     if not main_process:
         cfg = cfg.replace(progress=False)  # one set of progress bars: rank 0's
+    cfg, parent = continued_checkpoint(cfg)
+    output_dir, run_hash = resolve_output_dir(cfg, None if parent is None else parent.config_hash)
+    cfg = cfg.replace(output_dir=str(output_dir))
     state = build_run(cfg, device)
-    output_dir, scenario, splits = state.output_dir, state.scenario, state.splits
-    tasks = plan_tasks(state)
-    if main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(output_dir / "config.yaml")
-        state.logger = build_logger(cfg, output_dir)
-        state.logger.log_config(cfg.to_dict())
-    log.info(
-        "%s on %s: %d tasks %s, device %s, output %s",
-        cfg.method,
-        cfg.dataset,
-        scenario.num_tasks,
-        scenario.task_sizes,
-        device,
-        output_dir,
-    )
-    try:
-        for task in tasks:
-            run_task(state, task)
-        summary = state.metrics.summary()
+    state.run_hash = run_hash
+    lock = RunFolder(output_dir).lock() if main_process else contextlib.nullcontext()
+    with lock:
+        tasks = start_run(state, parent, main_process)
         if main_process:
-            state.metrics.write(output_dir)
-            class_names = [splits.class_names[c] for c in scenario.class_order]
-            for path in write_run_plots(output_dir, summary, class_names):
-                state.logger.log_image(Path(path).stem, path)
-    finally:
-        state.logger.finish()
+            config_file = output_dir / ("config.yaml" if cfg.task is None else f"config_task_{cfg.task}.yaml")
+            if not (cfg.resume and config_file.exists()):
+                cfg.save(config_file)
+            state.logger = build_logger(cfg, output_dir)
+            state.logger.log_config(cfg.to_dict())
+        log.info(
+            "%s on %s: %d tasks %s, device %s, output %s",
+            cfg.method,
+            cfg.dataset,
+            state.scenario.num_tasks,
+            state.scenario.task_sizes,
+            device,
+            output_dir,
+        )
+        try:
+            for task in tasks:
+                run_task(state, task)
+            summary = finish_run(state, main_process)
+        finally:
+            state.logger.finish()
     return {
         "method": cfg.method,
         "dataset": cfg.dataset,
@@ -367,3 +351,16 @@ def _run(cfg: Config, device: torch.device, main_process: bool) -> dict[str, Any
         "output_dir": str(output_dir),
         **summary,
     }
+
+
+def finish_run(state: RunState, main_process: bool) -> dict[str, Any]:
+    """The run's summary; rank 0 writes metrics.json/csv with the provenance, the plots and the logger's summary."""
+    summary = state.metrics.summary()
+    if main_process:
+        info = provenance.collect(state.cfg, state.device, state.run_hash)
+        state.metrics.write(state.output_dir, info)
+        state.logger.log_summary(summary)
+        class_names = [state.splits.class_names[c] for c in state.scenario.class_order]
+        for path in write_run_plots(state.output_dir, summary, class_names):
+            state.logger.log_image(Path(path).stem, path)
+    return summary

@@ -29,6 +29,7 @@ register_options(
                nullable=True),
         Option("wandb_run_name", "str", None, "wandb run name; null: <dataset>-<method>-seed<seed>", nullable=True),
     ],
+    scope="run",
 )  # fmt: skip
 
 
@@ -47,8 +48,23 @@ class RunLogger:
     def log_image(self, name: str, path: str | Path) -> None:
         """Record an image file (a plot, an impressions grid)."""
 
+    def log_summary(self, summary: dict[str, Any]) -> None:
+        """Record the run's final metrics (``RunMetrics.summary()``, also for a run that trained one task)."""
+
     def finish(self) -> None:
         """Flush and close; safe to call twice."""
+
+
+# Scalars of RunMetrics.summary() logged at the end of a run (wandb: run summary keys "final/<key>").
+SUMMARY_KEYS = (
+    "average_incremental_accuracy",
+    "last_accuracy",
+    "forgetting",
+    "backward_transfer",
+    "last_val_accuracy",
+    "average_incremental_val_accuracy",
+    "num_tasks",
+)
 
 
 def wandb_credentials_found() -> bool:
@@ -133,6 +149,13 @@ class WandbLogger(RunLogger):
 
     def log_image(self, name: str, path: str | Path) -> None:
         self.run.log({name: self._wandb.Image(str(path))}, step=self._step)
+
+    def log_summary(self, summary: dict[str, Any]) -> None:
+        """The final scalars (average incremental, last, forgetting, backward transfer, val accuracies) go to the run
+        summary as ``final/<key>``: what a sweep optimises and a table compares."""
+        for key in SUMMARY_KEYS:
+            if _is_scalar(summary.get(key)):
+                self.run.summary[f"final/{key}"] = summary[key]
 
     def finish(self) -> None:
         if self.run is not None:

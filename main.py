@@ -4,6 +4,8 @@
     python main.py --config configs/bloodmnist/ccsi.yaml --task=2 --saved_model_address=runs/.../task_1.pt
     python main.py demo                      # the digits demo: several methods, one results table
     python main.py keys                      # every configuration key with its default and meaning
+    python main.py sweep FILE [--dry-run] [--count=N] [--key=value ...]   # a wandb sweep file, run locally
+    python main.py best FOLDER --task=T      # the task-T checkpoint with the best val accuracy below FOLDER
 
 Overrides are ``--key=value`` (as a wandb agent passes sweep parameters) or ``--key value``.
 Errors in the configuration, the data or a checkpoint print one line and exit with code 2.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -70,9 +73,9 @@ def demo(argv: Sequence[str]) -> list[dict]:
             continue
         method = Path(path).stem
         print(f"\n=== demo: {method} on digits ({path}) ===", flush=True)
-        results.append(
-            run_from_args(["--config", str(ROOT / path), f"--output_dir=runs/demo/{method}", "--overwrite=true", *argv])
-        )
+        folder = Path("runs/demo") / method
+        shutil.rmtree(folder, ignore_errors=True)  # the demo's scratch folder: each demo starts anew
+        results.append(run_from_args(["--config", str(ROOT / path), f"--output_dir={folder}", *argv]))
     print("\n" + format_results_table(results))
     return results
 
@@ -85,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         with logging_redirect_tqdm():
-            if argv and argv[0] in ("demo", "keys", "sweep") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            if argv and argv[0] in ("demo", "keys", "sweep", "best") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
                 raise config.ConfigError(
                     f"'{argv[0]}' runs in one process; under torchrun use: main.py --config FILE [--key=value ...]"
                 )
@@ -99,6 +102,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 from sweep import main as sweep_main
 
                 return sweep_main(argv[1:])
+            elif argv and argv[0] == "best":
+                from run_folder import main_best
+
+                print(main_best(argv[1:]))
             elif not argv or argv[0] in ("-h", "--help"):
                 print(__doc__)
             else:

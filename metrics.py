@@ -140,6 +140,7 @@ class RunMetrics:
             raise ValueError("no task has been evaluated yet")
         acc = [e.accuracy for e in self.evaluations]
         balanced = [e.balanced_accuracy for e in self.evaluations]
+        val = [x.get("val_accuracy") for x in self.extras]  # measured by the harness; None without val images
         final = self.evaluations[-1]
         return {
             "num_tasks": len(self.evaluations),
@@ -155,6 +156,9 @@ class RunMetrics:
             "last_balanced_accuracy": balanced[-1],
             "forgetting": self.forgetting(),
             "backward_transfer": self.backward_transfer(),
+            "val_accuracy_per_task": val,
+            "last_val_accuracy": val[-1],
+            "average_incremental_val_accuracy": None if None in val else sum(val) / len(val),
             "per_class_accuracy": list(final.per_class),
             "confusion_matrix": [list(row) for row in final.confusion],
         }
@@ -175,27 +179,34 @@ class RunMetrics:
             out.add(int(item["task"]), TaskEvaluation(**item["evaluation"]), item["extra"])
         return out
 
-    def write(self, output_dir: str | Path) -> tuple[Path, Path]:
-        """Write metrics.json (summary + per-task extras) and metrics.csv (one row per task); return both paths."""
+    def write(self, output_dir: str | Path, provenance: dict[str, Any] | None = None) -> tuple[Path, Path]:
+        """Write metrics.json (provenance, summary, per-task extras) and metrics.csv (one row per task, each starting
+        with the provenance columns method, dataset, protocol, seed, config_hash, commit); return both paths."""
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        doc = {**self.summary(), "tasks": [{"task": i + 1, **x} for i, x in enumerate(self.extras)]}
+        info = dict(provenance or {})
+        doc = {**info, **self.summary(), "tasks": [{"task": i + 1, **x} for i, x in enumerate(self.extras)]}
         json_path = out / "metrics.json"
         _atomic_write(json_path, json.dumps(doc, indent=2, default=_json_default) + "\n")
 
         r = self.accuracy_matrix()
-        header = ["task", "n_seen", "accuracy", "balanced_accuracy", "old_accuracy", "new_accuracy"]
-        header += [f"R_task{j + 1}" for j in range(len(r))]
+        lead = [info.get(k, "") for k in PROVENANCE_COLUMNS]
+        header = [*PROVENANCE_COLUMNS, "task", "n_seen", "accuracy", "balanced_accuracy", "old_accuracy"]
+        header += ["new_accuracy", "val_accuracy", *(f"R_task{j + 1}" for j in range(len(r)))]
         csv_path = out / "metrics.csv"
         tmp = csv_path.with_name(csv_path.name + ".tmp")
         with tmp.open("w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(header)
             for i, e in enumerate(self.evaluations):
-                values = [e.accuracy, e.balanced_accuracy, e.old_accuracy, e.new_accuracy, *r[i]]
-                writer.writerow([i + 1, e.n_seen, *("" if v is None else f"{v:.4f}" for v in values)])
+                val = self.extras[i].get("val_accuracy")
+                values = [e.accuracy, e.balanced_accuracy, e.old_accuracy, e.new_accuracy, val, *r[i]]
+                writer.writerow([*lead, i + 1, e.n_seen, *("" if v is None else f"{v:.4f}" for v in values)])
         os.replace(tmp, csv_path)
         return json_path, csv_path
+
+
+PROVENANCE_COLUMNS = ("method", "dataset", "protocol", "seed", "config_hash", "commit")
 
 
 def _json_default(value: Any) -> Any:

@@ -27,6 +27,7 @@ register_options(
         Option("lr_gamma", "float", 0.1, "lr decay factor of the step and plateau schedulers", min=0.0, max=1.0),
         Option("lr_patience", "int", 5, "epochs without improvement before a plateau scheduler decays lr", min=0),
     ],
+    scope="task",
 )
 register_preset("protocol", "original", {"scheduler": "plateau_original"})
 register_preset("protocol", "clean", {"scheduler": "plateau"})

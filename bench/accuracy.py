@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import config
 import incremental_train_and_eval as engine
 from bench.synthesis_speed import describe_machine
-from checkpoint import completed_tasks
+from checkpoint import completed_tasks, partial_tasks
 from errors import UserError
 from metrics import format_results_table
 from plots import plot_method_curves
@@ -44,16 +44,6 @@ log = logging.getLogger("bench.accuracy")
 FULL_DATASETS = ("bloodmnist", "pathmnist", "organamnist", "tissuemnist")
 # --quick: digits on a 2-core CPU, 12 methods x 3 seeds in under 30 min (sizing: bench/README.md)
 QUICK_OVERRIDES = {"epochs": "4", "syn_iterations": "30", "syn_warmup": "3"}
-RUNTIME_KEYS = {
-    "progress",
-    "resume",
-    "overwrite",
-    "device",
-    "logger",
-    "wandb_project",
-    "wandb_entity",
-    "wandb_run_name",
-}
 METRICS = (("average_incremental_accuracy", "avg inc acc"), ("last_accuracy", "last acc"), ("forgetting", "forgetting"))
 
 
@@ -64,10 +54,9 @@ def methods_with_config(dataset: str) -> list[str]:
 
 
 def same_run(cfg: config.Config, folder: Path) -> bool:
-    """Whether folder/config.yaml holds this configuration (runtime-only keys and keys it lacks aside)."""
+    """Whether folder/config.yaml holds this configuration (keys that change results: experiment and task scopes)."""
     saved = yaml.safe_load((folder / "config.yaml").read_text())
-    wanted = yaml.safe_load(yaml.safe_dump(cfg.to_dict()))
-    return all(saved[k] == v for k, v in wanted.items() if k in saved and k not in RUNTIME_KEYS)
+    return not config.differences(saved, cfg.to_dict(), ("experiment", "task"))
 
 
 def run_one(dataset: str, method: str, seed: int, runs: Path, overrides: dict[str, str]) -> dict[str, Any]:
@@ -75,10 +64,12 @@ def run_one(dataset: str, method: str, seed: int, runs: Path, overrides: dict[st
     folder = runs / dataset / method / f"seed{seed}"
     rec: dict[str, Any] = {"dataset": dataset, "method": method, "seed": seed, "output_dir": str(folder)}
     try:
-        values = {"progress": "false", **overrides, "seed": seed, "output_dir": str(folder), "resume": "true"}
+        values = {"progress": "false", **overrides, "seed": seed, "output_dir": str(folder)}
+        if completed_tasks(folder) or partial_tasks(folder):
+            values["resume"] = "true"  # continue the part already done
         cfg = config.load_config([ROOT / "configs" / dataset / f"{method}.yaml"], values)
         rec["protocol"] = cfg.protocol
-        started = (folder / "metrics.json").is_file() or completed_tasks(folder)
+        started = (folder / "metrics.json").is_file() or "resume" in values
         if started and (folder / "config.yaml").is_file() and not same_run(cfg, folder):
             raise UserError(f"{folder} holds a run with another configuration; delete it or pass --runs DIR")
         if (folder / "metrics.json").is_file():

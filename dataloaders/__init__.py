@@ -26,8 +26,8 @@ register_options(
     "data",
     [
         Option("dataset", "str", "digits", "data set to learn (digits is offline, for tests)", choices=tuple(DATASETS)),
-        Option("data_root", "str", "data", "folder holding the data set files"),
-        Option("download", "bool", False, "fetch missing data set files (MedMNIST, GTSRB, CIFAR-100)"),
+        Option("data_root", "str", "data", "folder holding the data set files", scope="run"),
+        Option("download", "bool", False, "fetch missing data set files (MedMNIST, GTSRB, CIFAR-100)", scope="run"),
         Option("data_path", "str", None, "path of a MedMNIST-format .npz file for dataset: npz", nullable=True),
         Option("nb_cl_fg", "int", 2, "number of classes in the first task", min=1),
         Option("nb_cl", "int", 2, "number of classes per later task; the last task takes the remainder", min=1),

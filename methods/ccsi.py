@@ -57,6 +57,7 @@ register_options(
             max=0.99,
         ),
     ],
+    scope="task",
 )
 register_preset("protocol", "original", {"idc_source": "test"})
 register_preset("protocol", "clean", {"idc_source": "val"})

@@ -48,6 +48,7 @@ register_options(
             "false: CE on the real rows over the new classes (LwF)",
         ),
     ],
+    scope="task",
 )
 
 

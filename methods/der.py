@@ -36,8 +36,10 @@ register_options(
             "bool",
             True,
             "start each new extractor from the previous one's weights (PyCIL DERNet) instead of a fresh init",
+            scope="experiment",
         ),
     ],
+    scope="task",
 )
 
 

@@ -70,6 +70,7 @@ register_options(
             nullable=True,
         ),
     ],
+    scope="task",
 )
 
 # Floats of per-sample gradients held at once while estimating the Fisher (about 256 MB in float32).

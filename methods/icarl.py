@@ -39,6 +39,7 @@ register_options(
             choices=("bce", "kd"),
         ),
     ],
+    scope="task",
 )
 
 

@@ -35,6 +35,7 @@ register_options(
             "kd_temperature", "float", 2.0, "softmax temperature of logit distillation (LwF, iCaRL, WA: 2)", min=1e-6
         ),
     ],
+    scope="task",
 )
 
 

@@ -49,6 +49,7 @@ register_options(
         Option("imprint", "bool", True, "imprint new-class weights from class-mean features (LUCIR, CCSI)"),
         Option("freeze_old_weights", "bool", True, "keep old-class classifier weights fixed (LUCIR, CCSI: lr 0)"),
     ],
+    scope="task",
 )
 register_preset("protocol", "original", {"lamda_new_classes": "nb_cl"})
 register_preset("protocol", "clean", {"lamda_new_classes": "actual"})

@@ -32,6 +32,7 @@ register_options(
             min=0.0,
         ),
     ],
+    scope="task",
 )
 
 

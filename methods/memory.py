@@ -54,6 +54,7 @@ register_options(
             "bool",
             False,
             "batches half new data, half memory (drawn with replacement); false: memory joined to the new data",
+            scope="task",
         ),
     ],
 )

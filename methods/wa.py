@@ -28,6 +28,7 @@ register_options(
     [
         Option("wa_clip_weights", "bool", True, "keep the linear head's weights >= 0 while training (WA paper: yes)"),
     ],
+    scope="task",
 )
 
 

@@ -9,7 +9,6 @@ import pytest
 import config
 import incremental_train_and_eval  # noqa: F401  (declares every key)
 import sweep
-from checkpoint import task_checkpoint_path
 from main import split_config_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,8 +67,8 @@ def sweep_config(path: Path) -> tuple[config.Config, dict]:
     points = sweep.grid_points(spec["parameters"])
     assert len(points) == 1, f"{path} expands to {len(points)} commands"
     command = sweep.build_command(spec, points[0])
-    assert command[1] == "main.py"
-    files, rest = split_config_args(command[2:])
+    assert command[:3] == ["/usr/bin/env", ".venv/bin/python", "main.py"]  # as a wandb agent runs it
+    files, rest = split_config_args(command[3:])
     assert files, f"{path}: the command passes no --config"
     return config.load_config([ROOT / f for f in files], config.parse_overrides(rest)), points[0]
 
@@ -95,7 +94,9 @@ def test_run_config_loads_and_validates(path):
 def test_sweep_expands_to_one_valid_command(path):
     spec = sweep.read_sweep(path)
     assert spec["method"] == "grid" and spec["program"] == "main.py"
-    assert spec["metric"] == {"name": "task/accuracy", "goal": "maximize"}  # what WandbLogger.log_task writes
+    # a validation metric (never test under protocol clean), written by WandbLogger.log_summary
+    assert spec["metric"] == {"name": "final/last_val_accuracy", "goal": "maximize"}
+    assert spec["command"][:2] == ["${env}", ".venv/bin/python"]  # the project's interpreter, not PATH's python
     cfg, point = sweep_config(path)
     assert cfg.logger == "wandb"
     for key, value in point.items():  # the per_task entries of the --config file must not shadow a sweep value
@@ -120,16 +121,16 @@ def test_ccsi_config_has_the_paper_split_seed_and_original_values(ds):
 
 @pytest.mark.parametrize("ds", MEDMNIST)
 @pytest.mark.parametrize("task", [1, 2, 3, 4])
-def test_sweep_task_continues_from_the_previous_task_of_the_same_run(ds, task):
+def test_sweep_task_continues_from_the_best_run_of_the_previous_task_sweep(ds, task):
     whole = config.load_config([CONFIGS / ds / "ccsi.yaml"])
     cfg, _ = sweep_config(CONFIGS / ds / f"sweep_task_{task}.yaml")
     assert cfg.task == task
-    assert cfg.output_dir == whole.output_dir == f"runs/{ds}/ccsi/seed{SPLITS[ds][2]}"
+    assert cfg.output_dir == f"runs/sweeps/{ds}/ccsi/task_{task}/seed{{seed}}-{{config_hash}}"  # a folder per point
     if task == 1:
         assert cfg.saved_model_address is None
     else:
-        assert Path(cfg.saved_model_address) == task_checkpoint_path(whole.output_dir, task - 1)
-    ignored = {"task", "saved_model_address", "logger"}
+        assert cfg.saved_model_address == f"best:runs/sweeps/{ds}/ccsi/task_{task - 1}"
+    ignored = {"task", "saved_model_address", "logger", "output_dir"}
     one_task, all_tasks = cfg.for_task(task).to_dict(), whole.for_task(task).to_dict()
     assert {k: v for k, v in one_task.items() if k not in ignored and k != "per_task"} == {
         k: v for k, v in all_tasks.items() if k not in ignored and k != "per_task"

@@ -8,10 +8,12 @@ import incremental_train_and_eval  # noqa: F401  (declares every key)
 from config import ConfigError, Option, coerce, load_config, parse_overrides
 
 
-def test_defaults_resolve_and_output_dir_is_formatted():
+def test_defaults_resolve_and_output_dir_names_the_run():
     cfg = load_config()
     assert cfg.method == "finetune" and cfg.seed == 0
-    assert cfg.output_dir == f"runs/{cfg.dataset}/finetune/seed0"
+    assert cfg.output_dir == "runs/{dataset}/{method}/{protocol}/seed{seed}-{config_hash}"  # filled when it starts
+    with pytest.raises(ConfigError, match=r"unknown placeholder \{epoch\}"):
+        load_config(overrides={"output_dir": "runs/{epoch}"})
 
 
 def test_yaml_then_overrides_in_both_forms(tmp_path):

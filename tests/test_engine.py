@@ -143,7 +143,7 @@ def test_corrupt_checkpoint_gives_one_line_error(make_cfg, tmp_path, capsys):
 def test_checkpoint_of_another_split_is_refused(make_cfg, tmp_path):
     run(make_cfg(task=1, **THREE_TASKS))
     first = str(task_checkpoint_path(tmp_path / "run", 1))
-    with pytest.raises(CheckpointError, match="another class split"):
+    with pytest.raises(CheckpointError, match="other values of nb_cl"):
         run(make_cfg(task=2, saved_model_address=first, overwrite=True, nb_cl_fg=2, nb_cl=2))
 
 

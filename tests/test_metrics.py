@@ -129,7 +129,8 @@ def test_to_dict_round_trip_and_resume_reproduce_the_summary():
 def test_write_json_and_csv(tmp_path):
     m = _three_tasks()
     m.extras[0]["epoch_seconds"] = torch.tensor([1.5, 2.5])  # tensors in extras are written as lists
-    json_path, csv_path = m.write(tmp_path / "run")
+    info = {"method": "ccsi", "dataset": "digits", "protocol": "clean", "seed": 3, "config_hash": "0a1b2c3d"}
+    json_path, csv_path = m.write(tmp_path / "run", {**info, "commit": "abc"})
     doc = json.loads(json_path.read_text())
     for key in (
         "accuracy_matrix",
@@ -140,16 +141,19 @@ def test_write_json_and_csv(tmp_path):
         "forgetting",
     ):
         assert key in doc
+    assert doc["seed"] == 3 and doc["commit"] == "abc"  # the provenance leads the document
     assert doc["forgetting"] == pytest.approx(27.5)
     assert doc["accuracy_matrix"][0] == [90.0, None, None]
     assert doc["tasks"][0] == {"task": 1, "val_accuracy": 51.0, "protocol": "ccsi", "epoch_seconds": [1.5, 2.5]}
     rows = list(csv.reader(csv_path.open()))
     assert rows[0] == [
-        "task", "n_seen", "accuracy", "balanced_accuracy", "old_accuracy", "new_accuracy",
+        "method", "dataset", "protocol", "seed", "config_hash", "commit",
+        "task", "n_seen", "accuracy", "balanced_accuracy", "old_accuracy", "new_accuracy", "val_accuracy",
         "R_task1", "R_task2", "R_task3",
     ]  # fmt: skip
-    assert rows[1] == ["1", "2", "90.0000", "90.0000", "", "90.0000", "90.0000", "", ""]
-    assert rows[3][:2] == ["3", "6"] and [float(v) for v in rows[3][6:]] == pytest.approx([70.0, 50.0, 85.0])
+    lead = ["ccsi", "digits", "clean", "3", "0a1b2c3d", "abc"]
+    assert rows[1] == [*lead, "1", "2", "90.0000", "90.0000", "", "90.0000", "51.0000", "90.0000", "", ""]
+    assert rows[3][6:8] == ["3", "6"] and [float(v) for v in rows[3][13:]] == pytest.approx([70.0, 50.0, 85.0])
     assert len(rows) == 4
     assert not list(tmp_path.glob("run/*.tmp"))
 

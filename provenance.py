@@ -1,0 +1,88 @@
+"""What produced a result: method, data (with the file's sha256), protocol, seed, config hash, code version,
+library versions and device; written into metrics.json and every row of metrics.csv."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from config import Config
+from dataloaders import medmnist_data
+
+ROOT = Path(__file__).resolve().parent
+LIBRARIES = ("torch", "torchvision", "medmnist", "numpy")
+
+
+def git_commit(root: Path = ROOT) -> dict[str, Any]:
+    """The checkout's commit and whether it has uncommitted changes; "unknown" outside a git checkout."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": "unknown", "dirty": None}
+    return {"commit": commit, "dirty": bool(status.strip())}
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def data_source(cfg: Config) -> dict[str, Any]:
+    """The data set's name and, for a file the run read (``npz``, MedMNIST's .npz), its path and sha256."""
+    out: dict[str, Any] = {"dataset": cfg.dataset}
+    if cfg.dataset == "npz" and cfg.data_path:
+        path = Path(cfg.data_path)
+    else:  # a MedMNIST file, when the data set is one
+        path = Path(cfg.data_root).expanduser() / medmnist_data.file_name(cfg.dataset, cfg.medmnist_size)
+    if path.is_file():
+        out.update(data_path=str(path.resolve()), data_sha256=file_sha256(path))
+    return out
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def collect(cfg: Config, device: torch.device, config_hash: str) -> dict[str, Any]:
+    """Everything that says what produced a run's numbers."""
+    return {
+        "method": cfg.method,
+        **data_source(cfg),
+        "protocol": cfg.protocol,
+        "seed": cfg.seed,
+        "config_hash": config_hash,
+        **git_commit(),
+        "versions": library_versions(),
+        "device": describe_device(device),
+    }
