@@ -20,7 +20,8 @@ MEDMNIST = ("bloodmnist", "pathmnist", "organamnist", "tissuemnist")
 # The paper's protocol: (nb_cl_fg, nb_cl, seed) per data set.
 SPLITS = {"bloodmnist": (2, 2, 0), "pathmnist": (3, 2, 1), "organamnist": (3, 3, 2), "tissuemnist": (2, 2, 3)}
 
-# Values that differ between the original's configs/<Data>/sweep_task_<t>.yaml files, typed from those files:
+# Values that differ between the original's configs/<Data>/sweep_task_<t>.yaml files (github.com/ubc-tea/
+# Continual-Impression-CCSI, commit 27de826), typed from those files:
 # task -> (nb_generation, main_loss_multiplier, tv_l2, ro, temprature, rs_ratio); task 1 has no nb_generation.
 ORIGINAL = {
     "bloodmnist": {
