@@ -25,9 +25,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+import config
 import dataloaders
 import distributed
 import models
+import run_folder
 from checkpoint import (
     completed_tasks,
     load_checkpoint,
@@ -456,9 +458,11 @@ def run(cfg: Config) -> dict[str, Any]:
 def _run(cfg: Config, device: torch.device, main_process: bool) -> dict[str, Any]:
     if not main_process:
         cfg = cfg.replace(progress=False)  # one set of progress bars: rank 0's
-    output_dir = Path(cfg.output_dir)
+    output_dir = run_folder.resolve_output_dir(cfg.output_dir)
     with distributed.main_first():  # one download, not one per rank
         splits, scenario = dataloaders.prepare(cfg)
+    config.check_per_task(cfg, scenario.num_tasks)
+    dataloaders.check_run_splits(cfg, splits, scenario)
     splits = DataSplits(
         splits.name,
         splits.train.to(device),

@@ -8,6 +8,7 @@ All accuracies are floats in PERCENT. Labels are positions in the class order, s
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -17,6 +18,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from errors import writing
 
 __all__ = ["RunMetrics", "TaskEvaluation", "evaluate_predictions", "format_results_table"]
 
@@ -178,7 +181,6 @@ class RunMetrics:
     def write(self, output_dir: str | Path) -> tuple[Path, Path]:
         """Write metrics.json (summary + per-task extras) and metrics.csv (one row per task); return both paths."""
         out = Path(output_dir)
-        out.mkdir(parents=True, exist_ok=True)
         doc = {**self.summary(), "tasks": [{"task": i + 1, **x} for i, x in enumerate(self.extras)]}
         json_path = out / "metrics.json"
         _atomic_write(json_path, json.dumps(doc, indent=2, default=_json_default) + "\n")
@@ -186,15 +188,14 @@ class RunMetrics:
         r = self.accuracy_matrix()
         header = ["task", "n_seen", "accuracy", "balanced_accuracy", "old_accuracy", "new_accuracy"]
         header += [f"R_task{j + 1}" for j in range(len(r))]
+        text = io.StringIO()
+        writer = csv.writer(text)
+        writer.writerow(header)
+        for i, e in enumerate(self.evaluations):
+            values = [e.accuracy, e.balanced_accuracy, e.old_accuracy, e.new_accuracy, *r[i]]
+            writer.writerow([i + 1, e.n_seen, *("" if v is None else f"{v:.4f}" for v in values)])
         csv_path = out / "metrics.csv"
-        tmp = csv_path.with_name(csv_path.name + ".tmp")
-        with tmp.open("w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(header)
-            for i, e in enumerate(self.evaluations):
-                values = [e.accuracy, e.balanced_accuracy, e.old_accuracy, e.new_accuracy, *r[i]]
-                writer.writerow([i + 1, e.n_seen, *("" if v is None else f"{v:.4f}" for v in values)])
-        os.replace(tmp, csv_path)
+        _atomic_write(csv_path, text.getvalue())
         return json_path, csv_path
 
 
@@ -208,9 +209,17 @@ def _json_default(value: Any) -> Any:
 
 
 def _atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file, then rename it over ``path``: a failed write leaves ``path`` intact."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with tmp.open("w", newline="") as f:
+                f.write(text)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 def _cell(value: Any) -> str:
