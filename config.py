@@ -2,8 +2,9 @@
 
 Every key is declared once, next to the code that reads it, with ``register_options``:
 its type, default, allowed values and a help line. A run's configuration is built from
-YAML files (later files override earlier ones, ``defaults:`` pulls in a base file) and
-command-line overrides (``--key=value`` as a wandb agent passes them, or ``--key value``).
+YAML files (read by ``config_files.py``; later files override earlier ones, ``defaults:``
+pulls in a base file) and command-line overrides (``--key=value`` as a wandb agent passes
+them, or ``--key value``).
 Unknown keys, wrong types and out-of-range values raise ``ConfigError`` with one line that
 names the key (and, for unknown keys, the closest valid one).
 
@@ -19,6 +20,8 @@ import hashlib
 import json
 import logging
 import math
+import os
+import re
 import string
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -27,14 +30,10 @@ from typing import Any
 
 import yaml
 
-from errors import UserError
+from config_files import read_config_file
+from errors import ConfigError, writing
 
 log = logging.getLogger(__name__)
-
-
-class ConfigError(UserError, ValueError):
-    """A configuration problem; its message is one line meant for the user."""
-
 
 # Value kinds a key can have. "int_list" is a list of ints (e.g. class_order), written in YAML
 # as a list or on the command line as "3,1,2" or "[3,1,2]".
@@ -51,16 +50,19 @@ class Option:
     help: str  # one line: meaning, units, paper value
     group: str = "general"
     choices: tuple[Any, ...] | None = None
-    min: float | None = None  # inclusive bounds for numbers
+    min: float | None = None  # bounds for numbers, inclusive unless min_exclusive
     max: float | None = None
     nullable: bool = False  # whether null/None is an accepted value
     scope: str | None = None  # one of SCOPES; None: the group's scope given to register_options
+    min_exclusive: bool = False  # the value must be > min (a rate or a temperature of 0 makes no sense)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"option {self.name}: unknown kind {self.kind!r}")
         if self.scope is not None and self.scope not in SCOPES:
             raise ValueError(f"option {self.name}: unknown scope {self.scope!r}")
+        if self.min_exclusive and self.min is None:
+            raise ValueError(f"option {self.name}: min_exclusive needs a min")
 
 
 # What a key's value means for a run's results and identity:
@@ -124,12 +126,24 @@ def register_preset(
 
 
 def _closest(name: str) -> str:
-    match = difflib.get_close_matches(name, list(OPTIONS), n=1, cutoff=0.5)
+    match = difflib.get_close_matches(str(name), list(OPTIONS), n=1, cutoff=0.5)
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
-def _unknown_key(name: str, where: str) -> ConfigError:
+def _unknown_key(name: Any, where: str) -> ConfigError:
     return ConfigError(f"unknown configuration key '{name}' in {where}{_closest(name)}")
+
+
+def _check_key(name: Any, where: str) -> None:
+    if name not in OPTIONS:
+        raise _unknown_key(name, where)
+
+
+def few(items: Iterable[Any], limit: int = 5) -> str:
+    """'a, b, c' for a short list; the first ``limit`` items and 'and N more' for a long one."""
+    items = list(items)
+    shown = ", ".join(map(str, items[:limit]))
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
 def coerce(opt: Option, value: Any) -> Any:
@@ -163,8 +177,10 @@ def coerce(opt: Option, value: Any) -> Any:
     elif opt.kind == "float":
         if isinstance(value, str):
             value = _parse_scalar(value)
-        if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        if isinstance(value, bool) or not isinstance(value, int | float):
             raise bad
+        if not math.isfinite(value):
+            raise ConfigError(f"key '{opt.name}': must be a finite number, got {value}")
         out = float(value)
     elif opt.kind == "str":
         if isinstance(value, bool) or not isinstance(value, str | int | float):
@@ -185,8 +201,8 @@ def coerce(opt: Option, value: Any) -> Any:
     if opt.choices is not None and out not in opt.choices:
         raise bad
     if opt.kind in ("int", "float"):
-        if opt.min is not None and out < opt.min:
-            raise ConfigError(f"key '{opt.name}': must be >= {opt.min}, got {out}")
+        if opt.min is not None and (out <= opt.min if opt.min_exclusive else out < opt.min):
+            raise ConfigError(f"key '{opt.name}': must be {'>' if opt.min_exclusive else '>='} {opt.min}, got {out}")
         if opt.max is not None and out > opt.max:
             raise ConfigError(f"key '{opt.name}': must be <= {opt.max}, got {out}")
     return out
@@ -270,8 +286,18 @@ class Config:
         return out
 
     def save(self, path: str | Path) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        with writing(path):
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def expand_path(key: str, raw: str) -> Path:
+    """The path a path-valued key names: ``~`` and ``$VARIABLE`` expanded; an unset variable is a ConfigError."""
+    text = os.path.expandvars(os.path.expanduser(raw))
+    unset = re.search(r"\$(\w+|\{[^}]*\})", text)
+    if unset:
+        raise ConfigError(f"key '{key}': environment variable {unset.group(0)} is not set (in {raw!r})")
+    return Path(text)
 
 
 def identity_values(values: dict[str, Any]) -> dict[str, Any]:
@@ -310,44 +336,24 @@ def defaults() -> dict[str, Any]:
     return {name: opt.default for name, opt in OPTIONS.items()}
 
 
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict[str, Any], dict[int, dict]]:
-    """Read one config file (following ``defaults:``); return (values, per_task), not yet coerced."""
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    if path.resolve() in seen:
-        raise ConfigError(f"config file {path} includes itself through 'defaults'")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"config file {path}{where} is not valid YAML: {getattr(err, 'problem', err)}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of key: value")
-    values: dict[str, Any] = {}
-    per_task: dict[int, dict] = {}
-    base = data.pop("defaults", None)
-    if base is not None:
-        for item in [base] if isinstance(base, str) else base:
-            base_values, base_tasks = _read_yaml(path.parent / item, (*seen, path.resolve()))
-            values.update(base_values)
-            for t, v in base_tasks.items():
-                per_task.setdefault(t, {}).update(v)
-    tasks = data.pop("per_task", None) or {}
-    if not isinstance(tasks, dict):
-        raise ConfigError(f"{path}: 'per_task' must map task numbers to mappings of key: value")
-    for t, vals in tasks.items():
-        if not isinstance(t, int) or t < 1 or not isinstance(vals, dict):
-            raise ConfigError(f"{path}: 'per_task' entries must be 'N: {{key: value}}' with N >= 1, got {t!r}")
-        for name in vals:
-            if name not in OPTIONS:
-                raise _unknown_key(name, f"{path} per_task {t}")
-        per_task.setdefault(t, {}).update(vals)
-    for name in data:
-        if name not in OPTIONS:
-            raise _unknown_key(name, str(path))
-    values.update(data)
-    return values, per_task
+def _check_per_task_scopes(per_task: dict[int, dict[str, Any]]) -> None:
+    """Refuse ``per_task`` entries for keys that hold for a whole run (scope "experiment" or "run")."""
+    fixed = sorted({n for vals in per_task.values() for n in vals if OPTIONS[n].scope != "task"})
+    if fixed:
+        raise ConfigError(
+            f"key 'per_task': {few(fixed)} cannot change from task to task (they hold for the whole run); "
+            "set them at the top level of the config"
+        )
+
+
+def check_per_task(cfg: Config, num_tasks: int) -> None:
+    """Refuse ``per_task`` entries for tasks the run does not have (known once the data set is loaded)."""
+    beyond = sorted(t for t in cfg.per_task if t > num_tasks)
+    if beyond:
+        raise ConfigError(
+            f"key 'per_task': entries for task(s) {few(beyond)}, but this run has {num_tasks} tasks; "
+            "remove those entries or change the task split (nb_cl_fg, nb_cl)"
+        )
 
 
 def parse_overrides(args: Sequence[str]) -> dict[str, str]:
@@ -429,7 +435,7 @@ def _check_placeholders(template: str) -> None:
     try:
         fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
     except ValueError as err:
-        raise ConfigError(f"key 'output_dir': {err} in {template!r}") from None
+        raise ConfigError(f"key 'output_dir': {err} in {template!r}; write {{{{ }}}} for a literal brace") from None
     for field in fields:
         if field not in OPTIONS and field not in RUN_PLACEHOLDERS:
             raise ConfigError(
@@ -444,7 +450,9 @@ def load_config(files: Sequence[str | Path] = (), overrides: dict[str, Any] | No
     per_task: dict[int, dict] = {}
     explicit = set(overrides or {})  # keys the user set; presets do not touch them
     for f in files:
-        file_values, file_tasks = _read_yaml(Path(f))
+        if not str(f).strip():
+            raise ConfigError("--config needs a file name, got an empty one: --config configs/digits/ccsi.yaml")
+        file_values, file_tasks = read_config_file(Path(f), _check_key)
         values.update(file_values)
         explicit |= set(file_values)
         for t, v in file_tasks.items():
@@ -453,6 +461,7 @@ def load_config(files: Sequence[str | Path] = (), overrides: dict[str, Any] | No
     _apply_presets(values, explicit, per_task)
     values = {name: coerce(OPTIONS[name], v) for name, v in values.items()}
     per_task = {t: {n: coerce(OPTIONS[n], v) for n, v in vals.items()} for t, vals in per_task.items()}
+    _check_per_task_scopes(per_task)
     _check_placeholders(str(values["output_dir"]))
     return Config(values, per_task, set(overrides or {}))
 
@@ -474,7 +483,8 @@ def reference_table() -> str:
             if opt.choices:
                 allowed = " \\| ".join(map(str, opt.choices))
             elif opt.min is not None or opt.max is not None:
-                allowed = f"[{'' if opt.min is None else opt.min}, {'' if opt.max is None else opt.max}]"
+                low = "(" if opt.min_exclusive else "["
+                allowed = f"{low}{'' if opt.min is None else opt.min}, {'' if opt.max is None else opt.max}]"
             if opt.nullable:
                 allowed = (allowed + ", null").lstrip(", ")
             default = "null" if opt.default is None else opt.default

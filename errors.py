@@ -1,8 +1,19 @@
 """Errors meant for the user: main.py prints their one-line message and exits with code 2."""
 
+from __future__ import annotations
+
+import errno
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
 
 class UserError(Exception):
     """A problem with the user's input (config, data, checkpoint); the message says what to do."""
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration problem; its message is one line meant for the user."""
 
 
 class DataError(UserError):
@@ -15,3 +26,31 @@ class CheckpointError(UserError):
 
 class TrainingError(UserError):
     """Training cannot continue (e.g. a NaN loss); the message names the task, epoch and term."""
+
+
+class OutputError(UserError):
+    """A file of the run cannot be written (full disk, quota, read-only or forbidden folder)."""
+
+
+# errno values a user can fix (free space, permissions, another folder), with their one-line description
+_WRITE_ERRORS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+
+
+@contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """Turn a failed write of ``path`` (full disk, quota, read-only, no permission) into one OutputError line."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in _WRITE_ERRORS:
+            raise
+        raise OutputError(
+            f"cannot write {path}: {_WRITE_ERRORS[err.errno]}; the files written before it are intact: free space "
+            "or fix the permissions, then rerun with --resume=true (or choose another --output_dir)"
+        ) from None

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+import config
 import dataloaders
 import distributed
 import models
@@ -269,6 +270,8 @@ def build_run(cfg: Config, device: torch.device) -> RunState:
     """Data on the device, the class split, the net and the method, checked against each other before training."""
     with distributed.main_first():  # one download, not one per rank
         splits, scenario = dataloaders.prepare(cfg)
+    config.check_per_task(cfg, scenario.num_tasks)
+    dataloaders.check_run_splits(cfg, splits, scenario)
     splits = DataSplits(
         splits.name,
         splits.train.to(device),

@@ -8,6 +8,7 @@ All accuracies are floats in PERCENT. Labels are positions in the class order, s
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -17,6 +18,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from errors import writing
 
 __all__ = ["RunMetrics", "TaskEvaluation", "evaluate_predictions", "format_results_table"]
 
@@ -183,7 +186,6 @@ class RunMetrics:
         """Write metrics.json (provenance, summary, per-task extras) and metrics.csv (one row per task, each starting
         with the provenance columns method, dataset, protocol, seed, config_hash, commit); return both paths."""
         out = Path(output_dir)
-        out.mkdir(parents=True, exist_ok=True)
         info = dict(provenance or {})
         doc = {**info, **self.summary(), "tasks": [{"task": i + 1, **x} for i, x in enumerate(self.extras)]}
         json_path = out / "metrics.json"
@@ -193,16 +195,15 @@ class RunMetrics:
         lead = [info.get(k, "") for k in PROVENANCE_COLUMNS]
         header = [*PROVENANCE_COLUMNS, "task", "n_seen", "accuracy", "balanced_accuracy", "old_accuracy"]
         header += ["new_accuracy", "val_accuracy", *(f"R_task{j + 1}" for j in range(len(r)))]
+        text = io.StringIO()
+        writer = csv.writer(text)
+        writer.writerow(header)
+        for i, e in enumerate(self.evaluations):
+            val = self.extras[i].get("val_accuracy")
+            values = [e.accuracy, e.balanced_accuracy, e.old_accuracy, e.new_accuracy, val, *r[i]]
+            writer.writerow([*lead, i + 1, e.n_seen, *("" if v is None else f"{v:.4f}" for v in values)])
         csv_path = out / "metrics.csv"
-        tmp = csv_path.with_name(csv_path.name + ".tmp")
-        with tmp.open("w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(header)
-            for i, e in enumerate(self.evaluations):
-                val = self.extras[i].get("val_accuracy")
-                values = [e.accuracy, e.balanced_accuracy, e.old_accuracy, e.new_accuracy, val, *r[i]]
-                writer.writerow([*lead, i + 1, e.n_seen, *("" if v is None else f"{v:.4f}" for v in values)])
-        os.replace(tmp, csv_path)
+        _atomic_write(csv_path, text.getvalue())
         return json_path, csv_path
 
 
@@ -219,9 +220,17 @@ def _json_default(value: Any) -> Any:
 
 
 def _atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file, then rename it over ``path``: a failed write leaves ``path`` intact."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with tmp.open("w", newline="") as f:
+                f.write(text)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 def _cell(value: Any) -> str:

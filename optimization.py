@@ -11,7 +11,7 @@ from config import Config, Option, register_options, register_preset
 register_options(
     "optimization",
     [
-        Option("lr", "float", 0.1, "learning rate (paper: 0.1, SGD)", min=0.0),
+        Option("lr", "float", 0.1, "learning rate (paper: 0.1, SGD)", min=0.0, min_exclusive=True),
         Option("optimizer", "str", "sgd", "optimiser", choices=("sgd", "adam")),
         Option("momentum", "float", 0.0, "SGD momentum (paper: 0)", min=0.0, max=0.999),
         Option("weight_decay", "float", 0.0, "weight decay (paper: 0)", min=0.0),
@@ -24,7 +24,15 @@ register_options(
             choices=("none", "step", "cosine", "plateau", "plateau_original"),
         ),
         Option("lr_milestones", "int_list", [], "epochs at which the step scheduler multiplies lr by lr_gamma"),
-        Option("lr_gamma", "float", 0.1, "lr decay factor of the step and plateau schedulers", min=0.0, max=1.0),
+        Option(
+            "lr_gamma",
+            "float",
+            0.1,
+            "lr decay factor of the step and plateau schedulers",
+            min=0.0,
+            max=1.0,
+            min_exclusive=True,
+        ),
         Option("lr_patience", "int", 5, "epochs without improvement before a plateau scheduler decays lr", min=0),
     ],
     scope="task",

@@ -6,12 +6,15 @@ backend switch, never a window, safe to call from any process or thread.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
+
+from errors import writing
 
 __all__ = [
     "plot_accuracy_matrix",
@@ -27,9 +30,17 @@ _TICK_NAMES_MAX = 40  # label the axes with class names up to this many classes
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG through a temporary file: a failed write leaves an earlier ``path`` intact."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=120, bbox_inches="tight")
+    tmp = path.with_name(f".{path.name}.tmp")
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     return path
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from config import Config, ConfigError, Option, describe_differences, differences, register_options
+from config import Config, ConfigError, Option, describe_differences, differences, expand_path, register_options
 from errors import CheckpointError, UserError
 
 log = logging.getLogger(__name__)
@@ -84,14 +84,44 @@ register_options(
 
 
 def resolve_output_dir(cfg: Config, parent_hash: str | None) -> tuple[Path, str]:
-    """The run folder (placeholders filled, ~ expanded) and the run's config hash."""
+    """The run folder (placeholders filled, ``~`` and ``$VARIABLE`` expanded) and the run's config hash; a
+    ConfigError, before anything is written, when the folder is empty, a file, under a file or not writable."""
     values = cfg.to_dict()
     run_hash = config_hash_of(cfg, parent_hash)
     values.update(config_hash=run_hash, task="all" if cfg.task is None else cfg.task)
     filled = str(cfg.output_dir).format(**values)
     if not filled.strip():
-        raise ConfigError("key 'output_dir': empty; give a folder for the run's files")
-    return Path(os.path.expandvars(filled)).expanduser(), run_hash
+        raise ConfigError("key 'output_dir' is empty; name the run folder, e.g. --output_dir=runs/my_run")
+    path = expand_path("output_dir", filled)
+    check_writable_folder(path)
+    return path, run_hash
+
+
+def _first_existing(path: Path) -> Path:
+    """``path`` itself if it exists, else its nearest existing ancestor (``.`` for a relative path)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_writable_folder(path: Path) -> None:
+    """Refuse a run folder that is a file, lies under a file, or cannot be written into."""
+    try:
+        existing = _first_existing(path)
+    except PermissionError:  # a parent folder that may not be searched
+        raise ConfigError(
+            f"key 'output_dir': cannot reach {path} (permission denied); choose another --output_dir"
+        ) from None
+    if existing == path and not path.is_dir():
+        raise ConfigError(f"key 'output_dir': {path} is a file, not a folder; choose another --output_dir")
+    if not existing.is_dir():
+        raise ConfigError(f"key 'output_dir': {path} lies under the file {existing}; choose another --output_dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "it is" if existing == path else f"its existing parent {existing} is"
+        raise ConfigError(
+            f"key 'output_dir': cannot write into {path}: {where} not writable; choose another --output_dir "
+            "or fix the permissions"
+        )
 
 
 def config_hash_of(cfg: Config, parent_hash: str | None) -> str:

@@ -13,7 +13,7 @@ import logging
 
 import torch
 
-from config import Config, ConfigError, Option, register_options
+from config import Config, ConfigError, Option, few, register_options
 from dataloaders import digits, medmnist_data, npz_data, torchvision_data  # noqa: F401  (each registers itself)
 from dataloaders.image_set import DataSplits, ImageSet
 from dataloaders.registry import DATASETS, register_dataset
@@ -51,21 +51,70 @@ register_options(
 def _check_splits(data: DataSplits) -> None:
     """Reject loader output that the engine could not use: wrong dtype, labels out of range, empty classes."""
     shapes = set()
+    last = data.num_classes - 1
     for split in ("train", "val", "test"):
         s: ImageSet = getattr(data, split)
         if s.x.dtype != torch.uint8:
             raise DataError(f"{data.name}: {split} images have dtype {s.x.dtype}; expected uint8")
         shapes.add(tuple(s.x.shape[1:]))
-        if len(s) and (int(s.y.min()) < 0 or int(s.y.max()) >= data.num_classes):
-            raise DataError(f"{data.name}: {split} labels must be in 0..{data.num_classes - 1}")
+        outside = (s.y < 0) | (s.y > last)
+        if bool(outside.any()):
+            stray = torch.unique(s.y[outside]).tolist()
+            known, fix = (
+                ("classes", "") if split == "train" else ("training classes", " or add training images of them")
+            )
+            raise DataError(
+                f"{data.name}: the {split} split has {int(outside.sum())} image(s) with label(s) {few(stray)}, "
+                f"outside the {known} 0..{last}; remove those images{fix}"
+            )
     if len(shapes) > 1:
         raise DataError(f"{data.name}: train/val/test image shapes differ: {sorted(shapes)}")
     if len(data.class_names) != data.num_classes:
         raise DataError(f"{data.name}: {len(data.class_names)} class names for {data.num_classes} classes")
-    counts = torch.bincount(data.train.y, minlength=data.num_classes)
-    empty = torch.nonzero(counts == 0).flatten().tolist()
-    if empty:
-        raise DataError(f"{data.name}: class(es) {empty} have no training images; every class 0..C-1 needs some")
+    _check_every_class_in(data, "train")
+    _check_every_class_in(data, "test")
+
+
+def _check_every_class_in(data: DataSplits, split: str) -> None:
+    """Every class 0..C-1 needs training images, and test images for its accuracy after each task."""
+    counts = torch.bincount(getattr(data, split).y, minlength=data.num_classes)
+    absent = torch.nonzero(counts == 0).flatten().tolist()
+    if not absent:
+        return
+    if split == "test" and len(data.test) == 0:
+        raise DataError(
+            f"{data.name}: the test split is empty; the evaluation after each task needs test images of every class"
+        )
+    names = few(f"{c} ({data.class_names[c]})" if data.class_names[c] != str(c) else c for c in absent)
+    need = "training images" if split == "train" else "test images (its accuracy is measured after each task)"
+    raise DataError(
+        f"{data.name}: class(es) {names} have no image in the {split} split; every class 0..{data.num_classes - 1} "
+        f"needs {need}: add images of those classes or relabel the data without them"
+    )
+
+
+def check_run_splits(cfg: Config, data: DataSplits, scenario: Scenario) -> None:
+    """Refuse a val split that model selection or a plateau scheduler reads but that holds no image of task 1.
+
+    Labels of ``data`` are class-order positions (after ``prepare``). Classes absent from val only warn.
+    """
+    readers = []  # (what reads val, the setting that stops it)
+    if cfg.select_on == "val":
+        readers.append(("select_on=val picks the epoch of each task on it", "--select_on=last"))
+    if cfg.select_on != "test" and cfg.scheduler.startswith("plateau"):  # the plateau scheduler steps on val
+        readers.append((f"scheduler={cfg.scheduler} steps on its accuracy", "--scheduler=none (or step, cosine)"))
+    if not readers:
+        return
+    reason, fix = " and ".join(r for r, _ in readers), " ".join(f for _, f in readers)
+    first = scenario.classes_of_task(1)  # class-order positions
+    if len(data.val.of_classes(first)) == 0:
+        classes = few(scenario.class_order[p] for p in first)
+        what = "is empty" if len(data.val) == 0 else f"holds no image of task 1's classes {classes}"
+        raise DataError(f"{data.name}: the val split {what}, but {reason}; use {fix} or give the data set val images")
+    counts = torch.bincount(data.val.y.cpu(), minlength=data.num_classes)
+    absent = [scenario.class_order[p] for p in torch.nonzero(counts == 0).flatten().tolist()]
+    if absent:
+        log.warning("%s: class(es) %s have no val image; the accuracy on val ignores them", data.name, few(absent))
 
 
 def load_dataset(cfg: Config) -> DataSplits:
@@ -112,6 +161,7 @@ __all__ = [
     "ImageSet",
     "Scenario",
     "build_scenario",
+    "check_run_splits",
     "load_dataset",
     "prepare",
     "register_dataset",

@@ -69,5 +69,7 @@ class DataSplits:
         return int(self.train.x.shape[1])
 
     @property
-    def image_size(self) -> int:
-        return int(self.train.x.shape[-1])
+    def image_size(self) -> int | tuple[int, int]:
+        """Side of square images, or (H, W) when they are not square."""
+        h, w = (int(s) for s in self.train.x.shape[-2:])
+        return h if h == w else (h, w)

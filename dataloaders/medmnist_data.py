@@ -13,7 +13,7 @@ import medmnist
 from medmnist import INFO
 from medmnist.dataset import MedMNIST2D
 
-from config import Config
+from config import Config, expand_path
 from dataloaders.image_set import DataSplits
 from dataloaders.npz_data import read_npz
 from dataloaders.registry import Loader, register_dataset
@@ -50,7 +50,7 @@ def download(flag: str, root: Path, size: int) -> None:
 def load_medmnist(cfg: Config, flag: str) -> DataSplits:
     """One MedMNIST data set at ``medmnist_size`` px, class names from ``INFO[flag]["label"]``."""
     size = cfg.medmnist_size
-    root = Path(cfg.data_root)
+    root = expand_path("data_root", cfg.data_root)
     path = root / file_name(flag, size)
     if not path.is_file():
         if not cfg.download:

@@ -8,18 +8,20 @@ other sizes are kept. ``read_npz`` is shared with the MedMNIST loader.
 from __future__ import annotations
 
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from config import Config
+from config import Config, expand_path
 from dataloaders.image_set import DataSplits, ImageSet
 from dataloaders.registry import register_dataset
 from errors import DataError
 
 SPLITS = ("train", "val", "test")
 REQUIRED_KEYS = tuple(f"{s}_{k}" for s in SPLITS for k in ("images", "labels"))
+EXPECTED = "expected a MedMNIST-format .npz (a zip of {train,val,test}_images and _labels arrays, from np.savez)"
 
 
 def images_to_tensor(images: np.ndarray, pad_28: bool = True) -> torch.Tensor:
@@ -60,14 +62,32 @@ def _check_labels(name: str, key: str, labels: np.ndarray, n_images: int) -> np.
     return labels
 
 
-def read_npz(path: Path, name: str, class_names: list[str] | None = None) -> DataSplits:
-    """Read and validate a MedMNIST-format file.
+def _file_kind(head: bytes) -> str | None:
+    """What a file that should be a .npz is, from its first bytes; None for a zip archive (a .npz)."""
+    if head.startswith(b"PK"):
+        return None
+    if not head:
+        return "is empty (0 bytes)"
+    if head.startswith(b"\x93NUMPY"):
+        return "holds a single array saved with np.save (.npy), not a .npz archive of named arrays"
+    if head.startswith(b"\x80"):
+        return "is a Python pickle, not a .npz archive"
+    if all(32 <= b < 127 or b in b"\t\n\r" for b in head):
+        return f"is a text file (it starts with {head[:24].decode()!r}), not a .npz archive"
+    return f"is not a .npz archive (it starts with bytes {head[:8].hex(' ')})"
 
-    Without ``class_names`` the number of classes C is max label + 1 over all splits, names "0".."C-1".
-    """
+
+def _load_arrays(path: Path, name: str) -> dict[str, np.ndarray]:
+    """The six arrays of a MedMNIST-format file; a DataError saying what the file is when it is not one."""
+    if path.is_dir():
+        raise DataError(f"{name}: {path} is a folder; {EXPECTED}")
     if not path.is_file():
         raise DataError(f"{name}: file {path} not found; set data_path to a MedMNIST-format .npz file")
     try:
+        with path.open("rb") as f:
+            kind = _file_kind(f.read(64))
+        if kind is not None:
+            raise DataError(f"{name}: {path} {kind}; {EXPECTED}")
         with np.load(path, allow_pickle=False) as data:
             missing = [k for k in REQUIRED_KEYS if k not in data.files]
             if missing:
@@ -75,9 +95,24 @@ def read_npz(path: Path, name: str, class_names: list[str] | None = None) -> Dat
                     f"{name}: {path} lacks key(s) {', '.join(missing)}; a MedMNIST-format .npz holds "
                     f"{', '.join(REQUIRED_KEYS)} (found: {', '.join(data.files) or 'none'})"
                 )
-            arrays = {k: data[k] for k in REQUIRED_KEYS}
-    except (OSError, ValueError, zipfile.BadZipFile) as err:
-        raise DataError(f"{name}: cannot read {path} as a .npz file ({err}); check the file") from None
+            return {k: data[k] for k in REQUIRED_KEYS}
+    except ValueError as err:
+        if "allow_pickle" in str(err):  # numpy refuses object arrays unless unpickling is allowed
+            raise DataError(
+                f"{name}: {path} holds arrays of Python objects; expected uint8 images and integer labels"
+            ) from None
+        raise DataError(f"{name}: {path} cannot be read as a .npz ({err}); {EXPECTED}") from None
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err) or type(err).__name__
+        raise DataError(f"{name}: {path} is a damaged or truncated .npz ({reason}); {EXPECTED}") from None
+
+
+def read_npz(path: Path, name: str, class_names: list[str] | None = None) -> DataSplits:
+    """Read and validate a MedMNIST-format file.
+
+    Without ``class_names`` the classes are 0..C-1 with C = max training label + 1, named "0".."C-1".
+    """
+    arrays = _load_arrays(path, name)
 
     labels = {}
     for split in SPLITS:
@@ -89,13 +124,9 @@ def read_npz(path: Path, name: str, class_names: list[str] | None = None) -> Dat
     if len(set(shapes.values())) > 1:
         raise DataError(f"{name}: the splits of {path} have different image shapes (H, W, C) {shapes}")
     if len(labels["train"]) == 0:
-        raise DataError(f"{name}: {path} has no training images")
-
-    max_label = max(int(v.max()) for v in labels.values() if len(v))
+        raise DataError(f"{name}: {path} has no training images (train_images is empty)")
     if class_names is None:
-        class_names = [str(c) for c in range(max_label + 1)]
-    elif max_label >= len(class_names):
-        raise DataError(f"{name}: {path} has label {max_label} but the data set has {len(class_names)} classes")
+        class_names = [str(c) for c in range(int(labels["train"].max()) + 1)]
 
     sets = {s: ImageSet(images_to_tensor(arrays[f"{s}_images"]), torch.from_numpy(labels[s])) for s in SPLITS}
     return DataSplits(name, sets["train"], sets["val"], sets["test"], len(class_names), list(class_names))
@@ -106,4 +137,4 @@ def load_npz(cfg: Config) -> DataSplits:
     """The file named by ``data_path``."""
     if cfg.data_path is None:
         raise DataError("dataset npz needs data_path: set data_path to a MedMNIST-format .npz file")
-    return read_npz(Path(cfg.data_path), "npz")
+    return read_npz(expand_path("data_path", cfg.data_path), "npz")

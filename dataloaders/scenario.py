@@ -7,6 +7,7 @@ the position of ``y`` in ``class_order``, so task ``t`` learns the contiguous la
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +15,23 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from config import ConfigError
+from config import ConfigError, few
+
+
+def _permutation_problem(order: list[int], num_classes: int) -> str:
+    """Why ``order`` is not a permutation of 0..C-1: the classes it misses, repeats or names outside the range."""
+    counts = Counter(order)
+    repeated = sorted(c for c, n in counts.items() if n > 1)
+    missing = sorted(set(range(num_classes)) - counts.keys())
+    outside = sorted(c for c in counts if not 0 <= c < num_classes)
+    parts = [
+        f"{name} {few(values)}"
+        for name, values in (("missing", missing), ("repeated", repeated), ("outside the range", outside))
+        if values
+    ]
+    return f"must be a permutation of 0..{num_classes - 1} (each of the {num_classes} classes once): " + "; ".join(
+        parts
+    )
 
 
 @dataclass
@@ -88,17 +105,15 @@ class Scenario:
             raise ConfigError(f"nb_cl_fg and nb_cl must be >= 1, got nb_cl_fg={nb_cl_fg}, nb_cl={nb_cl}")
         if nb_cl_fg > num_classes:
             raise ConfigError(
-                f"key 'nb_cl_fg': {nb_cl_fg} classes in the first task, but the data set has {num_classes}"
+                f"key 'nb_cl_fg': {nb_cl_fg} classes in the first task, but the data set has {num_classes}; "
+                f"set nb_cl_fg <= {num_classes}"
             )
         if class_order is not None:
             if shuffle:
                 raise ConfigError("keys 'class_order' and 'shuffle_classes: true' exclude each other; set only one")
             order = [int(c) for c in class_order]
             if sorted(order) != list(range(num_classes)):
-                raise ConfigError(
-                    f"key 'class_order': must be a permutation of 0..{num_classes - 1} "
-                    f"({num_classes} classes), got {order}"
-                )
+                raise ConfigError(f"key 'class_order': {_permutation_problem(order, num_classes)}")
         elif shuffle:
             g = torch.Generator().manual_seed(seed)
             order = torch.randperm(num_classes, generator=g).tolist()

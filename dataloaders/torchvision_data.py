@@ -17,7 +17,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from config import Config
+from config import Config, expand_path, few
 from dataloaders.image_set import DataSplits, ImageSet
 from dataloaders.registry import register_dataset
 from dataloaders.scenario import stratified_split
@@ -78,7 +78,7 @@ def _cifar_split(path: Path) -> ImageSet:
 @register_dataset("cifar100")
 def load_cifar100(cfg: Config) -> DataSplits:
     """CIFAR-100 from ``<data_root>/cifar-100-python/{train,test,meta}``."""
-    root = Path(cfg.data_root)
+    root = expand_path("data_root", cfg.data_root)
     folder = root / "cifar-100-python"
     files = [folder / f for f in ("train", "test", "meta")]
     missing = [f for f in files if not f.is_file()]
@@ -133,8 +133,10 @@ def _gtsrb_test(images: Path, gt_csv: Path) -> ImageSet:
         labels = torch.tensor([int(r["ClassId"]) for r in rows], dtype=torch.long)
     except (TypeError, ValueError):
         raise DataError(f"gtsrb: {gt_csv} has a ClassId that is not an integer") from None
-    if labels.min() < 0 or labels.max() >= GTSRB_CLASSES:
-        raise DataError(f"gtsrb: {gt_csv} has ClassId outside 0..{GTSRB_CLASSES - 1}")
+    outside = (labels < 0) | (labels >= GTSRB_CLASSES)
+    if bool(outside.any()):
+        bad = few(torch.unique(labels[outside]).tolist())
+        raise DataError(f"gtsrb: {gt_csv} has ClassId {bad} outside 0..{GTSRB_CLASSES - 1}; check the file")
     paths = [images / r["Filename"] for r in rows]
     missing = [p for p in paths if not p.is_file()]
     if missing:
@@ -145,7 +147,7 @@ def _gtsrb_test(images: Path, gt_csv: Path) -> ImageSet:
 @register_dataset("gtsrb")
 def load_gtsrb(cfg: Config) -> DataSplits:
     """GTSRB in torchvision's layout under ``<data_root>/gtsrb/``, images resized to 32x32."""
-    root = Path(cfg.data_root)
+    root = expand_path("data_root", cfg.data_root)
     base = root / "gtsrb"
     train_dir = base / "GTSRB" / "Training"
     test_dir = base / "GTSRB" / "Final_Test" / "Images"

@@ -39,7 +39,15 @@ register_options(
     "ccsi",
     [
         Option("da_coef", "float", 1.0, "IdC (intra-domain contrastive) weight; 0 disables it", min=0.0),
-        Option("ro", "float", 0.9, "IdC: EMA weight of the current batch's class centroids", min=0.0, max=1.0),
+        Option(
+            "ro",
+            "float",
+            0.9,
+            "IdC: EMA weight of the current batch's class centroids",
+            min=0.0,
+            max=1.0,
+            min_exclusive=True,
+        ),
         Option("temprature", "float", 0.5, "IdC: softmax temperature tau (original key spelling)", min=1e-6),
         Option(
             "idc_source",

@@ -67,6 +67,7 @@ register_options(
             1e-4,
             "clamp each Fisher entry to at most this value (PyCIL models/ewc.py: fishermax = 1e-4); null: no clamp",
             min=0.0,
+            min_exclusive=True,
             nullable=True,
         ),
     ],

@@ -12,7 +12,7 @@ from config import Config, ConfigError, Option, register_options, register_prese
 from models.layers.continual_norm import ContinualNorm, convert_bn_to_cn, norm_layers
 from models.layers.cosine_linear import HEAD_KINDS, CosineLinear, IncrementalHead, SplitCosineLinear
 from models.network import IncrementalNet
-from models.resnet import BACKBONES, CCSIResNet, build_backbone
+from models.resnet import BACKBONES, CCSIResNet, ImageSize, ImageTooSmallError, build_backbone
 
 register_options(
     "model",
@@ -39,6 +39,7 @@ register_options(
             "BatchNorm momentum inside CN, in (0, 1]; CN paper 0.1, the released CCSI code 1.0 (last batch)",
             min=0.0,
             max=1.0,
+            min_exclusive=True,
         ),
         Option("head", "str", "cosine", "classifier: cosine (sigma * cos, LUCIR/CCSI) or linear", choices=HEAD_KINDS),
     ],
@@ -47,12 +48,21 @@ register_preset("protocol", "original", {"cn_momentum": 1.0})
 register_preset("protocol", "clean", {"cn_momentum": 0.1})
 
 
-def build_net(cfg: Config, in_channels: int, image_size: int) -> IncrementalNet:
-    """The configured backbone (BatchNorm2d, converted to CN when ``norm == "cn"``) with an empty head."""
-    backbone = build_backbone(cfg.backbone, in_channels, image_size, norm_layer=nn.BatchNorm2d)
+def build_net(cfg: Config, in_channels: int, image_size: ImageSize) -> IncrementalNet:
+    """The configured backbone (BatchNorm2d, converted to CN when ``norm == "cn"``) with an empty head.
+
+    ``image_size`` is the side of square images or (H, W); images too small for the backbone raise ConfigError.
+    """
+    try:
+        backbone = build_backbone(cfg.backbone, in_channels, image_size, norm_layer=nn.BatchNorm2d)
+    except ImageTooSmallError as err:
+        h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+        raise ConfigError(
+            f"key 'backbone': {cfg.backbone} needs images of at least {err.min_size}x{err.min_size} px (its "
+            f"{err.pool_kernel}x{err.pool_kernel} pooling window), but the images are {h}x{w}; use "
+            "--backbone=resnet32 (global pooling, any size) or larger images"
+        ) from None
     if cfg.norm == "cn":
-        if cfg.cn_momentum <= 0:
-            raise ConfigError(f"key 'cn_momentum': must be in (0, 1], got {cfg.cn_momentum}")
         bad = sorted({bn.num_features for bn in norm_layers(backbone) if bn.num_features % cfg.cn_groups})
         if bad:
             raise ConfigError(f"key 'cn_groups': {cfg.cn_groups} does not divide the channel counts {bad}")

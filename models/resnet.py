@@ -11,11 +11,20 @@ from collections.abc import Callable, Sequence
 from torch import Tensor, nn
 
 NormLayer = Callable[[int], nn.Module]
+ImageSize = int | tuple[int, int]  # side of square images, or (H, W)
 
 
 def _conv_out(size: int, stride: int) -> int:
     """Spatial size after a 3x3 convolution with padding 1."""
     return (size - 1) // stride + 1
+
+
+class ImageTooSmallError(ValueError):
+    """Images whose feature maps are smaller than the backbone's pooling window; ``min_size`` px per side fit."""
+
+    def __init__(self, message: str, min_size: int, pool_kernel: int):
+        super().__init__(message)
+        self.min_size, self.pool_kernel = min_size, pool_kernel
 
 
 class BasicBlock(nn.Module):
@@ -53,7 +62,7 @@ class ResNet(nn.Module):
     def __init__(
         self,
         in_channels: int,
-        image_size: int,
+        image_size: ImageSize,
         widths: Sequence[int],
         depths: Sequence[int],
         strides: Sequence[int],
@@ -64,12 +73,13 @@ class ResNet(nn.Module):
         super().__init__()
         if not len(widths) == len(depths) == len(strides):
             raise ValueError(f"widths {widths}, depths {depths} and strides {strides} must have the same length")
-        if in_channels < 1 or image_size < 1:
+        hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        if in_channels < 1 or len(hw) != 2 or min(hw) < 1:
             raise ValueError(f"in_channels and image_size must be >= 1, got {in_channels} and {image_size}")
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, stride=stem_stride, padding=1, bias=False)
         self.bn1 = norm_layer(widths[0])
         self.relu = nn.ReLU()
-        size = _conv_out(image_size, stem_stride)
+        size = [_conv_out(s, stem_stride) for s in hw]
         stages: list[nn.Module] = []
         in_planes = widths[0]
         for width, depth, stride in zip(widths, depths, strides):
@@ -78,20 +88,25 @@ class ResNet(nn.Module):
                 blocks.append(BasicBlock(in_planes, width, stride if i == 0 else 1, norm_layer))
                 in_planes = width
             stages.append(nn.Sequential(*blocks))
-            size = _conv_out(size, stride)
+            size = [_conv_out(s, stride) for s in size]
         self.layers = nn.Sequential(*stages)
         if pool_kernel is None:
             self.pool: nn.Module = nn.AdaptiveAvgPool2d(1)
             self.out_dim = in_planes
         else:
-            if size < pool_kernel:
-                raise ValueError(
-                    f"image_size={image_size} gives {size}x{size} feature maps, smaller than the "
-                    f"{pool_kernel}x{pool_kernel} pooling window"
+            if min(size) < pool_kernel:
+                need = pool_kernel
+                for stride in reversed((stem_stride, *strides)):
+                    need = (need - 1) * stride + 1  # smallest input side giving `need` after this convolution
+                raise ImageTooSmallError(
+                    f"image_size={image_size} gives {size[0]}x{size[1]} feature maps, smaller than the "
+                    f"{pool_kernel}x{pool_kernel} pooling window (images need at least {need} px per side)",
+                    need,
+                    pool_kernel,
                 )
-            pooled = (size - pool_kernel) // pool_kernel + 1
+            pooled = [(s - pool_kernel) // pool_kernel + 1 for s in size]
             self.pool = nn.AvgPool2d(pool_kernel, stride=pool_kernel)
-            self.out_dim = in_planes * pooled * pooled
+            self.out_dim = in_planes * pooled[0] * pooled[1]
         self.image_size = image_size
         self.in_channels = in_channels
         self._init_weights()
@@ -114,7 +129,7 @@ class CCSIResNet(ResNet):
     """CCSI small ResNet: stride-2 stem to 16 channels, one BasicBlock per stage (16, 32, 64), all stride 1,
     AvgPool2d(7, stride 7) on the 16x16 maps -> 2x2 -> 256-d features for 32x32 input."""
 
-    def __init__(self, in_channels: int = 3, image_size: int = 32, norm_layer: NormLayer = nn.BatchNorm2d):
+    def __init__(self, in_channels: int = 3, image_size: ImageSize = 32, norm_layer: NormLayer = nn.BatchNorm2d):
         super().__init__(
             in_channels,
             image_size,
@@ -127,12 +142,12 @@ class CCSIResNet(ResNet):
         )
 
 
-def ccsi_resnet(in_channels: int = 3, image_size: int = 32, norm_layer: NormLayer = nn.BatchNorm2d) -> ResNet:
+def ccsi_resnet(in_channels: int = 3, image_size: ImageSize = 32, norm_layer: NormLayer = nn.BatchNorm2d) -> ResNet:
     """The CCSI small ResNet (256-d features at 32x32)."""
     return CCSIResNet(in_channels, image_size, norm_layer)
 
 
-def resnet32(in_channels: int = 3, image_size: int = 32, norm_layer: NormLayer = nn.BatchNorm2d) -> ResNet:
+def resnet32(in_channels: int = 3, image_size: ImageSize = 32, norm_layer: NormLayer = nn.BatchNorm2d) -> ResNet:
     """CIFAR ResNet-32: 3 stages x 5 BasicBlocks (16/32/64 channels, strides 1/2/2), global pool -> 64-d.
 
     Shortcuts that change shape are 1x1 conv + norm (He et al.'s option B, as in LUCIR's code).
@@ -140,7 +155,7 @@ def resnet32(in_channels: int = 3, image_size: int = 32, norm_layer: NormLayer =
     return ResNet(in_channels, image_size, (16, 32, 64), (5, 5, 5), (1, 2, 2), norm_layer=norm_layer)
 
 
-def resnet18(in_channels: int = 3, image_size: int = 32, norm_layer: NormLayer = nn.BatchNorm2d) -> ResNet:
+def resnet18(in_channels: int = 3, image_size: ImageSize = 32, norm_layer: NormLayer = nn.BatchNorm2d) -> ResNet:
     """ResNet-18 for 32x32 input: conv3x3 stride-1 stem, no max-pool, 64/128/256/512 x 2 blocks -> 512-d."""
     return ResNet(in_channels, image_size, (64, 128, 256, 512), (2, 2, 2, 2), (1, 2, 2, 2), norm_layer=norm_layer)
 
@@ -152,7 +167,9 @@ BACKBONES: dict[str, Callable[..., ResNet]] = {
 }
 
 
-def build_backbone(name: str, in_channels: int, image_size: int, norm_layer: NormLayer = nn.BatchNorm2d) -> ResNet:
+def build_backbone(
+    name: str, in_channels: int, image_size: ImageSize, norm_layer: NormLayer = nn.BatchNorm2d
+) -> ResNet:
     """The backbone registered as ``name``."""
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; known: {', '.join(sorted(BACKBONES))}")

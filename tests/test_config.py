@@ -91,6 +91,12 @@ def test_per_task_values_are_validated(tmp_path):
         load_config([tmp_path / "run.yaml"])
 
 
+def test_per_task_refuses_keys_that_hold_for_the_whole_run(tmp_path):
+    (tmp_path / "run.yaml").write_text("per_task: {2: {seed: 3, lr: 0.1}, 3: {device: cpu}}\n")
+    with pytest.raises(ConfigError, match=r"per_task': device, seed cannot change from task to task"):
+        load_config([tmp_path / "run.yaml"])
+
+
 def test_override_without_value_and_stray_argument():
     with pytest.raises(ConfigError, match="has no value"):
         parse_overrides(["--lr"])

@@ -163,11 +163,11 @@ def test_npz_missing_file_path_and_empty_class(tmp_path):
     with pytest.raises(DataError, match="data_path"):
         dataloaders.load_dataset(make_cfg(dataset="npz"))
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
-    with pytest.raises(DataError, match="cannot read"):
+    with pytest.raises(DataError, match=r"junk\.npz is a text file .* expected a MedMNIST-format \.npz"):
         dataloaders.load_dataset(make_cfg(dataset="npz", data_path=str(tmp_path / "junk.npz")))
     # class 1 only in test: C = 3 but class 1 has no training images
     write_npz(tmp_path / "d.npz", train_labels=np.array([0, 2] * 6))
-    with pytest.raises(DataError, match=r"\[1\] have no training images"):
+    with pytest.raises(DataError, match=r"class\(es\) 1 have no image in the train split"):
         dataloaders.load_dataset(make_cfg(dataset="npz", data_path=str(tmp_path / "d.npz")))
 
 
@@ -187,7 +187,7 @@ def test_medmnist_reads_file_under_data_root(tmp_path):
 
 def test_medmnist_labels_beyond_info_classes_are_rejected(tmp_path):
     write_npz(tmp_path / "breastmnist.npz", classes=3)  # BreastMNIST has 2 classes
-    with pytest.raises(DataError, match="label 2 but the data set has 2 classes"):
+    with pytest.raises(DataError, match=r"train split has 4 image\(s\) with label\(s\) 2, outside the classes 0..1"):
         dataloaders.load_dataset(make_cfg(dataset="breastmnist", data_root=str(tmp_path)))
 
 
@@ -292,7 +292,10 @@ def colour(c: int) -> tuple[int, int, int]:
     return (c * 5, 255 - c * 5, (c * 37) % 256)
 
 
-def write_gtsrb(root, per_class=2, test_classes=(0, 5, 42, 5)):
+ALL_OTHER_GTSRB = tuple(c for c in range(43) if c not in (0, 5, 42))
+
+
+def write_gtsrb(root, per_class=2, test_classes=(0, 5, 42, 5, *ALL_OTHER_GTSRB)):
     """torchvision's layout: GTSRB/Training/<5-digit class>/*.ppm + GT csv; Final_Test/Images + GT-final_test.csv."""
     base = root / "gtsrb"
     for c in range(43):
@@ -321,10 +324,10 @@ def test_gtsrb_layout_resize_and_val(tmp_path):
     write_gtsrb(tmp_path)
     data = dataloaders.load_dataset(make_cfg(dataset="gtsrb", data_root=str(tmp_path), val_fraction=0.5))
     assert data.num_classes == 43 and len(data.class_names) == 43
-    assert (len(data.train), len(data.val), len(data.test)) == (43, 43, 4)
+    assert (len(data.train), len(data.val), len(data.test)) == (43, 43, 44)
     assert data.train.x.shape == (43, 3, 32, 32) and data.test.x.dtype == torch.uint8
     assert torch.bincount(data.train.y, minlength=43).tolist() == [1] * 43
-    assert data.test.y.tolist() == [0, 5, 42, 5]
+    assert data.test.y.tolist() == [0, 5, 42, 5, *ALL_OTHER_GTSRB]
     # flat-coloured images stay flat after the bilinear resize, so each pixel is its class colour
     for s in (data.train, data.test):
         expected = torch.tensor([colour(c) for c in s.y.tolist()], dtype=torch.uint8)  # (N, 3)
@@ -344,7 +347,7 @@ def test_gtsrb_errors(tmp_path, monkeypatch):
         dataloaders.load_dataset(make_cfg(dataset="gtsrb", data_root=str(tmp_path), download=True))
     one_line_error(info)
     write_gtsrb(tmp_path, per_class=1, test_classes=(3, 43))
-    with pytest.raises(DataError, match="ClassId outside"):
+    with pytest.raises(DataError, match="ClassId 43 outside 0..42"):
         dataloaders.load_dataset(make_cfg(dataset="gtsrb", data_root=str(tmp_path)))
 
 
