@@ -47,7 +47,7 @@ from methods import build_method
 from methods.base import Method, TaskContext
 from metrics import RunMetrics, evaluate_predictions
 from optimization import build_optimizer, build_scheduler
-from plots import write_run_plots
+from plots import run_title, write_run_plots
 
 log = logging.getLogger(__name__)
 
@@ -493,8 +493,10 @@ def _run(cfg: Config, device: torch.device, main_process: bool) -> dict[str, Any
         if main_process:
             state.metrics.write(output_dir)
             class_names = [splits.class_names[c] for c in scenario.class_order]
-            for path in write_run_plots(output_dir, summary, class_names):
-                state.logger.log_image(Path(path).stem, path)
+            title = run_title(cfg.dataset, cfg.method, cfg.protocol)
+            for path in write_run_plots(output_dir, summary, class_names, title):
+                if path.suffix == ".png":  # the .pdf twins stay in the run folder
+                    state.logger.log_image(path.stem, path)
     finally:
         state.logger.finish()
     return {
