@@ -196,7 +196,10 @@ class RunState:
 
 
 # Keys that say how to run, not what to train: a task in progress may be resumed with other values.
-RUN_CONTROL_KEYS = ("resume", "overwrite", "progress", "save_every_epochs", "logger", "backend", "dist_timeout_minutes")
+RUN_CONTROL_KEYS = (
+    *("resume", "overwrite", "progress", "save_every_epochs", "logger", "backend", "dist_timeout_minutes"),
+    "threads",  # main.py's
+)
 
 
 def training_config(cfg: Config) -> dict[str, Any]:
