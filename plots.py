@@ -226,17 +226,39 @@ def plot_confusion(
     return _save(fig, path)
 
 
-def _grid_tiles(x: np.ndarray, y: np.ndarray, means: np.ndarray, per_class: int) -> np.ndarray:
-    """(K, 1 + per_class, C, H, W): mean image of class k, then its first ``per_class`` images (white if fewer)."""
-    k = means.shape[0]
-    tiles = np.ones((k, 1 + per_class, *means.shape[1:]), dtype=float)
+_GRID_PAD = 2  # white pixels between the images of an impression grid
+
+
+def _grid_canvas(x: np.ndarray, y: np.ndarray, means: np.ndarray, per_class: int) -> np.ndarray:
+    """(rows, columns, C) image: row k holds class k's mean image, then its first ``per_class`` images (white
+    where it has fewer), each with ``_GRID_PAD`` white pixels around."""
+    k, c, h, w = means.shape
+    tiles = np.ones((k, 1 + per_class, c, h, w), dtype=float)
     tiles[:, 0] = means
     order = np.argsort(y, kind="stable")
     sorted_y = y[order]
     rank = np.arange(len(sorted_y)) - np.searchsorted(sorted_y, sorted_y)  # position within its class
     keep = rank < per_class
     tiles[sorted_y[keep], 1 + rank[keep]] = x[order[keep]]
-    return tiles
+    pad = _GRID_PAD
+    tiles = np.pad(np.clip(tiles, 0.0, 1.0), ((0, 0), (0, 0), (0, 0), (pad, 0), (pad, 0)), constant_values=1.0)
+    canvas = tiles.transpose(0, 3, 1, 4, 2).reshape(k * (h + pad), (1 + per_class) * (w + pad), c)
+    return np.pad(canvas, ((0, pad), (0, pad), (0, 0)), constant_values=1.0)
+
+
+def _check_impressions(x: np.ndarray, y: np.ndarray, means: np.ndarray, names: Sequence[str] | None) -> None:
+    if means.ndim != 4 or x.ndim != 4 or x.shape[1:] != means.shape[1:] or y.shape != (len(x),):
+        raise ValueError(
+            f"plot_impressions needs images (N, C, H, W), labels (N,) and mean_images (K, C, H, W) of the same "
+            f"image shape; got {x.shape}, {y.shape}, {means.shape}"
+        )
+    k = len(means)
+    if len(y) and (y.min() < 0 or y.max() >= k):
+        raise ValueError(
+            f"impression labels must be in 0..{k - 1} (one mean image per class); got {y.min()}..{y.max()}"
+        )
+    if names is not None and len(names) < k:
+        raise ValueError(f"class_names has {len(names)} names for {k} classes")
 
 
 def plot_impressions(
@@ -253,50 +275,35 @@ def plot_impressions(
     ``images`` float (N, C, H, W) in [0, 1] with ``labels`` (N,) in 0..K-1; ``mean_images`` (K, C, H, W).
     """
     x, y, means = _numpy(images).astype(float), _numpy(labels).astype(int), _numpy(mean_images).astype(float)
-    if means.ndim != 4 or x.ndim != 4 or x.shape[1:] != means.shape[1:] or y.shape != (len(x),):
-        raise ValueError(
-            f"plot_impressions needs images (N, C, H, W), labels (N,) and mean_images (K, C, H, W) of the same "
-            f"image shape; got {x.shape}, {y.shape}, {means.shape}"
-        )
-    k, c, h, w = means.shape
-    if len(y) and (y.min() < 0 or y.max() >= k):
-        raise ValueError(
-            f"impression labels must be in 0..{k - 1} (one mean image per class); got {y.min()}..{y.max()}"
-        )
-    if class_names is not None and len(class_names) < k:
-        raise ValueError(f"class_names has {len(class_names)} names for {k} classes")
+    _check_impressions(x, y, means, class_names)
     if per_class < 1:
         raise ValueError(f"per_class must be >= 1, got {per_class}")
-    pad = 2
+    k, c, h, w = means.shape
     shown = min(per_class, int(np.bincount(y, minlength=k).max(initial=0)))  # no empty columns at the right
-    tiles = np.clip(_grid_tiles(x, y, means, shown), 0.0, 1.0)  # (K, 1 + shown, C, H, W)
-    tiles = np.pad(tiles, ((0, 0), (0, 0), (0, 0), (pad, 0), (pad, 0)), constant_values=1.0)
-    cols = tiles.shape[1]
-    canvas = tiles.transpose(0, 3, 1, 4, 2).reshape(k * (h + pad), cols * (w + pad), c)  # (rows, columns, C)
-    canvas = np.pad(canvas, ((0, pad), (0, pad), (0, 0)), constant_values=1.0)
+    canvas = _grid_canvas(x, y, means, shown)
     names = [str(n) for n in class_names[:k]] if class_names is not None else [f"class {i}" for i in range(k)]
     row_labels, key = short_class_names(names)
     tile_in = 0.6  # inches per image: a 28x28 image at 150 dpi is about 90 px
     label_in = 0.09 * max(len(line) for lab in row_labels for line in lab.split("\n"))
-    fig = Figure(figsize=(cols * tile_in + label_in + 0.3, k * tile_in + 0.9 + 0.16 * len(key)), layout="constrained")
+    size = ((1 + shown) * tile_in + label_in + 0.3, k * tile_in + 0.9 + 0.16 * len(key))
+    fig = Figure(figsize=size, layout="constrained")
     ax = fig.add_subplot(anchor="N")  # spare height falls below: cropped
     if c == 1:
         ax.imshow(canvas[..., 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     else:
         ax.imshow(canvas, vmin=0, vmax=1, interpolation="nearest")
-    centre_x = [pad + col * (w + pad) + (w - 1) / 2 for col in range(cols)]
-    ax.set_xticks(centre_x, ["mean", *(str(i) for i in range(1, cols))], fontsize=8)
+    pad = _GRID_PAD
+    centre_x = [pad + col * (w + pad) + (w - 1) / 2 for col in range(1 + shown)]
+    ax.set_xticks(centre_x, ["mean", *(str(i) for i in range(1, 1 + shown))], fontsize=8)
     ax.xaxis.tick_top()
     ax.get_xticklabels()[0].set(color=_MEAN_FRAME, fontweight="bold")
     ax.set_yticks([pad + row * (h + pad) + (h - 1) / 2 for row in range(k)], row_labels, fontsize=8)
     ax.tick_params(length=0)
     for side in ax.spines.values():
         side.set_visible(False)
-    for row in range(k):
-        ax.add_patch(
-            Rectangle((pad - 1.5 + 0.5, pad - 1.5 + 0.5 + row * (h + pad)), w + 1, h + 1, fill=False,
-                      edgecolor=_MEAN_FRAME, linewidth=1.5)
-        )  # fmt: skip
+    for row in range(k):  # pixel (i, j) spans i - 0.5 .. i + 0.5: the frame runs half a pixel outside the image
+        corner = (pad - 1, pad - 1 + row * (h + pad))
+        ax.add_patch(Rectangle(corner, w + 1, h + 1, fill=False, edgecolor=_MEAN_FRAME, linewidth=1.5))
     _titles(fig, ax, title, f"class mean image, then synthesised impressions (first {shown} per class)")
     _name_key(fig, key)
     return _save(fig, path)
