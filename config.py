@@ -468,7 +468,14 @@ def load_config(files: Sequence[str | Path] = (), overrides: dict[str, Any] | No
 
 def reference_table() -> str:
     """Markdown table of every key, grouped, for the README/docs."""
-    lines = ["| key | type | default | allowed | meaning |", "|---|---|---|---|---|"]
+    lines = [
+        "Scope: `run` keys say how to run (never part of a run's identity); `experiment` keys hold for a whole run "
+        "(resuming or continuing a run needs the same value); `task` keys may differ per task (`per_task:`, the "
+        "per-task sweeps). `experiment` and `task` keys make the run's `config_hash`.",
+        "",
+        "| key | type | default | allowed | scope | meaning |",
+        "|---|---|---|---|---|---|",
+    ]
     preset_notes = [
         f"- `{key}: {value}` sets "
         + ", ".join(f"`{n}: {s.value}`" + (" (required)" if s.required else "") for n, s in settings.items())
@@ -477,7 +484,7 @@ def reference_table() -> str:
         if settings
     ]
     for group in sorted({o.group for o in OPTIONS.values()}, key=lambda g: (g != "run", g)):
-        lines.append(f"| **{group}** | | | | |")
+        lines.append(f"| **{group}** | | | | | |")
         for opt in sorted((o for o in OPTIONS.values() if o.group == group), key=lambda o: o.name):
             allowed = ""
             if opt.choices:
@@ -488,7 +495,7 @@ def reference_table() -> str:
             if opt.nullable:
                 allowed = (allowed + ", null").lstrip(", ")
             default = "null" if opt.default is None else opt.default
-            lines.append(f"| `{opt.name}` | {opt.kind} | `{default}` | {allowed} | {opt.help} |")
+            lines.append(f"| `{opt.name}` | {opt.kind} | `{default}` | {allowed} | {opt.scope} | {opt.help} |")
     if preset_notes:
         lines += ["", "Presets (a key set explicitly, in a file or on the command line, wins over its preset):", ""]
         lines += preset_notes

@@ -26,6 +26,7 @@ import datetime
 import hashlib
 import logging
 import os
+import shutil
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -106,9 +107,26 @@ def choose_backend(name: str, device_type: str) -> str:
     return name
 
 
+NVIDIA_MARKERS = ("/proc/driver/nvidia/version", "/dev/nvidiactl")  # present when an NVIDIA driver is loaded
+
+
+def nvidia_gpu_present() -> bool:
+    """Whether the machine shows an NVIDIA driver or ``nvidia-smi``, whether or not torch can use the GPU."""
+    return any(os.path.exists(p) for p in NVIDIA_MARKERS) or shutil.which("nvidia-smi") is not None
+
+
 def resolve_device(name: str) -> torch.device:
     """``device`` of a single process: auto picks cuda when available; cuda without a GPU is refused."""
     if name == "auto":
+        if not torch.cuda.is_available() and nvidia_gpu_present():
+            log.warning(
+                "device auto: this machine has an NVIDIA GPU that torch %s (CUDA %s) cannot use, so the run is on "
+                "the CPU; usually the NVIDIA driver is older than torch's CUDA build: update the driver or install "
+                "a torch wheel for your CUDA version (https://pytorch.org/get-started/locally/); --device=cpu "
+                "silences this",
+                torch.__version__,
+                torch.version.cuda,
+            )
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device 'cuda' was requested but no CUDA GPU is available; use --device=cpu or auto")

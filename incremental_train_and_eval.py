@@ -39,7 +39,7 @@ from loggers import RunLogger, build_logger
 from methods import build_method, method_class
 from methods.base import Method, TaskContext
 from metrics import RunMetrics, evaluate_predictions
-from plots import write_run_plots
+from plots import run_title, write_run_plots
 from run_folder import (
     RunFolder,
     check_same_experiment,
@@ -154,6 +154,8 @@ def task_context(state: RunState, task: int, cfg: Config, generator: torch.Gener
         output_dir=state.output_dir,
         generator=generator,
         log=state.logger,
+        class_names=[splits.class_names[c] for c in scenario.class_order[: len(seen)]],
+        title=run_title(cfg.dataset, cfg.method, cfg.protocol),
     )
 
 
@@ -364,6 +366,8 @@ def finish_run(state: RunState, main_process: bool) -> dict[str, Any]:
         state.metrics.write(state.output_dir, info)
         state.logger.log_summary(summary)
         class_names = [state.splits.class_names[c] for c in state.scenario.class_order]
-        for path in write_run_plots(state.output_dir, summary, class_names):
-            state.logger.log_image(Path(path).stem, path)
+        title = run_title(state.cfg.dataset, state.cfg.method, state.cfg.protocol)
+        for path in write_run_plots(state.output_dir, summary, class_names, title):
+            if path.suffix == ".png":  # the .pdf twins stay in the run folder
+                state.logger.log_image(path.stem, path)
     return summary

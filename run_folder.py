@@ -385,7 +385,10 @@ def plan_run(cfg: Config, folder: RunFolder, num_tasks: int, parent_task: int | 
 
 
 def main_best(argv: list[str]) -> Path:
-    """``main.py best FOLDER --task=T [--metric=val|test]``: the best task-T checkpoint below FOLDER."""
+    """usage: python main.py best FOLDER --task=T [--metric=val|test]
+
+    Prints the task_T.pt below FOLDER with the best validation accuracy after task T (test only for runs of
+    protocol original): the checkpoint that saved_model_address: best:FOLDER continues from."""
     usage = "usage: python main.py best FOLDER --task=T [--metric=val|test]"
     folders = [a for a in argv if not a.startswith("--")]
     options = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)

@@ -50,7 +50,10 @@ def accuracy(method: Method, images: ImageSet, batch_size: int) -> float:
     return 100.0 * (predict_labels(method, images, batch_size) == images.y).float().mean().item()
 
 
-RUN_CONTROL_KEYS = ("resume", "overwrite", "progress", "save_every_epochs", "logger", "backend", "dist_timeout_minutes")
+RUN_CONTROL_KEYS = (
+    *("resume", "overwrite", "progress", "save_every_epochs", "logger", "backend", "dist_timeout_minutes"),
+    "threads",  # main.py's
+)
 
 
 def training_config(cfg: Config) -> dict[str, Any]:

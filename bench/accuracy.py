@@ -4,8 +4,8 @@ Every run goes through incremental_train_and_eval.run in this process, in its ow
 <runs>/<dataset>/<method>/seed<k>: a run whose metrics.json exists is skipped, a partly finished one resumes
 (resume=true), a failing one is recorded and the grid goes on. Writes <out>/results.md (mean +/- std over seeds of
 average incremental accuracy, last accuracy and forgetting; protocol, machine, command), <out>/results.csv (one row
-per data set x method), <out>/runs.csv (one row per run) and <out>/curves_<dataset>.png. Extra --key=value
-arguments override every run's configuration.
+per data set x method), <out>/runs.csv (one row per run) and <out>/curves_<dataset>.png and .pdf (mean over seeds
+and a band of ± std). Extra --key=value arguments override every run's configuration.
 
 Examples:
     .venv/bin/python bench/accuracy.py --quick                   # digits, every method, seeds 0-2, 2-core CPU
@@ -110,6 +110,7 @@ def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row[name] = mean_std([r[name] for r in ok])
         curves = [r["accuracy_per_task"] for r in ok if len(r["accuracy_per_task"]) == len(ok[0]["accuracy_per_task"])]
         row["accuracy_per_task"] = np.mean(curves, axis=0).tolist()
+        row["accuracy_curves"] = curves  # per seed: the band of the curves plot
         row["minutes_per_run"] = float(np.mean([r["seconds"] for r in ok])) / 60
         rows.append(row)
     return rows
@@ -120,7 +121,7 @@ def pm(value: tuple[float, float] | None) -> str:
 
 
 def write_outputs(out: Path, records: list, rows: list, header: list[str]) -> None:
-    """results.md, results.csv, runs.csv and one curves PNG per data set."""
+    """results.md, results.csv, runs.csv and one curves figure (PNG and PDF) per data set."""
     out.mkdir(parents=True, exist_ok=True)
     with (out / "runs.csv").open("w", newline="") as f:
         cols = ["dataset", "method", "seed", "status", *(k for k, _ in METRICS), "seconds", "output_dir", "error"]
@@ -149,9 +150,11 @@ def write_outputs(out: Path, records: list, rows: list, header: list[str]) -> No
         cells += [pm(r[k]) for k, _ in METRICS] + [f"{r['minutes_per_run']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     for dataset in dict.fromkeys(r["dataset"] for r in rows):
-        curves = {r["method"]: r["accuracy_per_task"] for r in rows if r["dataset"] == dataset}
-        png = plot_method_curves(out / f"curves_{dataset}.png", curves, f"{dataset}: accuracy after each task")
-        lines += ["", f"![{dataset}]({png.name})"]
+        curves = {r["method"]: r["accuracy_curves"] for r in rows if r["dataset"] == dataset}
+        protocols = ", ".join(dict.fromkeys(r["protocol"] for r in rows if r["dataset"] == dataset))
+        title = f"{dataset}: accuracy after each task (protocol {protocols})"
+        png, _ = plot_method_curves(out / f"curves_{dataset}.png", curves, title)
+        lines += ["", f"![{dataset}]({png.name}) ([PDF]({png.with_suffix('.pdf').name}))"]
     failed = [r for r in records if r["status"] == "failed"]
     lines += ["", f"## Failed runs ({len(failed)})", ""] + [
         f"- {r['dataset']}/{r['method']} seed {r['seed']}: {r['error']}" for r in failed

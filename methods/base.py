@@ -53,6 +53,8 @@ class TaskContext:
     output_dir: Path
     generator: torch.Generator  # the task's seeded random stream for sampling and augmentation
     log: Any = None  # run logger (metrics/images), see loggers.py; may be None
+    class_names: list[str] | None = None  # names of the seen classes, by label (class-order position)
+    title: str = ""  # data set, method and protocol, for figures
 
     @property
     def n_seen(self) -> int:

@@ -30,7 +30,7 @@ from methods.base import Method, TaskContext
 from methods.class_statistics import ClassMemory
 from methods.lucir import less_forget_weight, prepare_cosine_head
 from methods.registry import register_method
-from plots import save_impressions_grid
+from plots import plot_impressions
 from synthesis_losses import bn_layers
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ def replay_impressions(
     path = ctx.output_dir / f"impressions_task_{ctx.task}.png"
     if distributed.is_main():
         mean_images = memory.mean_images if memory is not None and cfg.syn_init == "mean" else None
-        save_impressions_grid(path, images.x, images.y, mean_images)
+        plot_impressions(path, images.x, images.y, mean_images, ctx.class_names, title=ctx.title)
     log.info(
         "task %d: %d synthetic images of %d old classes, teacher accuracy on them %.1f%% (grid: %s)",
         ctx.task,

@@ -40,9 +40,11 @@ def test_accuracy_grid_writes_results_skips_resumes_and_records_failures(tmp_pat
     assert (row["dataset"], row["method"], row["seeds"]) == ("digits", "finetune", "0")
     assert float(row["last_accuracy_mean"]) == pytest.approx(first["last_accuracy"], abs=1e-4)
     assert float(row["last_accuracy_std"]) == 0.0
-    per_task = [float(v) for v in row["accuracy_per_task_mean"].split(";")]  # written with 4 decimals
-    assert per_task == pytest.approx(first["accuracy_per_task"], abs=1e-4)
+    assert [float(v) for v in row["accuracy_per_task_mean"].split(";")] == pytest.approx(
+        first["accuracy_per_task"], abs=1e-4
+    )  # results.csv holds 4 decimals
     assert (out / "curves_digits.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "curves_digits.pdf").read_bytes()[:5] == b"%PDF-" and "(curves_digits.pdf)" in md
     capsys.readouterr()
 
     stamp = (folder / "task_1.pt").stat().st_mtime_ns

@@ -76,7 +76,8 @@ def sweep_config(path: Path) -> tuple[config.Config, dict]:
 
 def test_the_expected_files_exist():
     for ds in MEDMNIST:
-        assert CONFIGS / ds / "ccsi.yaml" in RUN_FILES
+        for method in ("ccsi", "finetune", "joint"):
+            assert CONFIGS / ds / f"{method}.yaml" in RUN_FILES
         for t in (1, 2, 3, 4):
             assert CONFIGS / ds / f"sweep_task_{t}.yaml" in SWEEP_FILES
 
@@ -118,6 +119,27 @@ def test_ccsi_config_has_the_paper_split_seed_and_original_values(ds):
         for key, want in COMMON.items():
             assert values[key] == want, (ds, task, key)
     assert set(cfg.per_task) <= {1, 2, 3, 4}
+
+
+@pytest.mark.parametrize("ds", MEDMNIST)
+@pytest.mark.parametrize("method", ["finetune", "joint"])
+def test_medmnist_bounds_share_the_paper_split_and_ccsi_backbone(ds, method):
+    cfg, ccsi = config.load_config([CONFIGS / ds / f"{method}.yaml"]), config.load_config([CONFIGS / ds / "ccsi.yaml"])
+    assert (cfg.dataset, cfg.method, cfg.protocol) == (ds, method, "clean")
+    assert (cfg.nb_cl_fg, cfg.nb_cl, cfg.seed) == SPLITS[ds]
+    shared = (
+        "backbone",
+        "norm",
+        "head",
+        "epochs",
+        "batch_size",
+        "lr",
+        "optimizer",
+        "scheduler",
+        "lr_gamma",
+        "lr_patience",
+    )
+    assert {k: getattr(cfg, k) for k in shared} == {k: getattr(ccsi, k) for k in shared}
 
 
 @pytest.mark.parametrize("ds", MEDMNIST)

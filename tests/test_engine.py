@@ -30,7 +30,8 @@ def test_finetune_forgets_and_joint_does_not(make_cfg, tmp_path):
     assert len(ft["accuracy_matrix"]) == 5 and len(joint["accuracy_per_task"]) == 5
     for name in ("metrics.json", "metrics.csv", "config.yaml", "task_5.pt"):
         assert (tmp_path / "ft" / name).is_file()
-    assert list((tmp_path / "ft").glob("*.png")), "plots are written"
+    for stem in ("accuracy_per_task", "accuracy_matrix", "confusion_matrix"):  # figures as PNG and PDF
+        assert (tmp_path / "ft" / f"{stem}.png").is_file() and (tmp_path / "ft" / f"{stem}.pdf").is_file()
 
 
 def test_per_task_runs_equal_one_uninterrupted_run(make_cfg, tmp_path):

@@ -82,7 +82,7 @@ def test_credentials_detection(wandb_env, monkeypatch):
 def _image(path):
     from plots import plot_method_curves
 
-    return plot_method_curves(path, {"a": [90.0, 80.0]}, "curve")
+    return plot_method_curves(path, {"a": [90.0, 80.0]}, "curve")[0]  # [png, pdf]
 
 
 def test_wandb_offline_logs_config_scalars_and_image(wandb_env, monkeypatch, caplog):

@@ -16,7 +16,7 @@ from dataloaders.image_set import ImageSet
 from methods.base import TaskContext
 from methods.ccsi import replay_impressions, synthesize_classes
 from methods.class_statistics import ClassMemory, class_mean_images, class_statistics
-from plots import save_impressions_grid
+from plots import plot_impressions
 
 torch.set_num_threads(2)
 
@@ -324,11 +324,9 @@ def test_impressions_grid_and_log(tmp_path):
     assert set(synthesis_terms) >= {"synthesis/ce", "synthesis/bn", "synthesis/tv", "synthesis/l2", "synthesis/total"}
     assert logged[1][0]["task2/impressions_teacher_accuracy"] == synthesis_terms["synthesis/teacher_accuracy"]
     assert (tmp_path / "impressions_task_2.png").is_file()
-    path = save_impressions_grid(tmp_path / "grid" / "impressions.png", images.x, images.y, memory.mean_images, 4)
-    from PIL import Image
-
-    with Image.open(path) as png:
-        assert png.size == (5 * 9 + 1, 3 * 9 + 1)  # 5 columns (mean + 4), 3 classes, 8 px + 1 px padding
+    assert (tmp_path / "impressions_task_2.pdf").is_file()
+    png, pdf = plot_impressions(tmp_path / "grid" / "impressions.png", images.x, images.y, None, per_class=4)
+    assert png.is_file() and pdf.is_file()  # without mean images (DeepInversion, syn_init noise): no mean column
 
 
 # ----- a digits teacher built with models.build_net ------------------------------------------------
