@@ -19,7 +19,7 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 import torch
 
-from errors import CheckpointError, writing
+from errors import CheckpointError, what_file_is, writing
 
 FORMAT_VERSION = 2
 _TASK_FILE = re.compile(r"^task_(\d+)\.pt$")
@@ -65,6 +65,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    with path.open("rb") as f:
+        kind = what_file_is(f.read(64), "a checkpoint written by this framework (a torch.save zip archive)")
+    if kind is not None:
+        raise CheckpointError(f"checkpoint {path} {kind}; give a task_<t>.pt written by a run")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # any unpickling/zip error means the file is unusable

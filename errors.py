@@ -54,3 +54,19 @@ def writing(path: str | Path) -> Iterator[None]:
             f"cannot write {path}: {_WRITE_ERRORS[err.errno]}; the files written before it are intact: free space "
             "or fix the permissions, then rerun with --resume=true (or choose another --output_dir)"
         ) from None
+
+
+def what_file_is(head: bytes, expected: str) -> str | None:
+    """What a file is, from its first bytes, when it is not a zip archive (.npz files and torch.save checkpoints
+    are zip archives); None for a zip archive. ``expected`` names what it should be, e.g. "a .npz archive"."""
+    if head.startswith(b"PK"):
+        return None
+    if not head:
+        return "is empty (0 bytes)"
+    if head.startswith(b"\x93NUMPY"):
+        return f"holds a single array saved with np.save (.npy), not {expected}"
+    if head.startswith(b"\x80"):
+        return f"is a Python pickle, not {expected}"
+    if all(32 <= b < 127 or b in b"\t\n\r" for b in head):
+        return f"is a text file (it starts with {head[:24].decode()!r}), not {expected}"
+    return f"is not {expected} (it starts with bytes {head[:8].hex(' ')})"

@@ -184,13 +184,14 @@ def run_task(state: RunState, task: int) -> None:
         "seconds_before_task": prepared - start,
         "seconds_training": trained - prepared,
         "seconds_after_task": done - trained,
-        "final_epoch": training["history"][-1] if training["history"] else {},
+        "history": training["history"],  # per epoch: lr, mean loss terms, monitored accuracy (history.csv)
     }
     if rank_fingerprints:
         extra["rank_state_fingerprints"] = rank_fingerprints  # method state of each rank before the broadcast
     state.metrics.add(task, evaluation, extra)
     if distributed.is_main():
         save_task(state, task, cfg)
+        state.metrics.write_history(state.output_dir)
         log_task(state, task, evaluation, extra["val_accuracy"], training["selected_epoch"], done - start)
 
 

@@ -1,4 +1,4 @@
-"""Run loggers: one small interface in front of Weights & Biases (or nothing).
+"""Run loggers: one small interface in front of Weights & Biases, TensorBoard (or nothing).
 
 The trainer calls ``log_config`` once, ``log_scalars`` during training (losses, learning rate), ``log_task`` after
 each task (accuracies, or the final summary), ``log_image`` for plots, and ``finish`` at the end.
@@ -17,13 +17,21 @@ from config import Config, Option, register_options
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RunLogger", "WandbLogger", "build_logger", "default_run_name", "wandb_credentials_found"]
+__all__ = [
+    "RunLogger",
+    "TensorBoardLogger",
+    "WandbLogger",
+    "build_logger",
+    "default_run_name",
+    "wandb_credentials_found",
+]
 
 register_options(
     "logging",
     [
-        Option("logger", "str", "none", "experiment tracker: none, or wandb (offline when no API key)",
-               choices=("none", "wandb")),
+        Option("logger", "str", "none", "experiment tracker: none; wandb (offline when no API key); tensorboard "
+               "(event files in <output_dir>/tensorboard: tensorboard --logdir runs)",
+               choices=("none", "wandb", "tensorboard")),
         Option("wandb_project", "str", "ccsi-cil", "wandb project name"),
         Option("wandb_entity", "str", None, "wandb entity (user or team); null: the account's default",
                nullable=True),
@@ -163,6 +171,50 @@ class WandbLogger(RunLogger):
             self.run = None
 
 
+class TensorBoardLogger(RunLogger):
+    """Writes TensorBoard event files into ``<output_dir>/tensorboard``: the scalars wandb gets (training terms by
+    global step, ``task/<key>`` by task, ``final/<key>`` at the end), the config as text and the figures."""
+
+    def __init__(self, output_dir: str | Path):
+        from torch.utils.tensorboard import SummaryWriter  # imported here: only needed when this logger is chosen
+
+        self.writer: Any = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
+        self._step = 0
+
+    def log_config(self, config: dict[str, Any]) -> None:
+        rows = "\n".join(f"| {k} | {v} |" for k, v in sorted(config.items()))
+        self.writer.add_text("config", "| key | value |\n|---|---|\n" + rows)
+
+    def log_scalars(self, scalars: dict[str, float], step: int | None = None) -> None:
+        self._step = self._step + 1 if step is None else int(step)
+        for key, value in scalars.items():
+            if _is_scalar(value):
+                self.writer.add_scalar(key, value, self._step)
+
+    def log_task(self, task: int, summary_or_row: dict[str, Any]) -> None:
+        for key, value in summary_or_row.items():
+            if _is_scalar(value):
+                self.writer.add_scalar(f"task/{key}", value, task)
+
+    def log_image(self, name: str, path: str | Path) -> None:
+        import numpy as np
+        from PIL import Image
+
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("RGB"))
+        self.writer.add_image(name, pixels, self._step, dataformats="HWC")
+
+    def log_summary(self, summary: dict[str, Any]) -> None:
+        for key in SUMMARY_KEYS:
+            if _is_scalar(summary.get(key)):
+                self.writer.add_scalar(f"final/{key}", summary[key], 0)
+
+    def finish(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
 def default_run_name(cfg: Config) -> str | None:
     """``wandb_run_name``, else <dataset>-<method>-seed<seed> from whichever of those keys the config has."""
     if cfg.wandb_run_name is not None:
@@ -180,4 +232,6 @@ def build_logger(cfg: Config, output_dir: str | Path) -> RunLogger:
         return RunLogger()
     if cfg.logger == "wandb":
         return WandbLogger(cfg.to_dict(), cfg.wandb_project, cfg.wandb_entity, default_run_name(cfg), output_dir)
-    raise ValueError(f"unknown logger {cfg.logger!r}; choose none or wandb")
+    if cfg.logger == "tensorboard":
+        return TensorBoardLogger(output_dir)
+    raise ValueError(f"unknown logger {cfg.logger!r}; choose none, wandb or tensorboard")

@@ -182,6 +182,25 @@ class RunMetrics:
             out.add(int(item["task"]), TaskEvaluation(**item["evaluation"]), item["extra"])
         return out
 
+    def write_history(self, output_dir: str | Path) -> Path:
+        """history.csv: one row per epoch of every task so far (task, epoch, lr, the mean of each loss term,
+        monitor_accuracy); a term a task does not have is left empty."""
+        rows = [{"task": i + 1, **r} for i, x in enumerate(self.extras) for r in x.get("history", [])]
+        names = {name for row in rows for name in row}
+        tail = ["monitor_accuracy"] if "monitor_accuracy" in names else []
+        header = [n for n in HISTORY_FIRST if n in names or n in ("task", "epoch")]
+        header += sorted(names - set(header) - set(tail)) + tail
+        text = io.StringIO()
+        writer = csv.writer(text)
+        writer.writerow(header)
+        for row in rows:
+            writer.writerow(
+                ["" if row.get(n) is None else f"{row[n]:.6g}" if isinstance(row[n], float) else row[n] for n in header]
+            )
+        path = Path(output_dir) / "history.csv"
+        _atomic_write(path, text.getvalue())
+        return path
+
     def write(self, output_dir: str | Path, provenance: dict[str, Any] | None = None) -> tuple[Path, Path]:
         """Write metrics.json (provenance, summary, per-task extras) and metrics.csv (one row per task, each starting
         with the provenance columns method, dataset, protocol, seed, config_hash, commit); return both paths."""
@@ -208,6 +227,7 @@ class RunMetrics:
 
 
 PROVENANCE_COLUMNS = ("method", "dataset", "protocol", "seed", "config_hash", "commit")
+HISTORY_FIRST = ("task", "epoch", "lr", "loss")  # then the other loss terms (sorted), then monitor_accuracy
 
 
 def _json_default(value: Any) -> Any:

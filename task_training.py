@@ -18,20 +18,35 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from tqdm.auto import tqdm
 
 import distributed
 from checkpoint import PartialCheckpoint, partial_checkpoint_path, rng_state, set_rng_state
-from config import Config, ConfigError
+from config import Config, ConfigError, Option, register_options
 from dataloaders.image_set import ImageSet, as_float
 from errors import CheckpointError, TrainingError
 from methods.base import Method, TaskContext
 from optimization import build_optimizer, build_scheduler
+from progress import TaskProgress
 
 if TYPE_CHECKING:
     from incremental_train_and_eval import RunState
 
 log = logging.getLogger(__name__)
+
+register_options(
+    "train",
+    [
+        Option(
+            "divergence_limit",
+            "float",
+            1e5,
+            "stop the run (one line, exit 2) when a weight's magnitude exceeds this after an epoch: training diverged "
+            "(a non-finite weight or loss always stops it); 0: only non-finite values",
+            min=0,
+        )
+    ],
+    scope="run",
+)
 
 
 @torch.no_grad()
@@ -97,12 +112,19 @@ def monitored_split(cfg: Config, ctx: TaskContext) -> ImageSet | None:
 
 
 def train_epoch(
-    method: Method, ctx: TaskContext, epoch: int, opt: torch.optim.Optimizer, params: list[torch.Tensor]
+    method: Method,
+    ctx: TaskContext,
+    epoch: int,
+    opt: torch.optim.Optimizer,
+    params: list[torch.Tensor],
+    progress: TaskProgress | None = None,
 ) -> dict[str, float]:
     """One epoch of optimiser steps over ``method.train_batches``; returns the mean of each loss term."""
     method.train()
     method.on_epoch_start(ctx, epoch)
     batches: Iterable = method.train_batches(ctx, epoch)
+    if progress is not None:
+        progress.start_epoch(epoch, batches)
     sums: dict[str, torch.Tensor] = {}
     steps = 0
     for batch in batches:
@@ -117,6 +139,8 @@ def train_epoch(
         for name, value in terms.items():
             sums[name] = sums.get(name, 0.0) + value.detach().float()
         steps += 1
+        if progress is not None:
+            progress.step()
     return distributed.end_epoch(method.net, sums, steps)
 
 
@@ -126,8 +150,32 @@ def check_finite(means: dict[str, float], task: int, epoch: int, cfg: Config, ou
     if bad:
         raise TrainingError(
             f"task {task} epoch {epoch}: loss term '{bad[0]}' is {means[bad[0]]}; "
-            f"lower lr (now {cfg.lr}) or check the data; tasks before {task} are saved in {output_dir}"
+            f"lower lr (now {cfg.lr}) or check the data; {_saved_so_far(task, output_dir)}"
         )
+
+
+@torch.no_grad()
+def check_weights(net: torch.nn.Module, task: int, epoch: int, cfg: Config, output_dir: Path) -> None:
+    """Stop with one line when a weight is not finite (a non-finite gradient reached it) or beyond
+    ``divergence_limit`` in magnitude: training diverged, whatever the head (cosine logits stay bounded)."""
+    named = [(name, p) for name, p in net.named_parameters() if p.numel()]
+    if not named:
+        return
+    largest = torch.stack([p.detach().abs().amax().float() for _, p in named])  # one device sync per epoch
+    worst = int(torch.nan_to_num(largest, nan=math.inf).argmax())
+    value = float(largest[worst])
+    limit = cfg.divergence_limit
+    if math.isfinite(value) and (limit == 0 or value <= limit):
+        return
+    what = f"is {value}" if not math.isfinite(value) else f"reached |w| = {value:.3g} (> divergence_limit {limit:g})"
+    raise TrainingError(
+        f"task {task} epoch {epoch}: training diverged: weight '{named[worst][0]}' {what}; lower lr (now {cfg.lr}); "
+        + _saved_so_far(task, output_dir)
+    )
+
+
+def _saved_so_far(task: int, output_dir: Path) -> str:
+    return f"tasks before {task} are saved in {output_dir}" if task > 1 else "no task was completed"
 
 
 @dataclass
@@ -199,18 +247,11 @@ def fit_task(state: RunState, ctx: TaskContext, cfg: Config) -> dict[str, Any]:
     method = state.method
     training = start_training(state, ctx, cfg)
     monitor = monitored_split(cfg, ctx)
-    epochs = tqdm(
-        range(training.first_epoch, cfg.epochs),
-        desc=f"task {ctx.task}",
-        disable=not cfg.progress,
-        unit="epoch",
-        leave=False,
-        initial=training.first_epoch,
-        total=cfg.epochs,
-    )
-    for epoch in epochs:
-        means = train_epoch(method, ctx, epoch, training.opt, training.params)
+    progress = TaskProgress(ctx.task, cfg.epochs, training.first_epoch, cfg.progress)
+    for epoch in range(training.first_epoch, cfg.epochs):
+        means = train_epoch(method, ctx, epoch, training.opt, training.params, progress)
         check_finite(means, ctx.task, epoch + 1, cfg, state.output_dir)
+        check_weights(method.net, ctx.task, epoch + 1, cfg, state.output_dir)
         record = {"epoch": epoch + 1, "lr": training.opt.param_groups[0]["lr"], **means}
         if monitor is not None:
             record["monitor_accuracy"] = acc = accuracy(method, monitor, cfg.eval_batch_size)
@@ -221,9 +262,10 @@ def fit_task(state: RunState, ctx: TaskContext, cfg: Config) -> dict[str, Any]:
             training.scheduler.step()
         training.history.append(record)
         state.logger.log_scalars({f"task{ctx.task}/{k}": v for k, v in record.items() if k != "epoch"}, step=None)
-        epochs.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k not in ("epoch", "lr")})
+        progress.end_epoch(record)
         k = cfg.save_every_epochs
         if k and (epoch + 1) % k == 0 and epoch + 1 < cfg.epochs and distributed.is_main():
             save_partial(state, ctx, training, epoch + 1)
+    progress.close()
     training.selector.restore(method.net)
     return {"selected_epoch": training.selector.best_epoch, "history": training.history}

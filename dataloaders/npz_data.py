@@ -17,7 +17,7 @@ import torch
 from config import Config, expand_path
 from dataloaders.image_set import DataSplits, ImageSet
 from dataloaders.registry import register_dataset
-from errors import DataError
+from errors import DataError, what_file_is
 
 SPLITS = ("train", "val", "test")
 REQUIRED_KEYS = tuple(f"{s}_{k}" for s in SPLITS for k in ("images", "labels"))
@@ -62,21 +62,6 @@ def _check_labels(name: str, key: str, labels: np.ndarray, n_images: int) -> np.
     return labels
 
 
-def _file_kind(head: bytes) -> str | None:
-    """What a file that should be a .npz is, from its first bytes; None for a zip archive (a .npz)."""
-    if head.startswith(b"PK"):
-        return None
-    if not head:
-        return "is empty (0 bytes)"
-    if head.startswith(b"\x93NUMPY"):
-        return "holds a single array saved with np.save (.npy), not a .npz archive of named arrays"
-    if head.startswith(b"\x80"):
-        return "is a Python pickle, not a .npz archive"
-    if all(32 <= b < 127 or b in b"\t\n\r" for b in head):
-        return f"is a text file (it starts with {head[:24].decode()!r}), not a .npz archive"
-    return f"is not a .npz archive (it starts with bytes {head[:8].hex(' ')})"
-
-
 def _load_arrays(path: Path, name: str) -> dict[str, np.ndarray]:
     """The six arrays of a MedMNIST-format file; a DataError saying what the file is when it is not one."""
     if path.is_dir():
@@ -85,7 +70,7 @@ def _load_arrays(path: Path, name: str) -> dict[str, np.ndarray]:
         raise DataError(f"{name}: file {path} not found; set data_path to a MedMNIST-format .npz file")
     try:
         with path.open("rb") as f:
-            kind = _file_kind(f.read(64))
+            kind = what_file_is(f.read(64), "a .npz archive")
         if kind is not None:
             raise DataError(f"{name}: {path} {kind}; {EXPECTED}")
         with np.load(path, allow_pickle=False) as data:

@@ -439,7 +439,48 @@ def test_disk_full_during_a_run_keeps_the_finished_tasks(tmp_path, capsys, monke
         "intact: free space or fix the permissions, then rerun with --resume=true (or choose another --output_dir)"
     )
     assert calls == [1, 2] and load_checkpoint(task_checkpoint_path(out, 1))["task"] == 1
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "task_1.pt"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "history.csv", "task_1.pt"]
     monkeypatch.setattr(checkpoint.torch, "save", save)
     assert main.main(npz_args(tmp_path, "--epochs=0", "--resume=true")) == 0  # space freed: the run continues
     assert load_checkpoint(task_checkpoint_path(out, 2))["task"] == 2
+
+
+# ----- checkpoints ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"", "is empty (0 bytes)"),
+        (bytes(range(200, 256)) * 4, "is not a checkpoint written by this framework (a torch.save zip archive) (it "),
+        (b"model weights\n", "is a text file (it starts with 'model weights\\n'), not a checkpoint"),
+        (b"\x80\x04K\x01.", "is a Python pickle, not a checkpoint"),
+        (b"PK\x03\x04 truncated zip", "is corrupt or unreadable"),
+    ],
+)
+def test_a_file_that_is_not_a_checkpoint_is_named_for_what_it_is(tmp_path, capsys, content, expected):
+    bad = tmp_path / "task_1.pt"
+    bad.write_bytes(content)
+    line = one_error_line(
+        ["--device=cpu", f"--output_dir={tmp_path / 'r'}", "--task=2", f"--saved_model_address={bad}"], capsys
+    )
+    assert line.startswith(f"error: checkpoint {bad} {expected}"), line
+
+
+# ----- diverging training ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("head", ["cosine", "linear"])
+def test_a_diverging_run_stops_with_one_line_whatever_the_head(tmp_path, capsys, head):
+    """lr 1e6: the cosine head's bounded logits never give a NaN loss, but the weights explode (measured on digits:
+    |w| = 5.6e6 after the first epoch); the run stops after such an epoch and names the weight."""
+    write_npz(tmp_path / "d.npz")
+    line = one_error_line(npz_args(tmp_path, f"--head={head}", "--lr=1e6", "--epochs=3"), capsys)
+    assert line.startswith("error: task 1 epoch ") and "training diverged: weight '" in line, line
+    assert ("(> divergence_limit 100000)" in line or "is nan" in line or "is inf" in line) and "lower lr" in line
+    assert not (tmp_path / "run" / "task_1.pt").exists()
+
+
+def test_divergence_limit_zero_only_stops_non_finite_weights(tmp_path):
+    write_npz(tmp_path / "d.npz")
+    assert main.main(npz_args(tmp_path, "--head=cosine", "--lr=1e6", "--divergence_limit=0")) == 0

@@ -86,7 +86,8 @@ def test_resume_inside_a_task_equals_the_uninterrupted_run(make_cfg, tmp_path, m
     monkeypatch.setattr(cls, "on_epoch_start", original)
     resumed = run(make_cfg(output_dir=str(part), resume=True, **values))
     assert resumed["accuracy_matrix"] == full["accuracy_matrix"]
-    assert read_metrics(part)["tasks"][1]["final_epoch"] == read_metrics(tmp_path / "full")["tasks"][1]["final_epoch"]
+    assert read_metrics(part)["tasks"][1]["history"] == read_metrics(tmp_path / "full")["tasks"][1]["history"]
+    assert (part / "history.csv").read_text() == (tmp_path / "full" / "history.csv").read_text()
     a = load_checkpoint(task_checkpoint_path(tmp_path / "full", 3))["method"]["net"]
     b = load_checkpoint(task_checkpoint_path(part, 3))["method"]["net"]
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -125,7 +126,7 @@ def test_task_needs_the_previous_checkpoint(make_cfg, tmp_path):
 
 def test_corrupt_checkpoint_gives_one_line_error(make_cfg, tmp_path, capsys):
     bad = tmp_path / "task_1.pt"
-    bad.write_bytes(b"not a checkpoint")
+    bad.write_bytes(b"PK\x03\x04 not a whole zip archive")
     with pytest.raises(CheckpointError, match="corrupt or unreadable"):
         run(make_cfg(task=2, saved_model_address=str(bad), **THREE_TASKS))
     code = main.main(

@@ -41,10 +41,11 @@ def test_options_declared():
     opt = config.OPTIONS["logger"]
     assert opt.group == "logging" and config.coerce(opt, "wandb") == "wandb"
     assert opt.default == "none" and config.coerce(opt, "none") == "none"
+    assert config.coerce(opt, "tensorboard") == "tensorboard"
     with pytest.raises(config.ConfigError, match="logger"):
         config.coerce(opt, None)
     with pytest.raises(config.ConfigError, match="logger"):
-        config.coerce(opt, "tensorboard")
+        config.coerce(opt, "mlflow")
     assert config.OPTIONS["wandb_project"].default == "ccsi-cil"
     assert config.OPTIONS["wandb_entity"].default is None and config.OPTIONS["wandb_run_name"].default is None
 
@@ -131,3 +132,20 @@ def test_default_run_name_from_a_loaded_config(make_cfg):
     cfg = make_cfg()
     assert cfg.logger == "none"
     assert loggers.default_run_name(cfg) == f"digits-{cfg.method}-seed{cfg.seed}"
+
+
+def test_tensorboard_logs_the_scalars_and_figures_wandb_gets(make_cfg, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import incremental_train_and_eval as engine
+
+    summary = engine.run(make_cfg(logger="tensorboard", nb_cl_fg=4, nb_cl=3, epochs=2, method="finetune"))
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"images": 0}).Reload()
+    tags = events.Tags()
+    test_acc = [(e.step, e.value) for e in events.Scalars("task/test_accuracy")]
+    assert [step for step, _ in test_acc] == [1, 2, 3]  # 4 + 3 + 3 classes
+    assert [v for _, v in test_acc] == pytest.approx(summary["accuracy_per_task"], abs=1e-4)
+    assert events.Scalars("final/last_accuracy")[0].value == pytest.approx(summary["last_accuracy"], abs=1e-4)
+    assert len(events.Scalars("task1/loss")) == 2  # one per epoch
+    assert {"accuracy_per_task", "accuracy_matrix", "confusion_matrix"} <= set(tags["images"])
+    assert "config/text_summary" in tags["tensors"]

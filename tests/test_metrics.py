@@ -194,3 +194,20 @@ def test_format_results_table():
     ]
     assert "protocol" not in format_results_table(rows[1:])
     assert format_results_table([]) == "(no results)"
+
+
+def test_history_csv_one_row_per_epoch_with_each_tasks_terms(tmp_path):
+    m = _three_tasks()
+    m.extras[0]["history"] = [
+        {"epoch": 1, "lr": 0.1, "loss": 2.5, "ce": 2.5},
+        {"epoch": 2, "lr": 0.01, "loss": 1.25, "ce": 1.25},
+    ]
+    m.extras[1]["history"] = [{"epoch": 1, "lr": 0.1, "loss": 3.0, "ce": 2.0, "kd": 1.0, "monitor_accuracy": 75.5}]
+    path = m.write_history(tmp_path)
+    rows = list(csv.reader(path.open()))
+    assert rows == [
+        ["task", "epoch", "lr", "loss", "ce", "kd", "monitor_accuracy"],
+        ["1", "1", "0.1", "2.5", "2.5", "", ""],
+        ["1", "2", "0.01", "1.25", "1.25", "", ""],
+        ["2", "1", "0.1", "3", "2", "1", "75.5"],
+    ]
