@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+import precision
 import synthesis_losses as sl
 from config import Config, Option, register_options, register_preset
 from dataloaders.image_set import ImageSet
@@ -201,6 +202,7 @@ def _optimise(
     best_terms = torch.full((g, len(LOSS_TERMS)), float("inf"), device=x.device)
     best_it = torch.zeros(g, dtype=torch.long, device=x.device)
     weights = loss_weights(cfg)
+    loss_fn = precision.compile_function(sl.impression_loss, cfg, x.device)
 
     def augment(images: Tensor, it: int) -> Tensor:
         x5 = images.reshape(g, b, *images.shape[1:])  # (G, B, C, H, W)
@@ -219,7 +221,8 @@ def _optimise(
                 group["lr"] = sl.learning_rate(
                     it, cfg.syn_iterations, cfg.generation_lr, cfg.syn_warmup, cfg.syn_cosine_factor
                 )
-            terms = sl.impression_loss(teacher, layers, store, augment(x, it), y, targets, weights)
+            with precision.autocast(cfg, x.device):  # fp32: no autocast at all
+                terms = loss_fn(teacher, layers, store, augment(x, it), y, targets, weights)
             (x.grad,) = torch.autograd.grad(terms[:, -1].sum(), x)
             keep_best(terms.detach(), x.detach(), it)  # the images this loss was measured on
             optimizer.step()
@@ -228,7 +231,7 @@ def _optimise(
             bar.update(1)
             if (it + 1) % cfg.syn_log_every == 0 or it + 1 == cfg.syn_iterations:
                 bar.set_postfix(dict(zip(LOSS_TERMS, terms.detach().mean(dim=0).tolist())), refresh=False)
-        with torch.no_grad():  # the last iterate is a candidate too
+        with torch.no_grad(), precision.autocast(cfg, x.device):  # the last iterate is a candidate too
             terms = sl.impression_loss(teacher, layers, store, augment(x, -1), y, targets, weights)
         keep_best(terms, x.detach(), cfg.syn_iterations)
     return best_x, best_terms, best_it, terms[:, -1]

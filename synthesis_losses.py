@@ -72,9 +72,16 @@ class LossWeights:
     l2: float = 0.1  # mean image L2 norm [l2]
 
 
+def at_least_float32(t: Tensor) -> Tensor:
+    """``t`` in float32 if it is in a narrower float type (autocast's bf16/fp16), else ``t`` itself."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def group_moments(activation: Tensor, groups: int) -> tuple[Tensor, Tensor]:
-    """Per-group channel mean and population variance over (samples, H, W) of (G*B, ch, H, W)."""
-    a = activation.reshape(groups, -1, activation.shape[1], activation[0, 0].numel())  # (G, B, ch, HW)
+    """Per-group channel mean and population variance over (samples, H, W) of (G*B, ch, H, W), in float32 or wider."""
+    a = at_least_float32(activation).reshape(
+        groups, -1, activation.shape[1], activation[0, 0].numel()
+    )  # (G, B, ch, HW)
     mean = a.mean(dim=(1, 3))  # (G, ch)
     var = (a - mean[:, None, :, None]).square().mean(dim=(1, 3))  # (G, ch)
     return mean, var
@@ -162,7 +169,7 @@ def impression_loss(
     """
     g = x.shape[0]
     store.clear()
-    logits = teacher_logits(teacher(x.flatten(0, 1)))  # (G*B, n)
+    logits = at_least_float32(teacher_logits(teacher(x.flatten(0, 1))))  # (G*B, n); float32 under autocast too
     ce = F.cross_entropy(logits, y, reduction="none").reshape(g, -1).mean(dim=1)
     bn = torch.zeros(g, device=x.device)
     for i, (target_mean, target_var) in enumerate(targets):
