@@ -86,6 +86,15 @@ register_options(
 register_preset("protocol", "original", {"class_stats": "running", "syn_cosine_factor": 0.2})
 register_preset("protocol", "clean", {"class_stats": "per_class", "syn_cosine_factor": 0.5})
 
+# Batches optimised together in one tensor on a CPU: 2 keeps the activations cache-sized (1.08-1.13x faster than
+# all batches at once, 1 thread, same images bit for bit); a GPU takes all batches in one tensor.
+CPU_GROUP_CHUNK = 2
+
+
+def default_group_chunk(device: torch.device | str) -> int | None:
+    """Batches per tensor for ``synthesize`` on ``device``: ``CPU_GROUP_CHUNK`` on a CPU, all (None) elsewhere."""
+    return CPU_GROUP_CHUNK if torch.device(device).type == "cpu" else None
+
 
 @dataclass
 class SynthesisResult:

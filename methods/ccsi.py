@@ -121,8 +121,9 @@ def replay_impressions(
     """
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator))
     share = range(cfg.nb_generation)[distributed.shard_range(cfg.nb_generation)]
+    chunk = synthesis.default_group_chunk(ctx.device)
     result = synthesize_classes(
-        teacher, ctx.n_old, image_shape, cfg, seed, ctx.device, memory, groups=share, progress=cfg.progress
+        teacher, ctx.n_old, image_shape, cfg, seed, ctx.device, memory, share, chunk, progress=cfg.progress
     )
     images, teacher_acc = result.images, result.teacher_accuracy
     summary = ", ".join(f"{k} {v:.4g}" for k, v in result.loss_terms.items())

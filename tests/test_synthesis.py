@@ -221,6 +221,11 @@ def test_vectorised_synthesis_equals_the_per_batch_loop():
     assert (vec.images.x - vec.images.x[:1]).abs().max() > 0.01  # the images are not all the same
 
 
+def test_a_cpu_optimises_two_batches_per_tensor_and_a_gpu_all():
+    assert ccsi.default_group_chunk("cpu") == 2
+    assert ccsi.default_group_chunk(torch.device("cuda", 0)) is None
+
+
 def test_synthesis_is_deterministic_and_seed_dependent():
     net = tiny_teacher()
     memory = tiny_memory(net)
