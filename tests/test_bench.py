@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 
+import precision
 from bench import accuracy, ddp_speed, protocol_timing, speed
 from dataloaders.npz_data import read_npz
 
@@ -63,15 +64,23 @@ def test_accuracy_grid_writes_results_skips_resumes_and_records_failures(tmp_pat
     assert "another configuration" in (out / "results.md").read_text()
 
 
-def test_speed_prints_throughputs_and_both_ratios(tmp_path, capsys):
+def test_speed_prints_reference_today_and_fastest_with_ratios(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(precision, "BACKEND", "eager")  # --fast_compile true without code generation: fast
     out = tmp_path / "speed.md"
     argv = ["--threads", "1", "--n", "80", "--epochs", "1", "--workers", "1", "--syn_groups", "2", "--syn_batch", "4"]
-    assert speed.main([*argv, "--syn_iterations", "2", "--device", "cpu", "--out", str(out)]) == 0
+    argv += ["--syn_iterations", "2", "--device", "cpu", "--fast_compile", "true", "--out", str(out)]
+    assert speed.main(argv) == 0
     text = capsys.readouterr().out
-    assert re.search(r"training speed-up \(ours / reference\): \d+\.\d+x \(target on a GPU: >= 5x\)", text)
-    assert re.search(r"synthesis speed-up \(vectorised / loop\): \d+\.\d+x \(target on a GPU: >= 10x\)", text)
-    assert text.count("images/s") == 2 and text.count("images*iterations/s") == 2 and "max RSS" in text
-    assert float(re.search(r"pixel difference: (\S+)", text).group(1)) < 1e-4
+    rows = [line.split("|") for line in text.splitlines() if re.match(r"\| (training|synthesis) \|", line)]
+    assert [(r[1].strip(), r[2].split(":")[0].strip()) for r in rows] == [
+        (stage, name) for stage in ("training", "synthesis") for name in ("reference", "today", "fastest")
+    ]
+    assert all(r[6].strip() == "1.00x" for r in rows if r[2].startswith(" reference"))
+    assert all(float(r[3]) > 0 and "MiB peak RSS" in r[7] for r in rows)
+    assert "compile true" in rows[2][2] and "fp32" in rows[1][2] and "syn_fused_moments" in rows[5][2]
+    assert re.search(r"training speed-up \(fastest / reference\): \d+\.\d+x \(target on a GPU: >= 5x\)", text)
+    assert re.search(r"synthesis speed-up \(fastest / reference\): \d+\.\d+x \(target on a GPU: >= 10x\)", text)
+    assert float(re.search(r"pixel difference: (\S+);", text).group(1)) < 1e-4  # same seeds, same images
     assert "training speed-up" in out.read_text()
 
 
