@@ -4,12 +4,14 @@ import csv
 import json
 import math
 import re
+import time
 
 import pytest
 import torch
 
+import incremental_train_and_eval as engine
 import precision
-from bench import accuracy, ddp_speed, protocol_timing, speed
+from bench import accuracy, ddp_speed, gpu_check, protocol_timing, speed
 from dataloaders.npz_data import read_npz
 
 
@@ -120,3 +122,35 @@ def test_ddp_speed_refuses_bad_process_counts(capsys):
     with pytest.raises(SystemExit):
         ddp_speed.main(["--nproc", "0"])
     assert "--nproc values must be >= 1" in capsys.readouterr().err
+
+
+def test_gpu_check_shortened_on_the_cpu_writes_all_three_stages(tmp_path, capsys):
+    out = tmp_path / "gpu_check.md"
+    assert gpu_check.main(["--cpu_short", "--out", str(out), "--work", str(tmp_path / "w")]) == 0
+    text = out.read_text()
+    correctness = [line.split("|") for line in text.splitlines() if re.match(r"\| (training step|CCSI run)", line)]
+    assert len(correctness) == 5 and all(r[7].strip() == "ok" for r in correctness)
+    assert [float(r[6]) for r in correctness] == [gpu_check.STEP_TOLERANCE["fp32"], 3.0, 6.0, 3.0, 6.0]
+    assert [r[2].strip() for r in correctness] == ["fp32"] * 3 + ["fp32 + syn_fused_moments"] * 2
+    assert all(float(r[5]) == 0 for r in correctness[:3])  # the CPU against itself: the same numbers
+    tasks = [line.split("|")[1].strip() for line in text.splitlines() if re.match(r"\| [1-4] \| ", line)]
+    assert tasks == ["1", "2", "3", "4"]  # the protocol's per-task table
+    assert text.count("| training |") == 3 and text.count("| synthesis |") == 3  # speed.py's rows
+    assert text.index("## 1.") < text.index("## 2.") < text.index("## 3.") and re.search(r"total: \d+\.\d s", text)
+    assert "FAILED" not in text and "stopped" not in text
+
+
+def test_gpu_check_reports_a_stage_stopped_at_its_budget_and_the_protocol_tasks_done(tmp_path, monkeypatch):
+    assert gpu_check.staged("slow", 1, lambda: time.sleep(5) or ["never"])[0] == "slow: stopped at its budget of 1 s"
+    assert gpu_check.staged("bad", 5, lambda: 1 / 0)[0] == "bad: FAILED (ZeroDivisionError: division by zero)"
+    run_task = engine.run_task
+
+    def stop_after_task_1(state, task):
+        run_task(state, task)
+        raise gpu_check.StageTimeout
+
+    monkeypatch.setattr(engine, "run_task", stop_after_task_1)
+    fast = speed.make_config()
+    lines = gpu_check.protocol(torch.device("cpu"), fast, True, tmp_path / "w", tmp_path / "p.md")
+    assert re.match(r"stopped at the budget after \d+ s; tasks done: \[1\]", lines[0])
+    assert [line.split("|")[1].strip() for line in lines if re.match(r"\| \d \| ", line)] == ["1"]
