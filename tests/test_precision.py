@@ -111,16 +111,24 @@ def test_bf16_synthesis_keeps_float32_terms_close_to_fp32(make_cfg):
     assert torch.allclose(bf16.best_loss, fp32.best_loss, rtol=0.05)  # same initial images, bf16 products
 
 
-@pytest.fixture(scope="module")
-def digits_01(tmp_path_factory) -> str:
-    """A MedMNIST-format .npz of digits 0 and 1: 64 training, 16 val, 100 test images (32x32 grey)."""
+def write_digits(path, classes: int, n_train: int) -> str:
+    """A MedMNIST-format .npz of digits 0..classes-1: n_train training, 16 val, 100 test images (32x32 grey)."""
     x, y = digits_images()
-    keep = (y < 2).nonzero().squeeze(1)
+    keep = (y < classes).nonzero().squeeze(1)
     x, y = x[keep, 0].numpy(), y[keep].numpy()
-    path = tmp_path_factory.mktemp("data") / "digits01.npz"
-    splits = {"train": slice(0, 64), "val": slice(64, 80), "test": slice(80, 180)}
+    splits = {
+        "train": slice(0, n_train),
+        "val": slice(n_train, n_train + 16),
+        "test": slice(n_train + 16, n_train + 116),
+    }
     np.savez(path, **{f"{k}_{a}": v[s] for k, s in splits.items() for a, v in (("images", x), ("labels", y))})
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def digits_01(tmp_path_factory) -> str:
+    """Digits 0 and 1: 64 training, 16 val, 100 test images."""
+    return write_digits(tmp_path_factory.mktemp("data") / "digits01.npz", 2, 64)
 
 
 def run_task_one(data: str, folder, **overrides) -> float:
@@ -145,3 +153,27 @@ def test_low_precision_trains_to_the_fp32_accuracy_within_tolerance(tmp_path, di
 def test_a_compiled_run_equals_the_fp32_run(tmp_path, digits_01, fp32_accuracy, monkeypatch):
     monkeypatch.setattr(precision, "BACKEND", "eager")  # the same operations, traced by dynamo
     assert run_task_one(digits_01, tmp_path, compile=True) == fp32_accuracy
+
+
+def ccsi_two_tasks(folder, **overrides) -> list[float]:
+    """Accuracies after each task of CCSI on digits 0-3 in two tasks (2 + 2 classes; 200 training images)."""
+    data = write_digits(folder / "digits0123.npz", 4, 200)
+    values = {"dataset": "npz", "data_path": data, "method": "ccsi", "device": "cpu", "progress": False}
+    values.update(nb_cl_fg=2, nb_cl=2, epochs=4, batch_size=16, lr=0.02, select_on="last", idc_source="val")
+    values.update(nb_generation=2, syn_batch_size=8, syn_iterations=10, syn_warmup=2, output_dir=str(folder / "run"))
+    return engine.run(config.load_config(overrides={**values, **overrides}))["accuracy_per_task"]
+
+
+@pytest.fixture(scope="module")
+def ccsi_fp32(tmp_path_factory) -> list[float]:
+    return ccsi_two_tasks(tmp_path_factory.mktemp("ccsi_fp32"))
+
+
+# Tolerance in accuracy points (100 test images per task). Task 1 (no synthesis): 3. Task 2: 15, the scale of
+# this tiny run's chaos: seed 1 instead of 0 moves it 92 -> 87 (and task 1 88 -> 78); measured with the switches:
+# syn_fused_moments 79, bf16 85. Forgetting the old classes altogether would give about 50.
+@pytest.mark.parametrize("switch", [{"syn_fused_moments": True}, {"precision": "bf16"}])
+def test_ccsi_with_a_speed_switch_stays_within_tolerance_of_fp32(tmp_path, ccsi_fp32, switch):
+    accuracies = ccsi_two_tasks(tmp_path, **switch)
+    assert ccsi_fp32[1] > 80  # synthesis and distillation did their work: old classes are not forgotten
+    assert abs(accuracies[0] - ccsi_fp32[0]) <= 3.0 and abs(accuracies[1] - ccsi_fp32[1]) <= 15.0
