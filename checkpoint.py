@@ -132,6 +132,7 @@ class PartialCheckpoint(_Checkpoint):
     net: dict[str, Any]
     optimizer: dict[str, Any]
     scheduler: dict[str, Any] | None
+    scaler: dict[str, Any] | None  # fp16 loss scaler (precision.grad_scaler), else None
     selection: dict[str, Any]  # ModelSelector state: best accuracy, state and epoch so far
     history: list[dict[str, float]]
     generator: torch.Tensor  # the task's generator state

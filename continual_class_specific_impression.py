@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+import precision
 import synthesis_losses as sl
 from config import Config, Option, register_options, register_preset
 from dataloaders.image_set import ImageSet
@@ -72,6 +73,14 @@ register_options(
             choices=("running", "per_class"),
         ),
         Option(
+            "syn_fused_moments",
+            "bool",
+            False,
+            "the moment term's gradient in one fused multiply-add: 1.15x faster synthesis on a CPU, equal up to "
+            "float rounding (Adam amplifies it: pixels differ by up to 5e-2)",
+            scope="run",
+        ),
+        Option(
             "syn_log_every",
             "int",
             100,
@@ -84,6 +93,15 @@ register_options(
 )
 register_preset("protocol", "original", {"class_stats": "running", "syn_cosine_factor": 0.2})
 register_preset("protocol", "clean", {"class_stats": "per_class", "syn_cosine_factor": 0.5})
+
+# Batches optimised together in one tensor on a CPU: 2 keeps the activations cache-sized (1.08-1.13x faster than
+# all batches at once, 1 thread, same images bit for bit); a GPU takes all batches in one tensor.
+CPU_GROUP_CHUNK = 2
+
+
+def default_group_chunk(device: torch.device | str) -> int | None:
+    """Batches per tensor for ``synthesize`` on ``device``: ``CPU_GROUP_CHUNK`` on a CPU, all (None) elsewhere."""
+    return CPU_GROUP_CHUNK if torch.device(device).type == "cpu" else None
 
 
 @dataclass
@@ -201,6 +219,7 @@ def _optimise(
     best_terms = torch.full((g, len(LOSS_TERMS)), float("inf"), device=x.device)
     best_it = torch.zeros(g, dtype=torch.long, device=x.device)
     weights = loss_weights(cfg)
+    loss_fn = precision.compile_function(sl.impression_loss, cfg, x.device)
 
     def augment(images: Tensor, it: int) -> Tensor:
         x5 = images.reshape(g, b, *images.shape[1:])  # (G, B, C, H, W)
@@ -219,7 +238,8 @@ def _optimise(
                 group["lr"] = sl.learning_rate(
                     it, cfg.syn_iterations, cfg.generation_lr, cfg.syn_warmup, cfg.syn_cosine_factor
                 )
-            terms = sl.impression_loss(teacher, layers, store, augment(x, it), y, targets, weights)
+            with precision.autocast(cfg, x.device):  # fp32: no autocast at all
+                terms = loss_fn(teacher, layers, store, augment(x, it), y, targets, weights, cfg.syn_fused_moments)
             (x.grad,) = torch.autograd.grad(terms[:, -1].sum(), x)
             keep_best(terms.detach(), x.detach(), it)  # the images this loss was measured on
             optimizer.step()
@@ -228,7 +248,7 @@ def _optimise(
             bar.update(1)
             if (it + 1) % cfg.syn_log_every == 0 or it + 1 == cfg.syn_iterations:
                 bar.set_postfix(dict(zip(LOSS_TERMS, terms.detach().mean(dim=0).tolist())), refresh=False)
-        with torch.no_grad():  # the last iterate is a candidate too
+        with torch.no_grad(), precision.autocast(cfg, x.device):  # the last iterate is a candidate too
             terms = sl.impression_loss(teacher, layers, store, augment(x, -1), y, targets, weights)
         keep_best(terms, x.detach(), cfg.syn_iterations)
     return best_x, best_terms, best_it, terms[:, -1]

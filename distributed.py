@@ -219,7 +219,8 @@ def shard_batch(batch: Batch) -> Batch | None:
         return None
     rows = shard_range(len(batch))
     shard = BatchShard(rows, len(batch), sum_over_ranks)
-    return Batch(batch.x[rows], batch.y[rows], batch.synthetic[rows], shard)
+    index = None if batch.index is None else batch.index[rows]
+    return Batch(batch.x[rows], batch.y[rows], batch.synthetic[rows], shard, index)
 
 
 def backward(loss: Tensor, local: Batch, batch: Batch, params: list[Tensor]) -> None:

@@ -29,6 +29,7 @@ import config
 import dataloaders
 import distributed
 import models
+import precision
 import provenance
 from checkpoint import TaskCheckpoint, partial_checkpoint_path, rng_state, set_rng_state, task_checkpoint_path
 from config import Config, Option, register_options, register_preset
@@ -285,7 +286,7 @@ def build_run(cfg: Config, device: torch.device) -> RunState:
     )
     method_class(cfg.method).check(cfg, scenario.task_sizes)
     torch.manual_seed(cfg.seed)
-    net = models.build_net(cfg, splits.channels, splits.image_size).to(device)
+    net = precision.prepare_model(models.build_net(cfg, splits.channels, splits.image_size).to(device), cfg, device)
     method = build_method(cfg, net, device)
     return RunState(cfg, splits, scenario, method, RunMetrics(), device, Path(cfg.output_dir), RunLogger())
 

@@ -72,9 +72,44 @@ class LossWeights:
     l2: float = 0.1  # mean image L2 norm [l2]
 
 
-def group_moments(activation: Tensor, groups: int) -> tuple[Tensor, Tensor]:
-    """Per-group channel mean and population variance over (samples, H, W) of (G*B, ch, H, W)."""
-    a = activation.reshape(groups, -1, activation.shape[1], activation[0, 0].numel())  # (G, B, ch, HW)
+def at_least_float32(t: Tensor) -> Tensor:
+    """``t`` in float32 if it is in a narrower float type (autocast's bf16/fp16), else ``t`` itself."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+class _FusedGroupMoments(torch.autograd.Function):
+    """mean and population variance over dims (1, 3) of (G, B, ch, HW); the backward in one fused expression.
+
+    Forward: the same two passes as ``group_moments``. Backward: d/da = g_mean / n + 2 g_var (a - mean) / n =
+    a * s + t with per-(G, ch) s = 2 g_var / n and t = g_mean / n - s * mean: one multiply-add over the
+    activation instead of autograd's chain of elementwise passes (sub, square, mean and their gradients).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, a: Tensor) -> tuple[Tensor, Tensor]:
+        mean = a.mean(dim=(1, 3))  # (G, ch)
+        var = (a - mean[:, None, :, None]).square().mean(dim=(1, 3))  # (G, ch)
+        ctx.save_for_backward(a, mean)
+        return mean, var
+
+    @staticmethod
+    def backward(ctx: Any, g_mean: Tensor, g_var: Tensor) -> Tensor:
+        a, mean = ctx.saved_tensors
+        n = a.shape[1] * a.shape[3]
+        scale = g_var * (2.0 / n)  # (G, ch)
+        shift = g_mean / n - scale * mean  # (G, ch)
+        return torch.addcmul(shift[:, None, :, None], a, scale[:, None, :, None])
+
+
+def group_moments(activation: Tensor, groups: int, fused: bool = False) -> tuple[Tensor, Tensor]:
+    """Per-group channel mean and population variance over (samples, H, W) of (G*B, ch, H, W), in float32 or wider.
+
+    ``fused``: the same values, with the gradient in one multiply-add (equal up to float rounding; faster).
+    """
+    a = at_least_float32(activation)
+    a = a.reshape(groups, -1, a.shape[1], a[0, 0].numel())  # (G, B, ch, HW)
+    if fused:
+        return _FusedGroupMoments.apply(a)
     mean = a.mean(dim=(1, 3))  # (G, ch)
     var = (a - mean[:, None, :, None]).square().mean(dim=(1, 3))  # (G, ch)
     return mean, var
@@ -154,6 +189,7 @@ def impression_loss(
     y: Tensor,
     targets: list[tuple[Tensor, Tensor]],
     weights: LossWeights,
+    fused_moments: bool = False,
 ) -> Tensor:
     """Loss terms (G, 5) = (ce, bn, tv, l2, total) of each group of already augmented images x (G, B, C, H, W).
 
@@ -162,14 +198,14 @@ def impression_loss(
     """
     g = x.shape[0]
     store.clear()
-    logits = teacher_logits(teacher(x.flatten(0, 1)))  # (G*B, n)
+    logits = at_least_float32(teacher_logits(teacher(x.flatten(0, 1))))  # (G*B, n); float32 under autocast too
     ce = F.cross_entropy(logits, y, reduction="none").reshape(g, -1).mean(dim=1)
     bn = torch.zeros(g, device=x.device)
     for i, (target_mean, target_var) in enumerate(targets):
         if i not in store:
             raise ValueError(f"normalisation layer {i} ({layers[i]}) was not used in the teacher's forward pass")
         weight = weights.first_bn if i == 0 else 1.0
-        bn = bn + weight * moment_loss(*group_moments(store[i], g), target_mean, target_var)
+        bn = bn + weight * moment_loss(*group_moments(store[i], g, fused_moments), target_mean, target_var)
     store.clear()
     tv, l2 = total_variation(x), image_l2(x)
     total = weights.ce * ce + weights.bn * bn + weights.tv * tv + weights.l2 * l2

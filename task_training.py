@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 import distributed
+import precision
 from checkpoint import PartialCheckpoint, partial_checkpoint_path, rng_state, set_rng_state
 from config import Config, ConfigError, Option, register_options
 from dataloaders.image_set import ImageSet, as_float
@@ -54,7 +55,8 @@ def predict_labels(method: Method, images: ImageSet, batch_size: int) -> torch.T
     """Predicted class-order labels (N,) for every image, in eval mode (under torchrun: each rank a part)."""
     method.eval()
     part = images.x[distributed.shard_range(len(images))]
-    preds = [method.predict(as_float(part[i : i + batch_size])).argmax(1) for i in range(0, len(part), batch_size)]
+    with precision.autocast(method.cfg, method.device):
+        preds = [method.predict(as_float(part[i : i + batch_size])).argmax(1) for i in range(0, len(part), batch_size)]
     local = torch.cat(preds) if preds else torch.empty(0, dtype=torch.long, device=images.y.device)
     return distributed.all_gather_rows(local)
 
@@ -112,12 +114,7 @@ def monitored_split(cfg: Config, ctx: TaskContext) -> ImageSet | None:
 
 
 def train_epoch(
-    method: Method,
-    ctx: TaskContext,
-    epoch: int,
-    opt: torch.optim.Optimizer,
-    params: list[torch.Tensor],
-    progress: TaskProgress | None = None,
+    method: Method, ctx: TaskContext, epoch: int, training: TaskTraining, progress: TaskProgress | None = None
 ) -> dict[str, float]:
     """One epoch of optimiser steps over ``method.train_batches``; returns the mean of each loss term."""
     method.train()
@@ -131,10 +128,11 @@ def train_epoch(
         local = distributed.shard_batch(batch)  # the whole batch in a single process
         if local is None:
             continue
-        terms = method.training_step(local)
-        opt.zero_grad(set_to_none=True)
-        distributed.backward(terms["loss"], local, batch, params)
-        opt.step()
+        with precision.autocast(method.cfg, method.device):  # fp32: no autocast at all
+            terms = method.training_step(local)
+        training.opt.zero_grad(set_to_none=True)
+        distributed.backward(precision.scale_loss(terms["loss"], training.scaler), local, batch, training.params)
+        precision.optimizer_step(training.opt, training.scaler)
         method.after_step()
         for name, value in terms.items():
             sums[name] = sums.get(name, 0.0) + value.detach().float()
@@ -187,6 +185,7 @@ class TaskTraining:
     scheduler: Any
     selector: ModelSelector
     history: list[dict[str, float]]
+    scaler: torch.amp.GradScaler | None = None  # precision fp16 only
     first_epoch: int = 0
 
 
@@ -196,8 +195,9 @@ def start_training(state: RunState, ctx: TaskContext, cfg: Config) -> TaskTraini
     method = state.method
     opt = build_optimizer([{"params": [p for p in method.net.parameters() if p.requires_grad]}], cfg)
     params = [p for group in opt.param_groups for p in group["params"]]
+    selector = ModelSelector(cfg.select_on != "last", cfg.epochs)
     training = TaskTraining(
-        opt, params, build_scheduler(opt, cfg), ModelSelector(cfg.select_on != "last", cfg.epochs), []
+        opt, params, build_scheduler(opt, cfg), selector, [], precision.grad_scaler(cfg, ctx.device)
     )
     partial = load_partial(state, ctx.task)
     if partial is not None:
@@ -205,6 +205,8 @@ def start_training(state: RunState, ctx: TaskContext, cfg: Config) -> TaskTraini
         opt.load_state_dict(partial.optimizer)
         if training.scheduler is not None:
             training.scheduler.load_state_dict(partial.scheduler)
+        if training.scaler is not None:
+            training.scaler.load_state_dict(partial.scaler)
         training.selector.load_state_dict(partial.selection)
         training.history, training.first_epoch = partial.history, partial.epoch
         ctx.generator.set_state(partial.generator)
@@ -235,6 +237,7 @@ def save_partial(state: RunState, ctx: TaskContext, training: TaskTraining, epoc
         net=state.method.net.state_dict(),
         optimizer=training.opt.state_dict(),
         scheduler=training.scheduler.state_dict() if training.scheduler is not None else None,
+        scaler=training.scaler.state_dict() if training.scaler is not None else None,
         selection=training.selector.state_dict(),
         history=training.history,
         generator=ctx.generator.get_state(),
@@ -249,7 +252,7 @@ def fit_task(state: RunState, ctx: TaskContext, cfg: Config) -> dict[str, Any]:
     monitor = monitored_split(cfg, ctx)
     progress = TaskProgress(ctx.task, cfg.epochs, training.first_epoch, cfg.progress)
     for epoch in range(training.first_epoch, cfg.epochs):
-        means = train_epoch(method, ctx, epoch, training.opt, training.params, progress)
+        means = train_epoch(method, ctx, epoch, training, progress)
         check_finite(means, ctx.task, epoch + 1, cfg, state.output_dir)
         check_weights(method.net, ctx.task, epoch + 1, cfg, state.output_dir)
         record = {"epoch": epoch + 1, "lr": training.opt.param_groups[0]["lr"], **means}

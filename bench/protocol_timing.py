@@ -4,8 +4,8 @@ Runs the protocol once through incremental_train_and_eval.run on the real <data_
 else on a generated .npz of the same shape (11959 train / 1712 val / 3421 test 3x28x28 images, 8 classes; no
 download), and prints per task: before the task (for tasks >= 2 this is CCSI synthesis), training, after the task,
 from metrics.json, plus the rest of the run (data, evaluation, checkpoints, plots) and the total. Goal: the whole
-protocol in under 10 minutes on a GPU. Extra --key=value arguments scale it down (e.g. --epochs=2
---syn_iterations=50) for a CPU run.
+protocol in under 5 minutes on one H100/H200-class GPU (--precision and --compile count as paper settings). Extra
+--key=value arguments scale it down (e.g. --epochs=2 --syn_iterations=50) for a CPU run.
 
 Examples:
     .venv/bin/python bench/protocol_timing.py --device=cuda                       # paper settings, on a GPU
@@ -35,8 +35,9 @@ from bench.synthesis_speed import describe_machine
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = {"train": 11959, "val": 1712, "test": 3421}  # BloodMNIST's splits
-CLASSES, GOAL_MINUTES = 8, 10.0
-HARMLESS_KEYS = {"device", "progress", "logger", "protocol", "eval_batch_size", "seed"}  # still paper settings
+CLASSES, GOAL_MINUTES = 8, 5.0  # issue 14: under 5 minutes on one H100/H200 (moonshot: 2)
+HARMLESS_KEYS = {"device", "progress", "logger", "protocol", "eval_batch_size", "seed", "precision", "compile"}
+HARMLESS_KEYS |= {"syn_fused_moments"}  # speed switches count as paper settings
 
 
 def write_fake_bloodmnist(path: Path, n_train: int) -> Path:
@@ -53,6 +54,36 @@ def write_fake_bloodmnist(path: Path, n_train: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, **arrays)
     return path
+
+
+def task_table(cfg: config.Config, tasks: list[dict]) -> tuple[list[str], float]:
+    """Markdown rows of the per-task stage times (``metrics.json``'s tasks) and the sum of the stages."""
+    lines = [
+        "| task | synthesis: batches x images x iterations | before task (synthesis) s | training s | s/epoch "
+        "| after task s | stages s |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    stage_sum = 0.0
+    for t in tasks:
+        task_cfg = cfg.for_task(t["task"])
+        before, train, after = t["seconds_before_task"], t["seconds_training"], t["seconds_after_task"]
+        stages = before + train + after
+        stage_sum += stages
+        per_epoch = train / task_cfg.epochs if task_cfg.epochs else 0.0
+        work_syn = "-"
+        if t["task"] > 1:
+            work_syn = f"{task_cfg.nb_generation} x {task_cfg.syn_batch_size} x {task_cfg.syn_iterations}"
+        cells = [
+            t["task"],
+            work_syn,
+            f"{before:.2f}",
+            f"{train:.2f}",
+            f"{per_epoch:.3f}",
+            f"{after:.2f}",
+            f"{stages:.2f}",
+        ]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return lines, stage_sum
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,30 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         f"- settings: configs/bloodmnist/ccsi.yaml, protocol {cfg.protocol}, epochs {cfg.epochs}, syn_iterations "
         f"{cfg.syn_iterations}; overrides: " + (" ".join(f"--{k}={v}" for k, v in overrides.items()) or "none"),
         "",
-        "| task | synthesis: batches x images x iterations | before task (synthesis) s | training s | s/epoch "
-        "| after task s | stages s |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    stage_sum = 0.0
-    for t in tasks:
-        task_cfg = cfg.for_task(t["task"])
-        before, train, after = t["seconds_before_task"], t["seconds_training"], t["seconds_after_task"]
-        stages = before + train + after
-        stage_sum += stages
-        per_epoch = train / task_cfg.epochs if task_cfg.epochs else 0.0
-        work_syn = "-"
-        if t["task"] > 1:
-            work_syn = f"{task_cfg.nb_generation} x {task_cfg.syn_batch_size} x {task_cfg.syn_iterations}"
-        cells = [
-            t["task"],
-            work_syn,
-            f"{before:.2f}",
-            f"{train:.2f}",
-            f"{per_epoch:.3f}",
-            f"{after:.2f}",
-            f"{stages:.2f}",
-        ]
-        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    table, stage_sum = task_table(cfg, tasks)
+    lines += table
     full_size = real.is_file() or args.n_train == SHAPE["train"]
     paper = full_size and set(overrides) <= HARMLESS_KEYS
     goal = f"goal: under {GOAL_MINUTES:.0f} min on a GPU at paper settings"

@@ -1,12 +1,15 @@
-"""Training and synthesis throughput of our pipeline versus a straightforward reference, measured in one run.
+"""Training and synthesis throughput: a reference pipeline, ours today, and ours with the fastest switches, in one run.
 
-Training (images/s): the same CCSI ResNet (Continual Normalization, cosine head, 8 classes) and SGD step on the
-same generated BloodMNIST-shaped images (3x28x28 uint8, zero-padded to 32x32; no download), fed two ways:
-  ours       uint8 tensor on the device + BatchLoader: indexing, crop_flip augmentation on the batch tensor;
+Training (images/s): the same CCSI ResNet (Continual Normalization, cosine head, 8 classes), SGD step and
+generated BloodMNIST-shaped images (3x28x28 uint8, zero-padded to 32x32; no download), fed three ways:
   reference  torch DataLoader over a Dataset of HWC uint8 arrays with per-sample torchvision transforms
-             (ToTensor, RandomCrop(32, padding=4), RandomHorizontalFlip) in --workers worker processes.
-Synthesis (images x iterations / s): CCSI synthesis vectorised vs a per-batch loop (bench/synthesis_speed.py).
-Prints both with their ratios, peak memory and the machine, and writes the table to --out.
+             (ToTensor, RandomCrop(32, padding=4), RandomHorizontalFlip) in --workers worker processes, fp32;
+  today      uint8 tensor on the device + BatchLoader (indexing, crop_flip on the batch tensor), fp32, eager;
+  fastest    today's pipeline with --fast_precision and --fast_compile (precision.py).
+Synthesis (images x iterations / s): reference = the per-batch loop, today = ``synthesize`` as the engine calls it
+(CPU: two batches per tensor; GPU: all), fastest = today with the switches. Compilation and other first-call
+costs are timed apart (warm-up) and left out of the throughputs. Prints the table, the ratios with the GPU
+targets, the peak memory of each stage and the machine, and writes the table to --out.
 
 Example:
     .venv/bin/python bench/speed.py --quick                 # < 2 min on a 2-core CPU
@@ -22,6 +25,7 @@ import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,13 +36,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import config
 import models
+import precision
 from bench.report import publish
-from bench.synthesis_speed import describe_machine, measure_synthesis, resolve_device, timed
+from bench.synthesis_speed import (
+    Variant,
+    describe_machine,
+    measure_synthesis,
+    peak_memory,
+    reset_peak,
+    resolve_device,
+    timed,
+)
+from continual_class_specific_impression import default_group_chunk
 from dataloaders.batches import BatchLoader
 from dataloaders.image_set import ImageSet
 
 CLASSES = 8
-TRAIN_TARGET, SYNTHESIS_TARGET = 5.0, 10.0  # speed-ups wanted on a GPU
+TRAIN_TARGET, SYNTHESIS_TARGET = 5.0, 10.0  # speed-ups over the reference wanted on a GPU
+# The fastest switches per device (README, Speed): on this project's AVX2 CPU bf16/fp16 are ~14x slower and
+# compiling costs minutes for 1.05-1.3x, so fp32 eager; on a GPU bf16 + compile (CUDA graphs). Both: synthesis
+# with syn_fused_moments (equal up to float rounding).
+FASTEST = {"cpu": ("fp32", False), "cuda": ("bf16", True)}
 
 
 class ArrayDataset(Dataset):
@@ -74,50 +92,45 @@ class BatchPairs:
         return ((b.x, b.y) for b in self.loader)
 
 
-def train_seconds(batches: Iterable, epochs: int, device: torch.device, warmup: int = 3) -> float:
-    """Seconds for ``epochs`` passes of SGD steps over ``batches`` (after ``warmup`` untimed steps)."""
+def make_config(**overrides: object) -> config.Config:
+    values = {**config.defaults(), "backbone": "ccsi_resnet", "norm": "cn", "head": "cosine", **overrides}
+    return config.Config({k: config.coerce(config.OPTIONS[k], v) for k, v in values.items()})
+
+
+def train(batches: Iterable, epochs: int, device: torch.device, cfg: config.Config) -> tuple[float, float, str]:
+    """(seconds for ``epochs`` passes of SGD steps, warm-up seconds, peak memory of the timed passes).
+
+    Warm-up: 3 steps, or one whole pass when compiling (every batch shape is compiled before timing).
+    """
     torch.manual_seed(0)
-    values = {**config.defaults(), "backbone": "ccsi_resnet", "norm": "cn", "head": "cosine"}
-    net = models.build_net(config.Config({k: config.coerce(config.OPTIONS[k], v) for k, v in values.items()}), 3, 32)
+    net = models.build_net(cfg, 3, 32)
     net.expand_head(CLASSES)
-    net.to(device).train()
+    net = precision.prepare_model(net.to(device).train(), cfg, device)
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    scaler = precision.grad_scaler(cfg, device)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # (B, 3, 32, 32), (B,)
-        loss = torch.nn.functional.cross_entropy(net(x)["logits"], y)
+        with precision.autocast(cfg, device):
+            loss = torch.nn.functional.cross_entropy(net(x)["logits"], y)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        precision.scale_loss(loss, scaler).backward()
+        precision.optimizer_step(opt, scaler)
 
-    for i, (x, y) in enumerate(batches):
-        if i >= warmup:
-            break
-        step(x, y)
-
-    def epochs_loop() -> None:
-        for _ in range(epochs):
-            for x, y in batches:
+    def passes(n: int, limit: int | None = None) -> None:
+        for _ in range(n):
+            for i, (x, y) in enumerate(batches):
+                if limit is not None and i >= limit:
+                    break
                 step(x, y)
 
-    return timed(epochs_loop)[0]
+    warmup_s, _ = timed(lambda: passes(1, None if cfg.compile else 3))
+    reset_peak(device)
+    seconds, _ = timed(lambda: passes(epochs))
+    return seconds, warmup_s, peak_memory(device)
 
 
-def peak_memory(device: torch.device) -> str:
-    """Peak CUDA memory since the last reset, or the max RSS so far of this process and of its finished children."""
-    if device.type == "cuda":
-        return f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB (CUDA max allocated)"
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return f"{own:.0f} MiB max RSS (children: {children:.0f} MiB)"
-
-
-def reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--n", type=int, default=11959, help="training images (BloodMNIST train: 11959)")
     parser.add_argument("--epochs", type=int, default=2, help="timed training epochs per pipeline")
@@ -127,6 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--syn_batch", type=int, default=40, help="images per synthesis batch")
     parser.add_argument("--syn_iterations", type=int, default=50, help="timed synthesis iterations")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--fast_precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
+    parser.add_argument("--fast_compile", choices=("auto", "true", "false"), default="auto")
     parser.add_argument(
         "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's; --quick: 1)"
     )
@@ -136,41 +151,76 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quick:
         args.n, args.epochs, args.syn_groups, args.syn_batch, args.syn_iterations = 4000, 1, 8, 40, 15
         args.threads = args.threads or 1  # a shared 2-core CPU: 2 OpenMP threads stall each other
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    fast_precision, fast_compile = FASTEST[device.type]
+    fast_precision = fast_precision if args.fast_precision == "auto" else args.fast_precision
+    fast_compile = fast_compile if args.fast_compile == "auto" else args.fast_compile == "true"
+    fast = make_config(precision=fast_precision, compile=fast_compile, syn_fused_moments=True)
+    precision.check(fast, device)
+    same = fast_precision == "fp32" and not fast_compile  # fastest training = today's: measured once
     x, y = make_images(args.n)
-
-    reset_peak(device)
-    ours = BatchLoader(ImageSet(x.to(device), y.to(device)), args.batch, augment="crop_flip", device=device)
-    t_ours = train_seconds(BatchPairs(ours), args.epochs, device)
-    mem_ours = peak_memory(device)
-    reset_peak(device)
     hwc = np.ascontiguousarray(x.permute(0, 2, 3, 1).numpy())  # (N, 32, 32, 3) as image files decode
     reference = DataLoader(
         ArrayDataset(hwc, y.numpy()),
-        batch_size=args.batch,
+        args.batch,
         shuffle=True,
         num_workers=args.workers,
         pin_memory=device.type == "cuda",
     )
-    t_ref = train_seconds(reference, args.epochs, device)
-    mem_ref = peak_memory(device)
-    reset_peak(device)
-    syn = measure_synthesis(args.syn_groups, args.syn_batch, args.syn_iterations, CLASSES, device)
-    mem_syn = peak_memory(device)  # CPU: max RSS so far
-    mem_loop = ""
-    if device.type == "cuda":
-        mem_syn = f"{syn['vectorised_peak_bytes'] / 2**20:.0f} MiB (CUDA max allocated)"
-        mem_loop = f"{syn['loop_peak_bytes'] / 2**20:.0f} MiB (CUDA max allocated)"
+    ours = BatchPairs(BatchLoader(ImageSet(x.to(device), y.to(device)), args.batch, augment="crop_flip", device=device))
+    training = {"reference": train(reference, args.epochs, device, make_config())}
+    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    training["today"] = train(ours, args.epochs, device, make_config())
+    training["fastest"] = training["today"] if same else train(ours, args.epochs, device, fast)
+    chunk = default_group_chunk(device)
+    variants = {
+        "reference": Variant(vectorised=False),
+        "today": Variant(chunk=chunk),
+        "fastest": Variant(chunk=chunk, precision=fast_precision, compile=fast_compile, fused_moments=True),
+    }
+    syn = measure_synthesis(args.syn_groups, args.syn_batch, args.syn_iterations, CLASSES, device, variants)
+    lines = report(args, argv, device, (fast, same), training, syn, workers)
+    publish(lines, Path(args.out or f"bench/results/speed_{device.type}.md"))
+    return 0
 
-    images = args.n * args.epochs
-    work = syn["work"]
+
+def report(
+    args: argparse.Namespace,
+    argv: Sequence[str] | None,
+    device: torch.device,
+    fastest: tuple[config.Config, bool],
+    training: dict[str, tuple[float, float, str]],
+    syn: dict[str, dict[str, Any]],
+    workers: float,
+) -> list[str]:
+    """The markdown report: settings, one row per stage and pipeline, the ratios."""
     gpu = device.type == "cuda"
-
-    def verdict(ratio: float, target: float) -> str:
-        return f"target on a GPU: >= {target:.0f}x" + (f", {'met' if ratio >= target else 'NOT met'}" if gpu else "")
-
+    fast, same = fastest
+    switches = f"precision {fast.precision}, compile {str(fast.compile).lower()}"
+    labels = {
+        ("training", "reference"): f"reference: DataLoader, {args.workers} workers, per-sample torchvision transforms",
+        ("training", "today"): "today: uint8 tensors + BatchLoader, crop_flip on the batch; fp32",
+        ("training", "fastest"): f"fastest: today's pipeline, {switches}",
+        ("synthesis", "reference"): "reference: per-batch loop; fp32",
+        ("synthesis", "today"): "today: batches in one tensor (CPU: 2 per tensor); fp32",
+        ("synthesis", "fastest"): f"fastest: today's, {switches}, syn_fused_moments",
+    }
+    images = args.n * args.epochs
+    rows = []
+    for name, (seconds, warmup, peak) in training.items():
+        speed = training["reference"][0] / seconds
+        rows.append(("training", name, seconds, warmup, f"{images / seconds:.0f} images/s", speed, peak))
+    for name, r in syn.items():
+        speed = syn["reference"]["seconds"] / r["seconds"]
+        throughput = f"{r['work'] / r['seconds']:.0f} images*iterations/s"
+        rows.append(("synthesis", name, r["seconds"], r["warmup_s"], throughput, speed, r["peak"]))
     lines = [
         f"# Speed benchmark ({time.strftime('%Y-%m-%d %H:%M')})",
         "",
@@ -179,25 +229,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"- training: {args.n} generated 3x28x28 images padded to 32x32, {CLASSES} classes, batch {args.batch}, "
         f"{args.epochs} timed epoch(s), CCSI ResNet + CN + cosine head, SGD",
         f"- synthesis: {args.syn_groups} batches x {args.syn_batch} images x {args.syn_iterations} iterations",
+        f"- fastest switches: {switches}, syn_fused_moments (synthesis)"
+        + (" (training: today's, measured once)" if same else ""),
         "",
-        "| stage | pipeline | seconds | throughput | peak memory |",
-        "|---|---|---:|---:|---|",
-        f"| training | ours: uint8 tensors + BatchLoader, crop_flip on the batch | {t_ours:.2f} | "
-        f"{images / t_ours:.0f} images/s | {mem_ours} |",
-        f"| training | reference: DataLoader, {args.workers} workers, per-sample torchvision transforms | "
-        f"{t_ref:.2f} | {images / t_ref:.0f} images/s | {mem_ref} |",
-        f"| synthesis | vectorised: all batches in one tensor | {syn['vectorised_s']:.2f} | "
-        f"{work / syn['vectorised_s']:.0f} images*iterations/s | {mem_syn} |",
-        f"| synthesis | per-batch loop | {syn['loop_s']:.2f} | {work / syn['loop_s']:.0f} images*iterations/s | "
-        f"{mem_loop} |",
-        "",
-        f"training speed-up (ours / reference): {t_ref / t_ours:.2f}x ({verdict(t_ref / t_ours, TRAIN_TARGET)})",
-        f"synthesis speed-up (vectorised / loop): {syn['loop_s'] / syn['vectorised_s']:.2f}x "
-        f"({verdict(syn['loop_s'] / syn['vectorised_s'], SYNTHESIS_TARGET)})",
-        f"max |vectorised - loop| pixel difference: {syn['max_diff']:.2e}",
+        "| stage | pipeline | seconds | warm-up s | throughput | vs reference | peak memory |",
+        "|---|---|---:|---:|---:|---:|---|",
     ]
-    publish(lines, Path(args.out or f"bench/results/speed_{device.type}.md"))
-    return 0
+    lines += [f"| {s} | {labels[s, n]} | {t:.2f} | {w:.2f} | {tp} | {v:.2f}x | {p} |" for s, n, t, w, tp, v, p in rows]
+
+    def verdict(ratio: float, target: float) -> str:
+        return f"target on a GPU: >= {target:.0f}x" + (f", {'met' if ratio >= target else 'NOT met'}" if gpu else "")
+
+    train_ratio = training["reference"][0] / training["fastest"][0]
+    syn_ratio = syn["reference"]["seconds"] / syn["fastest"]["seconds"]
+    lines += [
+        "",
+        f"reference DataLoader workers: {workers:.0f} MiB max RSS",
+        f"training speed-up (fastest / reference): {train_ratio:.2f}x ({verdict(train_ratio, TRAIN_TARGET)}); "
+        f"today / reference {training['reference'][0] / training['today'][0]:.2f}x",
+        f"synthesis speed-up (fastest / reference): {syn_ratio:.2f}x ({verdict(syn_ratio, SYNTHESIS_TARGET)}); "
+        f"today / reference {syn['reference']['seconds'] / syn['today']['seconds']:.2f}x",
+        f"max |today - reference| synthesis pixel difference: "
+        f"{(syn['today']['images'] - syn['reference']['images']).abs().max().item():.2e}; teacher accuracy on the "
+        "impressions: " + ", ".join(f"{n} {r['teacher_accuracy']:.1f}%" for n, r in syn.items()),
+    ]
+    return lines
 
 
 if __name__ == "__main__":

@@ -13,11 +13,14 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
+import resource
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -96,13 +99,43 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - start, result
 
 
-def measure_synthesis(
-    groups: int, batch: int, iterations: int, classes: int, device: torch.device, chunk: int | None = None
-) -> dict[str, float]:
-    """Time ``synthesize`` vectorised and as a per-batch loop (same teacher, seeds, device).
+def reset_peak(device: torch.device) -> None:
+    """Start a new peak-memory window: CUDA's allocator statistics, or the process's peak RSS (Linux)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak resident set size
 
-    Returns seconds (``vectorised_s``, ``loop_s``), ``work`` (images x iterations), ``max_diff`` (pixels) and
-    the peak CUDA memory of each (``vectorised_peak_bytes``, ``loop_peak_bytes``; 0 on CPU).
+
+def peak_memory(device: torch.device) -> str:
+    """Peak memory since ``reset_peak``: CUDA max allocated, or the peak RSS of this process."""
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB (CUDA max allocated)"
+    with contextlib.suppress(OSError, StopIteration):
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM"))
+        return f"{int(line.split()[1]) / 1024:.0f} MiB peak RSS"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB max RSS since start"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way to run synthesis: all batches in one tensor or a per-batch loop, and the precision switches."""
+
+    vectorised: bool = True
+    chunk: int | None = None  # batches per tensor when vectorised (None: all)
+    precision: str = "fp32"
+    compile: bool = False
+    fused_moments: bool = False  # syn_fused_moments
+
+
+def measure_synthesis(
+    groups: int, batch: int, iterations: int, classes: int, device: torch.device, variants: dict[str, Variant]
+) -> dict[str, dict[str, Any]]:
+    """Time ``synthesize`` once per variant (same teacher, seeds, device), after a 2-iteration warm-up each.
+
+    Per variant: ``seconds``, ``warmup_s`` (first call: allocator, cuDNN autotuning, compilation), ``peak``
+    (memory), ``images`` (the result) and ``teacher_accuracy``; ``work`` (images x iterations) is shared.
     """
     values = {
         **config.defaults(),
@@ -113,21 +146,21 @@ def measure_synthesis(
     }
     cfg = config.Config({k: config.coerce(config.OPTIONS[k], v) for k, v in values.items()})
     teacher, memory = build_teacher(cfg, classes, device)
+    out: dict[str, dict[str, Any]] = {}
+    for name, v in variants.items():
+        conf = cfg.replace(precision=v.precision, compile=v.compile, syn_fused_moments=v.fused_moments)
 
-    def run(vectorised: bool, conf: config.Config = cfg) -> ccsi.SynthesisResult:
-        group_chunk = chunk if vectorised else 1  # 1: one batch at a time, the per-batch loop
-        return synthesize_classes(teacher, classes, (3, 32, 32), conf, 0, device, memory, group_chunk=group_chunk)
+        def run(c: config.Config, v: Variant = v) -> ccsi.SynthesisResult:
+            group_chunk = v.chunk if v.vectorised else 1  # 1: one batch at a time, the per-batch loop
+            return synthesize_classes(teacher, classes, (3, 32, 32), c, 0, device, memory, group_chunk=group_chunk)
 
-    warm = cfg.replace(syn_iterations=2)
-    run(True, warm), run(False, warm)  # one-time costs (allocator, cuDNN autotuning) out of the timings
-    out: dict[str, float] = {"work": float(groups * batch * iterations)}
-    results = {}
-    for name, vectorised in (("vectorised", True), ("loop", False)):
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        out[f"{name}_s"], results[name] = timed(lambda v=vectorised: run(v))
-        out[f"{name}_peak_bytes"] = float(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else 0.0
-    out["max_diff"] = (results["vectorised"].images.x - results["loop"].images.x).abs().max().item()
+        warm = conf.replace(syn_iterations=2)
+        warmup_s, _ = timed(lambda c=warm: run(c))
+        reset_peak(device)
+        seconds, result = timed(lambda c=conf: run(c))
+        out[name] = {"seconds": seconds, "warmup_s": warmup_s, "peak": peak_memory(device), "images": result.images.x}
+        out[name]["teacher_accuracy"] = result.teacher_accuracy
+        out[name]["work"] = float(groups * batch * iterations)
     return out
 
 
@@ -142,15 +175,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     device = resolve_device(args.device)
-    m = measure_synthesis(args.groups, args.batch, args.iterations, args.classes, device, args.chunk)
+    variants = {"vectorised": Variant(chunk=args.chunk), "per-batch loop": Variant(vectorised=False)}
+    m = measure_synthesis(args.groups, args.batch, args.iterations, args.classes, device, variants)
     print(f"machine: {describe_machine(device)}; device: {device}")
     print(
         f"setting: {args.groups} batches x {args.batch} images x {args.iterations} iterations, {args.classes} classes"
     )
-    print(f"vectorised: {m['vectorised_s']:8.2f} s  {m['work'] / m['vectorised_s']:10.1f} images*iterations/s")
-    print(f"per-batch loop: {m['loop_s']:8.2f} s  {m['work'] / m['loop_s']:10.1f} images*iterations/s")
-    print(f"speed-up (vectorised / loop): {m['loop_s'] / m['vectorised_s']:.2f}x")
-    print(f"max |vectorised - loop| pixel difference: {m['max_diff']:.2e}")
+    for name, r in m.items():
+        print(f"{name}: {r['seconds']:8.2f} s  {r['work'] / r['seconds']:10.1f} images*iterations/s  {r['peak']}")
+    vec, loop = m["vectorised"], m["per-batch loop"]
+    print(f"speed-up (vectorised / loop): {loop['seconds'] / vec['seconds']:.2f}x")
+    print(f"max |vectorised - loop| pixel difference: {(vec['images'] - loop['images']).abs().max().item():.2e}")
     return 0
 
 

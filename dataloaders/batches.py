@@ -54,12 +54,15 @@ WHOLE_BATCH = BatchShard()
 @dataclass
 class Batch:
     """Float images (B, C, H, W) in [0, 1], labels (B,), which rows are synthetic (B,) bool, and the ``shard``
-    of the global batch this is (the whole batch outside torchrun)."""
+    of the global batch this is (the whole batch outside torchrun). ``index`` (B,) says which image of its
+    source (the real set, or the synthetic set where ``synthetic``) each row is, when the rows are those images
+    unchanged (no augmentation): per-image results computed once can then be looked up."""
 
     x: Tensor
     y: Tensor
     synthetic: Tensor
     shard: BatchShard = WHOLE_BATCH
+    index: Tensor | None = None  # (B,) row of each image in its source; None when augmented or unknown
 
     def __len__(self) -> int:
         return len(self.y)
@@ -163,18 +166,21 @@ class BatchLoader:
             else:
                 x, y = self._gather_mixed(syn, idx)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            rows = idx.to(self.device, non_blocking=True) if self.augment == "none" else None  # unchanged images
             if self.augment != "none":
                 x = augment_batch(x, self.augment, self.generator)
-            yield Batch(x, y, syn.to(self.device))
+            yield Batch(x, y, syn.to(self.device), index=rows)
 
     def _gather_mixed(self, syn: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """Rows from both sources placed by index_copy_ at positions found on the host: no device sync."""
         assert self.synthetic is not None
-        r, s = ~syn, syn
-        xr = as_float(self.real.x[idx[r].to(self.real.x.device)]).to(self.device)
-        xs = as_float(self.synthetic.x[idx[s].to(self.synthetic.x.device)]).to(self.device)
-        x = torch.empty((len(idx), *xr.shape[1:]), device=self.device)
-        y = torch.empty(len(idx), dtype=torch.long, device=self.device)
-        x[r.to(self.device)], x[s.to(self.device)] = xr, xs
-        y[r.to(self.device)] = self.real.y[idx[r].to(self.real.y.device)].to(self.device)
-        y[s.to(self.device)] = self.synthetic.y[idx[s].to(self.synthetic.y.device)].to(self.device)
+        x, y = None, torch.empty(len(idx), dtype=torch.long, device=self.device)
+        for source, rows in ((self.real, (~syn).nonzero().squeeze(1)), (self.synthetic, syn.nonzero().squeeze(1))):
+            xs = as_float(source.x[idx[rows].to(source.x.device)]).to(self.device)  # (n, C, H, W)
+            if x is None:
+                x = torch.empty((len(idx), *xs.shape[1:]), device=self.device)
+            at = rows.to(self.device, non_blocking=True)
+            x.index_copy_(0, at, xs)
+            y.index_copy_(0, at, source.y[idx[rows].to(source.y.device)].to(self.device))
+        assert x is not None
         return x, y

@@ -30,6 +30,7 @@ from methods.base import Method, TaskContext
 from methods.class_statistics import ClassMemory
 from methods.lucir import less_forget_weight, prepare_cosine_head
 from methods.registry import register_method
+from methods.teacher_cache import TeacherCache
 from plots import plot_impressions
 from synthesis_losses import bn_layers
 
@@ -128,8 +129,9 @@ def replay_impressions(
     """
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator))
     share = range(cfg.nb_generation)[distributed.shard_range(cfg.nb_generation)]
+    chunk = synthesis.default_group_chunk(ctx.device)
     result = synthesize_classes(
-        teacher, ctx.n_old, image_shape, cfg, seed, ctx.device, memory, groups=share, progress=cfg.progress
+        teacher, ctx.n_old, image_shape, cfg, seed, ctx.device, memory, share, chunk, progress=cfg.progress
     )
     images, teacher_acc = result.images, result.teacher_accuracy
     summary = ", ".join(f"{k} {v:.4g}" for k, v in result.loss_terms.items())
@@ -177,6 +179,7 @@ class CCSI(Method):
         self.idc: losses.IntraDomainContrastive | None = None
         self.idc_pool: ImageSet | None = None
         self.generator: torch.Generator | None = None
+        self.teacher_cache: TeacherCache | None = None  # the teacher's features of this task's real + synthetic rows
 
     def reads_test_split(self, cfg: Config) -> bool:
         return cfg.idc_source == "test"
@@ -207,6 +210,8 @@ class CCSI(Method):
                 self.idc_pool = {"test": ctx.test, "val": ctx.val, "train": ctx.train}[cfg.idc_source]
                 if self.idc_pool is None or len(self.idc_pool) == 0:
                     raise ValueError(f"idc_source '{cfg.idc_source}' holds no image for task {ctx.task}")
+        if self.teacher is not None:
+            self.teacher_cache = TeacherCache(self.teacher, "features", ctx.train, self.synthetic, cfg.eval_batch_size)
         labels = ctx.train.y if self.synthetic is None else torch.cat([ctx.train.y, self.synthetic.y])
         counts = torch.bincount(labels, minlength=ctx.n_seen).float()
         self.class_weights = losses.class_balance_weights(counts).to(self.device)
@@ -223,8 +228,10 @@ class CCSI(Method):
         ce = losses.weighted_cross_entropy(out["logits"], batch.y, self.class_weights, batch.shard)
         if self.teacher is None:
             return {"loss": ce, "ce": ce}
-        with torch.no_grad():
-            ref = self.teacher(batch.x)["features"]  # (B, D)
+        ref = self.teacher_cache.lookup(batch) if self.teacher_cache is not None else None  # once per task
+        if ref is None:
+            with torch.no_grad():
+                ref = self.teacher(batch.x)["features"]  # (B, D)
         terms = {
             "ce": ce,
             "distill": losses.less_forget(out["features"], ref, self.lamda_t),
@@ -243,4 +250,4 @@ class CCSI(Method):
         """Keep what synthesis needs: the new classes' mean images and CN moments (no real image)."""
         self.net.eval()
         self.memory.add_task(self.net, ctx.train, batch_size=self.cfg.eval_batch_size, device=self.device)
-        self.synthetic, self.idc, self.idc_pool = None, None, None
+        self.synthetic, self.idc, self.idc_pool, self.teacher_cache = None, None, None, None

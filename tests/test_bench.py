@@ -4,11 +4,14 @@ import csv
 import json
 import math
 import re
+import time
 
 import pytest
 import torch
 
-from bench import accuracy, ddp_speed, protocol_timing, speed
+import incremental_train_and_eval as engine
+import precision
+from bench import accuracy, ddp_speed, gpu_check, protocol_timing, speed
 from dataloaders.npz_data import read_npz
 
 
@@ -65,15 +68,23 @@ def test_accuracy_grid_writes_results_skips_resumes_and_records_failures(tmp_pat
     assert "another configuration" in (out / "results.md").read_text()
 
 
-def test_speed_prints_throughputs_and_both_ratios(tmp_path, capsys):
+def test_speed_prints_reference_today_and_fastest_with_ratios(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(precision, "BACKEND", "eager")  # --fast_compile true without code generation: fast
     out = tmp_path / "speed.md"
     argv = ["--threads", "1", "--n", "80", "--epochs", "1", "--workers", "1", "--syn_groups", "2", "--syn_batch", "4"]
-    assert speed.main([*argv, "--syn_iterations", "2", "--device", "cpu", "--out", str(out)]) == 0
+    argv += ["--syn_iterations", "2", "--device", "cpu", "--fast_compile", "true", "--out", str(out)]
+    assert speed.main(argv) == 0
     text = capsys.readouterr().out
-    assert re.search(r"training speed-up \(ours / reference\): \d+\.\d+x \(target on a GPU: >= 5x\)", text)
-    assert re.search(r"synthesis speed-up \(vectorised / loop\): \d+\.\d+x \(target on a GPU: >= 10x\)", text)
-    assert text.count("images/s") == 2 and text.count("images*iterations/s") == 2 and "max RSS" in text
-    assert float(re.search(r"pixel difference: (\S+)", text).group(1)) < 1e-4
+    rows = [line.split("|") for line in text.splitlines() if re.match(r"\| (training|synthesis) \|", line)]
+    assert [(r[1].strip(), r[2].split(":")[0].strip()) for r in rows] == [
+        (stage, name) for stage in ("training", "synthesis") for name in ("reference", "today", "fastest")
+    ]
+    assert all(r[6].strip() == "1.00x" for r in rows if r[2].startswith(" reference"))
+    assert all(float(r[3]) > 0 and "MiB peak RSS" in r[7] for r in rows)
+    assert "compile true" in rows[2][2] and "fp32" in rows[1][2] and "syn_fused_moments" in rows[5][2]
+    assert re.search(r"training speed-up \(fastest / reference\): \d+\.\d+x \(target on a GPU: >= 5x\)", text)
+    assert re.search(r"synthesis speed-up \(fastest / reference\): \d+\.\d+x \(target on a GPU: >= 10x\)", text)
+    assert float(re.search(r"pixel difference: (\S+);", text).group(1)) < 1e-4  # same seeds, same images
     assert "training speed-up" in out.read_text()
 
 
@@ -113,3 +124,35 @@ def test_ddp_speed_refuses_bad_process_counts(capsys):
     with pytest.raises(SystemExit):
         ddp_speed.main(["--nproc", "0"])
     assert "--nproc values must be >= 1" in capsys.readouterr().err
+
+
+def test_gpu_check_shortened_on_the_cpu_writes_all_three_stages(tmp_path, capsys):
+    out = tmp_path / "gpu_check.md"
+    assert gpu_check.main(["--cpu_short", "--out", str(out), "--work", str(tmp_path / "w")]) == 0
+    text = out.read_text()
+    correctness = [line.split("|") for line in text.splitlines() if re.match(r"\| (training step|CCSI run)", line)]
+    assert len(correctness) == 5 and all(r[7].strip() == "ok" for r in correctness)
+    assert [float(r[6]) for r in correctness] == [gpu_check.STEP_TOLERANCE["fp32"], 3.0, 6.0, 3.0, 6.0]
+    assert [r[2].strip() for r in correctness] == ["fp32"] * 3 + ["fp32 + syn_fused_moments"] * 2
+    assert all(float(r[5]) == 0 for r in correctness[:3])  # the CPU against itself: the same numbers
+    tasks = [line.split("|")[1].strip() for line in text.splitlines() if re.match(r"\| [1-4] \| ", line)]
+    assert tasks == ["1", "2", "3", "4"]  # the protocol's per-task table
+    assert text.count("| training |") == 3 and text.count("| synthesis |") == 3  # speed.py's rows
+    assert text.index("## 1.") < text.index("## 2.") < text.index("## 3.") and re.search(r"total: \d+\.\d s", text)
+    assert "FAILED" not in text and "stopped" not in text
+
+
+def test_gpu_check_reports_a_stage_stopped_at_its_budget_and_the_protocol_tasks_done(tmp_path, monkeypatch):
+    assert gpu_check.staged("slow", 1, lambda: time.sleep(5) or ["never"])[0] == "slow: stopped at its budget of 1 s"
+    assert gpu_check.staged("bad", 5, lambda: 1 / 0)[0] == "bad: FAILED (ZeroDivisionError: division by zero)"
+    run_task = engine.run_task
+
+    def stop_after_task_1(state, task):
+        run_task(state, task)
+        raise gpu_check.StageTimeout
+
+    monkeypatch.setattr(engine, "run_task", stop_after_task_1)
+    fast = speed.make_config()
+    lines = gpu_check.protocol(torch.device("cpu"), fast, True, tmp_path / "w", tmp_path / "p.md")
+    assert re.match(r"stopped at the budget after \d+ s; tasks done: \[1\]", lines[0])
+    assert [line.split("|")[1].strip() for line in lines if re.match(r"\| \d \| ", line)] == ["1"]

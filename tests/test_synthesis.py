@@ -102,6 +102,18 @@ def test_moment_loss_is_zero_at_the_targets_and_has_a_gradient_elsewhere():
     assert grad[3:].abs().sum() > 0 and grad[:3].abs().sum() == 0  # group 1's loss only moves group 1
 
 
+def test_fused_group_moments_have_the_same_values_and_the_exact_gradient():
+    a = torch.randn(2 * 3, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    mean, var = sl.group_moments(a, 2, fused=True)
+    plain_mean, plain_var = sl.group_moments(a, 2)
+    assert torch.equal(mean, plain_mean) and torch.equal(var, plain_var)  # the same two-pass forward
+    assert torch.autograd.gradcheck(lambda t: sl.group_moments(t, 2, fused=True), (a,))
+    gm, gv = torch.randn(2, 4, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
+    (fused,) = torch.autograd.grad((mean * gm + var * gv).sum(), a)
+    (plain,) = torch.autograd.grad((plain_mean * gm + plain_var * gv).sum(), a)
+    assert torch.allclose(fused, plain, rtol=1e-12, atol=1e-14)
+
+
 def test_total_variation_and_l2_match_a_hand_computation():
     img = torch.tensor([[0.0, 1.0], [2.0, 4.0]])
     x = img.reshape(1, 1, 1, 2, 2)  # (G, B, C, H, W)
@@ -219,6 +231,21 @@ def test_vectorised_synthesis_equals_the_per_batch_loop():
     shard = synth(net, memory, 3, cfg, seed=5, groups=[2])
     assert torch.allclose(shard.images.x, vec.images.x[16:24], atol=1e-4)  # batch 2 alone, e.g. on another rank
     assert (vec.images.x - vec.images.x[:1]).abs().max() > 0.01  # the images are not all the same
+
+
+def test_fused_moments_synthesis_stays_within_float_rounding_of_the_plain_one():
+    net = tiny_teacher()
+    memory = tiny_memory(net)
+    cfg = make_cfg(**{**SMALL, "syn_iterations": 30})
+    plain = synth(net, memory, 3, cfg, seed=5)
+    fused = synth(net, memory, 3, cfg.replace(syn_fused_moments=True), seed=5)
+    assert torch.allclose(fused.best_loss, plain.best_loss, rtol=1e-4)
+    assert torch.allclose(fused.images.x, plain.images.x, atol=1e-3)
+
+
+def test_a_cpu_optimises_two_batches_per_tensor_and_a_gpu_all():
+    assert ccsi.default_group_chunk("cpu") == 2
+    assert ccsi.default_group_chunk(torch.device("cuda", 0)) is None
 
 
 def test_synthesis_is_deterministic_and_seed_dependent():

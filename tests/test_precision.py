@@ -1,0 +1,179 @@
+"""precision.py: fp32 changes nothing, bf16/fp16 autocast with float32 outputs and loss scaling, compile in place."""
+
+import contextlib
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import config
+import continual_class_specific_impression as ccsi
+import incremental_train_and_eval as engine
+import models
+import precision
+from bench.synthesis_speed import build_teacher
+from config import ConfigError
+from dataloaders.digits import digits_images
+from methods.ccsi import synthesize_classes
+
+CPU = torch.device("cpu")
+
+
+def tiny_net(make_cfg, **overrides) -> torch.nn.Module:
+    torch.manual_seed(0)
+    net = models.build_net(make_cfg(**overrides), 1, 32)
+    net.expand_head(3)
+    return net
+
+
+def test_fp32_wraps_nothing(make_cfg):
+    cfg = make_cfg()
+    net = tiny_net(make_cfg)
+    assert isinstance(precision.autocast(cfg, CPU), contextlib.nullcontext)
+    assert precision.grad_scaler(cfg, CPU) is None
+    assert precision.prepare_model(net, cfg, CPU) is net
+    assert not net._forward_hooks and net._compiled_call_impl is None
+    assert precision.compile_function(ccsi.synthesize, cfg, CPU) is ccsi.synthesize
+
+
+def test_bf16_runs_convolutions_in_bf16_and_returns_float32(make_cfg):
+    cfg = make_cfg(precision="bf16")
+    net = precision.prepare_model(tiny_net(make_cfg), cfg, CPU)
+    seen = []
+    net.backbone.conv1.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    x = torch.rand(4, 1, 32, 32)
+    with precision.autocast(cfg, CPU):
+        out = net(x)
+    assert seen == [torch.bfloat16]
+    assert {v.dtype for v in out.values()} == {torch.float32}
+    teacher = net.copy_frozen()  # a deep copy keeps the float32-output hook
+    with precision.autocast(cfg, CPU):
+        assert teacher(x)["logits"].dtype == torch.float32
+
+
+def test_fp16_scaler_scales_the_loss_and_skips_a_step_with_infinite_gradients(make_cfg):
+    cfg = make_cfg(precision="fp16")
+    scaler = precision.grad_scaler(cfg, CPU)
+    assert isinstance(scaler, torch.amp.GradScaler) and scaler.get_scale() == 65536.0
+    w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    opt = torch.optim.SGD([w], lr=0.5)
+    precision.scale_loss((w * torch.tensor([1.0, 3.0])).sum(), scaler).backward()
+    assert w.grad.tolist() == [65536.0, 3 * 65536.0]  # gradients of the scaled loss
+    precision.optimizer_step(opt, scaler)
+    assert w.tolist() == [0.5, 0.5]  # unscaled before the step: 1 - 0.5 * 1, 2 - 0.5 * 3
+    opt.zero_grad()
+    precision.scale_loss((w * torch.tensor([float("inf"), 1.0])).sum(), scaler).backward()
+    precision.optimizer_step(opt, scaler)
+    assert w.tolist() == [0.5, 0.5] and scaler.get_scale() == 32768.0  # step skipped, scale halved
+
+
+def test_a_precision_autocast_cannot_run_is_refused_in_one_line(make_cfg, monkeypatch):
+    assert not precision.autocast_supported(CPU, torch.float64)  # CPU autocast knows bf16/fp16 only
+    monkeypatch.setattr(precision, "autocast_supported", lambda device, dtype: False)
+    with pytest.raises(
+        ConfigError, match=r"^key 'precision': fp16 autocast is not supported on cpu .*use precision fp32$"
+    ):
+        precision.prepare_model(tiny_net(make_cfg), make_cfg(precision="fp16"), CPU)
+
+
+def test_compile_is_in_place_and_teachers_stay_eager(make_cfg, monkeypatch):
+    monkeypatch.setattr(precision, "BACKEND", "eager")  # dynamo tracing without code generation: fast
+    cfg = make_cfg(compile=True)
+    reference, net = tiny_net(make_cfg), tiny_net(make_cfg)
+    keys = list(net.state_dict())
+    assert precision.prepare_model(net, cfg, CPU) is net and net._compiled_call_impl is not None
+    assert list(net.state_dict()) == keys
+    x = torch.rand(5, 1, 32, 32)
+    for mode in (True, False):
+        reference.train(mode), net.train(mode)
+        assert all(torch.equal(a, b) for a, b in zip(reference(x).values(), net(x).values()))
+    assert net.copy_frozen()._compiled_call_impl is None
+    fn = precision.compile_function(ccsi.synthesize, cfg, CPU)
+    assert fn is not ccsi.synthesize and precision.compile_function(ccsi.synthesize, cfg, CPU) is fn
+
+
+def test_compiled_synthesis_step_gives_the_same_impressions(make_cfg, monkeypatch):
+    monkeypatch.setattr(precision, "BACKEND", "eager")
+    cfg = make_cfg(nb_generation=2, syn_batch_size=4, syn_iterations=3, syn_warmup=1)
+    teacher, memory = build_teacher(cfg, 3, CPU)
+    plain = synthesize_classes(teacher, 3, (3, 32, 32), cfg, 0, CPU, memory)
+    compiled = synthesize_classes(teacher, 3, (3, 32, 32), cfg.replace(compile=True), 0, CPU, memory)
+    assert torch.equal(plain.images.x, compiled.images.x) and torch.equal(plain.best_loss, compiled.best_loss)
+
+
+def test_bf16_synthesis_keeps_float32_terms_close_to_fp32(make_cfg):
+    cfg = make_cfg(nb_generation=2, syn_batch_size=4, syn_iterations=0)
+    teacher, memory = build_teacher(cfg, 3, CPU)
+    fp32 = synthesize_classes(teacher, 3, (3, 32, 32), cfg, 0, CPU, memory)
+    bf16 = synthesize_classes(teacher, 3, (3, 32, 32), cfg.replace(precision="bf16"), 0, CPU, memory)
+    assert bf16.best_loss.dtype == torch.float32
+    assert torch.allclose(bf16.best_loss, fp32.best_loss, rtol=0.05)  # same initial images, bf16 products
+
+
+def write_digits(path, classes: int, n_train: int) -> str:
+    """A MedMNIST-format .npz of digits 0..classes-1: n_train training, 16 val, 100 test images (32x32 grey)."""
+    x, y = digits_images()
+    keep = (y < classes).nonzero().squeeze(1)
+    x, y = x[keep, 0].numpy(), y[keep].numpy()
+    splits = {
+        "train": slice(0, n_train),
+        "val": slice(n_train, n_train + 16),
+        "test": slice(n_train + 16, n_train + 116),
+    }
+    np.savez(path, **{f"{k}_{a}": v[s] for k, s in splits.items() for a, v in (("images", x), ("labels", y))})
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def digits_01(tmp_path_factory) -> str:
+    """Digits 0 and 1: 64 training, 16 val, 100 test images."""
+    return write_digits(tmp_path_factory.mktemp("data") / "digits01.npz", 2, 64)
+
+
+def run_task_one(data: str, folder, **overrides) -> float:
+    """Accuracy of a one-epoch run on ``data`` (fp32: 96%; batches of 8, so eight steps)."""
+    values = {"dataset": "npz", "data_path": data, "device": "cpu", "progress": False, "select_on": "last"}
+    values.update(nb_cl_fg=2, nb_cl=2, epochs=1, batch_size=8, lr=0.05, output_dir=str(folder), **overrides)
+    engine.run(config.load_config(overrides=values))
+    return json.loads((folder / "metrics.json").read_text())["accuracy_per_task"][0]
+
+
+@pytest.fixture(scope="module")
+def fp32_accuracy(tmp_path_factory, digits_01) -> float:
+    return run_task_one(digits_01, tmp_path_factory.mktemp("fp32"))
+
+
+@pytest.mark.parametrize("name", ["bf16", "fp16"])
+def test_low_precision_trains_to_the_fp32_accuracy_within_tolerance(tmp_path, digits_01, fp32_accuracy, name):
+    accuracy = run_task_one(digits_01, tmp_path, precision=name)
+    assert fp32_accuracy > 90 and abs(accuracy - fp32_accuracy) <= 3.0  # points (100 test images)
+
+
+def test_a_compiled_run_equals_the_fp32_run(tmp_path, digits_01, fp32_accuracy, monkeypatch):
+    monkeypatch.setattr(precision, "BACKEND", "eager")  # the same operations, traced by dynamo
+    assert run_task_one(digits_01, tmp_path, compile=True) == fp32_accuracy
+
+
+def ccsi_two_tasks(folder, **overrides) -> list[float]:
+    """Accuracies after each task of CCSI on digits 0-3 in two tasks (2 + 2 classes; 200 training images)."""
+    data = write_digits(folder / "digits0123.npz", 4, 200)
+    values = {"dataset": "npz", "data_path": data, "method": "ccsi", "device": "cpu", "progress": False}
+    values.update(nb_cl_fg=2, nb_cl=2, epochs=4, batch_size=16, lr=0.02, select_on="last", idc_source="val")
+    values.update(nb_generation=2, syn_batch_size=8, syn_iterations=10, syn_warmup=2, output_dir=str(folder / "run"))
+    return engine.run(config.load_config(overrides={**values, **overrides}))["accuracy_per_task"]
+
+
+@pytest.fixture(scope="module")
+def ccsi_fp32(tmp_path_factory) -> list[float]:
+    return ccsi_two_tasks(tmp_path_factory.mktemp("ccsi_fp32"))
+
+
+# Tolerance in accuracy points (100 test images per task). Task 1 (no synthesis): 3. Task 2: 15, the scale of
+# this tiny run's chaos: seed 1 instead of 0 moves it 92 -> 87 (and task 1 88 -> 78); measured with the switches:
+# syn_fused_moments 79, bf16 85. Forgetting the old classes altogether would give about 50.
+@pytest.mark.parametrize("switch", [{"syn_fused_moments": True}, {"precision": "bf16"}])
+def test_ccsi_with_a_speed_switch_stays_within_tolerance_of_fp32(tmp_path, ccsi_fp32, switch):
+    accuracies = ccsi_two_tasks(tmp_path, **switch)
+    assert ccsi_fp32[1] > 80  # synthesis and distillation did their work: old classes are not forgotten
+    assert abs(accuracies[0] - ccsi_fp32[0]) <= 3.0 and abs(accuracies[1] - ccsi_fp32[1]) <= 15.0
