@@ -2,6 +2,10 @@
 
 import contextlib
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +22,7 @@ from dataloaders.digits import digits_images
 from methods.ccsi import synthesize_classes
 
 CPU = torch.device("cpu")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_net(make_cfg, **overrides) -> torch.nn.Module:
@@ -156,12 +161,18 @@ def test_a_compiled_run_equals_the_fp32_run(tmp_path, digits_01, fp32_accuracy, 
 
 
 def ccsi_two_tasks(folder, **overrides) -> list[float]:
-    """Accuracies after each task of CCSI on digits 0-3 in two tasks (2 + 2 classes; 200 training images)."""
+    """Accuracies after each task of CCSI on digits 0-3 in two tasks (2 + 2 classes; 200 training images), run by
+    main.py in a fresh process with one thread: these tiny runs are chaotic, and state left in this process by
+    earlier tests (compiled graphs, kernel caches) moved task 2 beyond the tolerance below (seen once)."""
+    folder.mkdir(parents=True, exist_ok=True)
     data = write_digits(folder / "digits0123.npz", 4, 200)
     values = {"dataset": "npz", "data_path": data, "method": "ccsi", "device": "cpu", "progress": False}
     values.update(nb_cl_fg=2, nb_cl=2, epochs=4, batch_size=16, lr=0.02, select_on="last", idc_source="val")
     values.update(nb_generation=2, syn_batch_size=8, syn_iterations=10, syn_warmup=2, output_dir=str(folder / "run"))
-    return engine.run(config.load_config(overrides={**values, **overrides}))["accuracy_per_task"]
+    argv = [f"--{k}={v}" for k, v in {**values, **overrides}.items()]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(ROOT / "main.py"), *argv], check=True, env=env, capture_output=True)
+    return json.loads((folder / "run" / "metrics.json").read_text())["accuracy_per_task"]
 
 
 @pytest.fixture(scope="module")
