@@ -153,7 +153,8 @@ def test_sweep_files_chain_task_1_to_2_on_digits(tmp_path):
                 {
                     "program": "main.py",
                     "method": "grid",
-                    "metric": {"name": "task/accuracy", "goal": "maximize"},
+                    "metric": {"name": "final/last_val_accuracy", "goal": "maximize"},
+                    "command": ["${env}", sys.executable, "${program}", "${args}"],
                     "parameters": {k: {"value": v} for k, v in params.items()},
                 }
             )
@@ -162,7 +163,7 @@ def test_sweep_files_chain_task_1_to_2_on_digits(tmp_path):
             sweep.build_command(sweep.read_sweep(sweep_file), p)
             for p in sweep.grid_points(sweep.read_sweep(sweep_file)["parameters"])
         ]
-        assert len(commands) == 1 and commands[0][:2] == [sys.executable, "main.py"]
+        assert len(commands) == 1 and commands[0][:3] == ["/usr/bin/env", sys.executable, "main.py"]
         done = subprocess.run(commands[0], cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())
@@ -177,4 +178,6 @@ def test_sweep_dry_run_prints_one_command_per_grid_point(tmp_path, capsys):
     )
     assert sweep.main([str(sweep_file), "--dry-run"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 2 and "--lr=0.1 --seed=3" in lines[0] and "--lr=0.01 --seed=3" in lines[1]
+    assert len(lines) == 3 and lines[0].endswith("grid.yaml: 2 run(s) (grid)")
+    assert lines[1].startswith("[1/2] /usr/bin/env python main.py") and lines[1].endswith("--lr=0.1 --seed=3")
+    assert lines[2].endswith("--lr=0.01 --seed=3")
