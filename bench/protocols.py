@@ -64,8 +64,9 @@ def run_one(method: str, overrides: list[str], seed: int, folder: Path) -> dict:
 
 
 def mean_std(values: list[float]) -> str:
-    std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-    return f"{np.mean(values):.2f} ± {std:.2f}"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
 
 
 def table(results: dict[str, list[dict]]) -> str:
@@ -92,6 +93,9 @@ def main() -> None:
     parser.add_argument("--runs", default="runs/protocols")
     parser.add_argument("--out", default="bench/results/protocols_digits.md")
     parser.add_argument("--table-only", action="store_true", help="summarise the runs that exist, start none")
+    parser.add_argument(
+        "--extra", nargs="*", default=[], help="--key=value overrides of every run (use another --runs)"
+    )
     args = parser.parse_args()
     jobs = []
     for name in args.variants:
@@ -99,7 +103,7 @@ def main() -> None:
         for seed in args.seeds if method == "ccsi" else args.audit_seeds:
             folder = ROOT / args.runs / name.replace(" ", "_").replace(",", "") / f"seed{seed}"
             if not (args.table_only and not (folder / "metrics.json").is_file()):
-                jobs.append((name, method, overrides, seed, folder))
+                jobs.append((name, method, [*overrides, *args.extra], seed, folder))
     with ThreadPoolExecutor(args.jobs) as pool:
         done = list(pool.map(lambda j: (j[0], run_one(*j[1:])), jobs))
     results: dict[str, list[dict]] = {}
