@@ -10,9 +10,11 @@ one tensor; ``group_chunk=1`` runs the same optimisation one batch at a time (id
 What CCSI keeps per class lives in ``methods/class_statistics.py``; the per-task orchestration (ranks, the
 impression grid, logging) in ``methods/ccsi.py``.
 
-Differences to the released code, on purpose: all channels are clamped to [0, 1] (the original
-clamps channel 0 with ImageNet constants); the kept iterate is the image the lowest loss was
-measured on (the original keeps the image after that step); the initial images are clamped too.
+Clamp (``syn_clamp``): ``original`` is the released code's ``clip()`` after every step: channel 0 only, to
+ImageNet's normalised range of [0, 1] ([-2.118, 2.249]), although its inputs are not normalised; other channels and
+the initial images are not clamped. ``unit`` clamps every channel, and the initial images, to [0, 1].
+Difference to the released code, on purpose: the kept iterate is the image the lowest loss was measured on (the
+original keeps the image after that step).
 """
 
 from __future__ import annotations
@@ -81,6 +83,14 @@ register_options(
             scope="run",
         ),
         Option(
+            "syn_clamp",
+            "str",
+            "unit",
+            "pixel clamp of impressions: unit = every channel and the initial images to [0, 1]; original = the "
+            "released code (after each step channel 0 only, to [-2.118, 2.249], ImageNet's normalised [0, 1])",
+            choices=("unit", "original"),
+        ),
+        Option(
             "syn_log_every",
             "int",
             100,
@@ -91,8 +101,26 @@ register_options(
     ],
     scope="task",
 )
-register_preset("protocol", "original", {"class_stats": "running", "syn_cosine_factor": 0.2})
-register_preset("protocol", "clean", {"class_stats": "per_class", "syn_cosine_factor": 0.5})
+# Training dynamics, not data access: clean = original (see tests/test_protocols.py).
+for _protocol in ("original", "clean"):
+    register_preset(
+        "protocol", _protocol, {"class_stats": "running", "syn_cosine_factor": 0.2, "syn_clamp": "original"}
+    )
+
+# The released code's clip(): channel 0 clamped to the ImageNet-normalised range of [0, 1] (mean 0.485, std 0.229).
+RELEASED_CHANNEL0_RANGE = (-0.485 / 0.229, (1 - 0.485) / 0.229)
+
+
+def clamp_images_(x: Tensor, mode: str) -> Tensor:
+    """Clamp impressions (N, C, H, W) in place after a step (``syn_clamp``): unit = every channel to [0, 1];
+    original = channel 0 only, to ``RELEASED_CHANNEL0_RANGE``."""
+    if mode == "unit":
+        return x.clamp_(0.0, 1.0)
+    if mode != "original":
+        raise ValueError(f"unknown syn_clamp {mode!r}")
+    x[:, 0].clamp_(*RELEASED_CHANNEL0_RANGE)
+    return x
+
 
 # Batches optimised together in one tensor on a CPU: 2 keeps the activations cache-sized (1.08-1.13x faster than
 # all batches at once, 1 thread, same images bit for bit); a GPU takes all batches in one tensor.
@@ -108,7 +136,7 @@ def default_group_chunk(device: torch.device | str) -> int | None:
 class SynthesisResult:
     """Synthesised impressions and how the optimisation went (per batch = per group)."""
 
-    images: ImageSet  # float (G*B, C, H, W) in [0, 1], labels (G*B,), on the synthesis device
+    images: ImageSet  # float (G*B, C, H, W) (in [0, 1] with syn_clamp unit), labels (G*B,), on the synthesis device
     teacher_accuracy: float  # percent of impressions the teacher classifies as their label (no augmentation)
     loss_terms: dict[str, float]  # ce, bn, tv, l2 (unweighted), total (weighted): mean over kept iterates
     best_loss: Tensor  # (G,) total loss of each kept iterate
@@ -162,14 +190,17 @@ def draw_batches(
 
 
 def initial_images(draws: SynthesisDraws, mean_images: Tensor | None, cfg: Config) -> Tensor:
-    """x0 (G*B, C, H, W) in [0, 1]: the label's class mean image + ``init_noise`` * noise (CCSI), or the noise
-    itself (``syn_init: noise``, DeepInversion); ``mean_images`` (n_classes, C, H, W) on the synthesis device."""
+    """x0 (G*B, C, H, W): the label's class mean image + ``init_noise`` * noise (CCSI), or the noise itself
+    (``syn_init: noise``, DeepInversion), clamped to [0, 1] with ``syn_clamp: unit``; ``mean_images``
+    (n_classes, C, H, W) on the synthesis device."""
     noise = draws.noise.to(mean_images.device if mean_images is not None else draws.noise.device)
     if cfg.syn_init == "noise":
-        return noise.clamp(0.0, 1.0)
-    if mean_images is None:
+        x0 = noise
+    elif mean_images is None:
         raise ValueError("syn_init 'mean' needs the class mean images")
-    return (mean_images[draws.labels.to(mean_images.device)] + cfg.init_noise * noise).clamp(0.0, 1.0)
+    else:
+        x0 = mean_images[draws.labels.to(mean_images.device)] + cfg.init_noise * noise
+    return x0.clamp(0.0, 1.0) if cfg.syn_clamp == "unit" else x0  # the released code does not clamp its init
 
 
 def running_targets(layers: list[nn.BatchNorm2d], groups: int) -> list[tuple[Tensor, Tensor]]:
@@ -244,7 +275,7 @@ def _optimise(
             keep_best(terms.detach(), x.detach(), it)  # the images this loss was measured on
             optimizer.step()
             with torch.no_grad():
-                x.clamp_(0.0, 1.0)
+                clamp_images_(x, cfg.syn_clamp)
             bar.update(1)
             if (it + 1) % cfg.syn_log_every == 0 or it + 1 == cfg.syn_iterations:
                 bar.set_postfix(dict(zip(LOSS_TERMS, terms.detach().mean(dim=0).tolist())), refresh=False)

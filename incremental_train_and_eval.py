@@ -33,6 +33,7 @@ import precision
 import provenance
 from checkpoint import TaskCheckpoint, partial_checkpoint_path, rng_state, set_rng_state, task_checkpoint_path
 from config import Config, Option, register_options, register_preset
+from data_access import DataAccess
 from dataloaders.image_set import DataSplits
 from dataloaders.scenario import Scenario
 from errors import CheckpointError
@@ -73,9 +74,10 @@ register_options(
             "protocol",
             "str",
             "clean",
-            "preset of the switches for the released CCSI code's oddities: original = its behaviour (test split "
-            "used for IdC and model selection, plateau-on-accuracy quirk, BN momentum 1); clean = val for both, "
-            "no test image before the final evaluation. Results state the protocol that produced them",
+            "preset of the switches for the released CCSI code's behaviour: original = the released code (test "
+            "images for IdC, model selection and the lr schedule); clean = the same training dynamics with only the "
+            "data access replaced (IdC on the new classes' training images, last epoch kept, lr monitored on the new "
+            "classes' val images): no real image of an old class after its task. Results state their protocol",
             choices=("original", "clean"),
             scope="experiment",
         ),
@@ -91,8 +93,9 @@ register_options(
             "select_on",
             "str",
             "val",
-            "model selection per task: keep the epoch with the best accuracy on val or test, or the last epoch",
-            choices=("val", "test", "last"),
+            "model selection per task: keep the epoch with the best accuracy on val (all seen classes: old-class "
+            "images), val_new (the task's new classes only), test, or the last epoch",
+            choices=("val", "val_new", "test", "last"),
         ),
         Option(
             "augment",
@@ -105,7 +108,7 @@ register_options(
     scope="task",
 )
 register_preset("protocol", "original", {"select_on": "test"})
-register_preset("protocol", "clean", {"select_on": "val"})
+register_preset("protocol", "clean", {"select_on": "last"})
 
 
 def task_seed(seed: int, task: int) -> int:
@@ -139,25 +142,33 @@ class RunState:
 
 
 def task_context(state: RunState, task: int, cfg: Config, generator: torch.Generator) -> TaskContext:
-    """What the method is given for ``task``: new classes, the real data it may use, the seeded generator."""
+    """What the method is given for ``task``: new classes, the real data it may use, the seeded generator.
+
+    Old classes' images are handed over only to a method that trains on them (``uses_old_data``) or reads a held-out
+    split (``reads_held_out``); the data-access audit counts them."""
     scenario, splits, method = state.scenario, state.splits, state.method
     new_classes = scenario.classes_of_task(task)
     seen = list(range(scenario.n_seen(task)))
-    wants_test = cfg.select_on == "test" or method.reads_test_split(cfg)
-    return TaskContext(
+    reads = method.reads_held_out(cfg)
+    ctx = TaskContext(
         task=task,
         new_classes=new_classes,
         n_old=scenario.n_old(task),
         train=splits.train.of_classes(seen if method.uses_old_data else new_classes),
-        val=splits.val.of_classes(seen),
-        test=splits.test.of_classes(seen) if wants_test else None,
+        val=splits.val.of_classes(seen if "val" in reads else new_classes),
+        test=splits.test.of_classes(seen) if "test" in reads else None,
         device=state.device,
         output_dir=state.output_dir,
         generator=generator,
         log=state.logger,
         class_names=[splits.class_names[c] for c in scenario.class_order[: len(seen)]],
         title=run_title(cfg.dataset, cfg.method, cfg.protocol),
+        access=DataAccess(scenario.n_old(task)),
     )
+    for images in (ctx.train, ctx.val, ctx.test):
+        if images is not None:
+            ctx.access.record("context", images.y)
+    return ctx
 
 
 def run_task(state: RunState, task: int) -> None:
@@ -173,6 +184,7 @@ def run_task(state: RunState, task: int) -> None:
     training = fit_task(state, ctx, cfg)
     trained = time.perf_counter()
     method.end_task(ctx)
+    ctx.access.record("memory", method.kept_real_labels())
     rank_fingerprints = distributed.broadcast_method_state(method)  # [] in a single process
     done = time.perf_counter()
     test_seen = state.splits.test.of_classes(list(range(ctx.n_seen)))
@@ -186,6 +198,7 @@ def run_task(state: RunState, task: int) -> None:
         "seconds_training": trained - prepared,
         "seconds_after_task": done - trained,
         "history": training["history"],  # per epoch: lr, mean loss terms, monitored accuracy (history.csv)
+        "data_access": ctx.access.counts(),  # real images of old classes that reached the method, per path
     }
     if rank_fingerprints:
         extra["rank_state_fingerprints"] = rank_fingerprints  # method state of each rank before the broadcast

@@ -34,11 +34,19 @@ register_options(
             min_exclusive=True,
         ),
         Option("lr_patience", "int", 5, "epochs without improvement before a plateau scheduler decays lr", min=0),
+        Option(
+            "lr_monitor",
+            "str",
+            "val",
+            "accuracy a plateau scheduler watches: val (all seen classes: old-class images), val_new (the task's new "
+            "classes only: data-free), test (the released code)",
+            choices=("val", "val_new", "test"),
+        ),
     ],
     scope="task",
 )
-register_preset("protocol", "original", {"scheduler": "plateau_original"})
-register_preset("protocol", "clean", {"scheduler": "plateau"})
+register_preset("protocol", "original", {"scheduler": "plateau_original", "lr_monitor": "test"})
+register_preset("protocol", "clean", {"scheduler": "plateau_original", "lr_monitor": "val_new"})
 
 
 def build_optimizer(groups: list[dict[str, Any]], cfg: Config) -> torch.optim.Optimizer:

@@ -105,12 +105,54 @@ class ModelSelector:
         self.best_epoch = state["best_epoch"]
 
 
-def monitored_split(cfg: Config, ctx: TaskContext) -> ImageSet | None:
-    """The split model selection (and a plateau scheduler) watches: val, test, or none for select_on last."""
-    monitor = {"val": ctx.val, "test": ctx.test, "last": None}[cfg.select_on]
-    if monitor is None and cfg.scheduler.startswith("plateau"):
-        monitor = ctx.val
-    return monitor
+def held_out_split(state: RunState, ctx: TaskContext, name: str) -> ImageSet | None:
+    """The engine's held-out images ``name``: val / test of the seen classes, val_new of the task's new classes,
+    none for ``last``. Model selection and the lr monitor read them; the method never does."""
+    seen = list(range(ctx.n_seen))
+    splits = {
+        "val": (state.splits.val, seen),
+        "val_new": (state.splits.val, ctx.new_classes),
+        "test": (state.splits.test, seen),
+    }
+    if name not in splits:
+        return None
+    images, classes = splits[name]
+    return images.of_classes(classes)
+
+
+def monitored_splits(state: RunState, ctx: TaskContext, cfg: Config) -> dict[str, ImageSet]:
+    """The splits evaluated after each epoch, by name: ``select_on``'s (model selection) and, for a plateau
+    scheduler, ``lr_monitor``'s (one evaluation when they are the same)."""
+    names = [cfg.select_on] + ([cfg.lr_monitor] if cfg.scheduler.startswith("plateau") else [])
+    out = {}
+    for name in dict.fromkeys(names):
+        images = held_out_split(state, ctx, name)
+        if images is not None:
+            out[name] = images
+    return out
+
+
+def evaluate_monitors(
+    method: Method, monitors: dict[str, ImageSet], ctx: TaskContext, batch_size: int
+) -> dict[str, float]:
+    """Accuracy of the method on each monitored split, counted by the data-access audit (path ``selection``)."""
+    out = {}
+    for name, images in monitors.items():
+        ctx.access.record("selection", images.y)
+        out[name] = accuracy(method, images, batch_size)
+    return out
+
+
+def monitor_record(accuracies: dict[str, float], cfg: Config) -> dict[str, float]:
+    """The epoch record's ``monitor_accuracy`` (model selection's split, else the lr monitor's) and, when the lr
+    monitor watches another split, ``lr_monitor_accuracy``."""
+    if not accuracies:
+        return {}
+    main = cfg.select_on if cfg.select_on in accuracies else cfg.lr_monitor
+    record = {"monitor_accuracy": accuracies[main]}
+    if cfg.lr_monitor in accuracies and cfg.lr_monitor != main:
+        record["lr_monitor_accuracy"] = accuracies[cfg.lr_monitor]
+    return record
 
 
 def train_epoch(
@@ -128,6 +170,7 @@ def train_epoch(
         local = distributed.shard_batch(batch)  # the whole batch in a single process
         if local is None:
             continue
+        ctx.access.record("train_batches", batch.y, ~batch.synthetic)  # the global batch, once
         with precision.autocast(method.cfg, method.device):  # fp32: no autocast at all
             terms = method.training_step(local)
         training.opt.zero_grad(set_to_none=True)
@@ -249,18 +292,19 @@ def fit_task(state: RunState, ctx: TaskContext, cfg: Config) -> dict[str, Any]:
     """The epochs of one task with per-epoch model selection; returns a record of the training."""
     method = state.method
     training = start_training(state, ctx, cfg)
-    monitor = monitored_split(cfg, ctx)
+    monitors = monitored_splits(state, ctx, cfg)
     progress = TaskProgress(ctx.task, cfg.epochs, training.first_epoch, cfg.progress)
     for epoch in range(training.first_epoch, cfg.epochs):
         means = train_epoch(method, ctx, epoch, training, progress)
         check_finite(means, ctx.task, epoch + 1, cfg, state.output_dir)
         check_weights(method.net, ctx.task, epoch + 1, cfg, state.output_dir)
         record = {"epoch": epoch + 1, "lr": training.opt.param_groups[0]["lr"], **means}
-        if monitor is not None:
-            record["monitor_accuracy"] = acc = accuracy(method, monitor, cfg.eval_batch_size)
-            training.selector.update(epoch + 1, acc, method.net)
+        accuracies = evaluate_monitors(method, monitors, ctx, cfg.eval_batch_size)
+        if cfg.select_on in accuracies:
+            training.selector.update(epoch + 1, accuracies[cfg.select_on], method.net)
+        record.update(monitor_record(accuracies, cfg))
         if isinstance(training.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            training.scheduler.step(record["monitor_accuracy"])
+            training.scheduler.step(accuracies[cfg.lr_monitor])
         elif training.scheduler is not None:
             training.scheduler.step()
         training.history.append(record)

@@ -28,13 +28,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from config import Config, ConfigError
+from data_access import DataAccess
 from dataloaders.batches import Batch, BatchLoader
 from dataloaders.image_set import ImageSet, as_float
 
@@ -47,14 +48,19 @@ class TaskContext:
     new_classes: list[int]  # labels learned in this task, contiguous: range(n_old, n_seen)
     n_old: int  # number of classes learned before this task
     train: ImageSet  # training images of this task's classes (all seen classes if uses_old_data)
-    val: ImageSet  # validation images of all classes seen so far (may be empty)
-    test: ImageSet | None  # test images of seen classes: given only when the protocol allows it
+    val: ImageSet  # validation images of this task's classes; of all seen classes if the method reads "val"
+    test: ImageSet | None  # test images of seen classes: only for a method that reads "test" (reads_held_out)
     device: torch.device
     output_dir: Path
     generator: torch.Generator  # the task's seeded random stream for sampling and augmentation
     log: Any = None  # run logger (metrics/images), see loggers.py; may be None
     class_names: list[str] | None = None  # names of the seen classes, by label (class-order position)
     title: str = ""  # data set, method and protocol, for figures
+    access: DataAccess | None = None  # the task's data-access audit (data_access.py); a fresh one when None
+
+    def __post_init__(self) -> None:
+        if self.access is None:
+            self.access = DataAccess(self.n_old)
 
     @property
     def n_seen(self) -> int:
@@ -71,6 +77,13 @@ class Part(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@runtime_checkable
+class KeepsRealImages(Protocol):
+    """A part that holds real images (a rehearsal memory): the data-access audit counts them."""
+
+    def real_labels(self) -> Tensor: ...
 
 
 @torch.no_grad()
@@ -105,9 +118,15 @@ class Method:
         self.teacher: nn.Module | None = None  # frozen previous model during tasks >= 2 (needs_teacher)
         self.parts: dict[str, Part] = {}
 
-    def reads_test_split(self, cfg: Config) -> bool:
-        """Whether this method uses test images during training (only the original protocol's IdC does)."""
-        return False
+    def reads_held_out(self, cfg: Config) -> tuple[str, ...]:
+        """Held-out splits of all seen classes ("val", "test") the method reads while training; the engine hands
+        them in ``ctx.val`` / ``ctx.test`` (counted by the data-access audit). Default: none."""
+        return ()
+
+    def kept_real_labels(self) -> Tensor:
+        """Labels of the real images the method's parts hold (``KeepsRealImages``); empty when it keeps none."""
+        labels = [part.real_labels().cpu() for part in self.parts.values() if isinstance(part, KeepsRealImages)]
+        return torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
 
     @classmethod
     def check_requirements(cls, cfg: Config) -> None:

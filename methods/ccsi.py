@@ -23,6 +23,7 @@ from torch import Tensor, nn
 import continual_class_specific_impression as synthesis
 import distributed
 from config import Config, ConfigError, Option, register_options, register_preset
+from data_access import DataAccess
 from dataloaders.batches import Batch
 from dataloaders.image_set import ImageSet, as_float
 from methods import losses
@@ -54,8 +55,18 @@ register_options(
             "idc_source",
             "str",
             "val",
-            "IdC unlabelled batches: test (the released code: leaks test images), val, or train (new real data)",
+            "IdC unlabelled batches: test (the released code: test images of all seen classes), val (val images of "
+            "all seen classes), or train (the task's new-class training images: data-free)",
             choices=("test", "val", "train"),
+        ),
+        Option(
+            "class_stats_update",
+            "str",
+            "frozen",
+            "stored CN moments of old classes: frozen = as computed when the class was learned (the released code); "
+            "refresh = after each task, re-estimated from that task's impressions of the class through the trained "
+            "model (no real image; matters with class_stats per_class only)",
+            choices=("frozen", "refresh"),
         ),
         Option(
             "rs_ratio",
@@ -68,8 +79,8 @@ register_options(
     ],
     scope="task",
 )
-register_preset("protocol", "original", {"idc_source": "test"})
-register_preset("protocol", "clean", {"idc_source": "val"})
+register_preset("protocol", "original", {"idc_source": "test", "class_stats_update": "frozen"})
+register_preset("protocol", "clean", {"idc_source": "train", "class_stats_update": "frozen"})
 
 
 # ----- synthesis of old classes, shared with DeepInversion ----------------------------------------
@@ -180,14 +191,21 @@ class CCSI(Method):
         self.idc_pool: ImageSet | None = None
         self.generator: torch.Generator | None = None
         self.teacher_cache: TeacherCache | None = None  # the teacher's features of this task's real + synthetic rows
+        self.access: DataAccess | None = None
 
-    def reads_test_split(self, cfg: Config) -> bool:
-        return cfg.idc_source == "test"
+    def reads_held_out(self, cfg: Config) -> tuple[str, ...]:
+        return (cfg.idc_source,) if cfg.idc_source in ("val", "test") and cfg.da_coef > 0 else ()
 
     @classmethod
     def check(cls, cfg: Config, task_sizes: list[int]) -> None:
         for task, n_new in enumerate(task_sizes[1:], start=2):
-            k = cfg.for_task(task).K
+            task_cfg = cfg.for_task(task)
+            if task_cfg.class_stats_update == "refresh" and task_cfg.class_stats != "per_class":
+                raise ConfigError(
+                    "key 'class_stats_update': refresh changes the stored per-class moments, which only "
+                    f"class_stats: per_class uses (task {task} has class_stats: {task_cfg.class_stats})"
+                )
+            k = task_cfg.K
             if k > n_new:
                 raise ConfigError(
                     f"key 'K': margin ranking against the top {k} new classes, but task {task} adds only {n_new}; "
@@ -197,7 +215,7 @@ class CCSI(Method):
     # ----- task life cycle ---------------------------------------------------------------
     def before_task(self, ctx: TaskContext) -> None:
         cfg = self.cfg
-        self.generator, self.synthetic, self.idc = ctx.generator, None, None
+        self.generator, self.synthetic, self.idc, self.access = ctx.generator, None, None, ctx.access
         if ctx.task > 1:
             assert self.teacher is not None
             self.synthetic = replay_impressions(self.teacher, ctx, cfg, tuple(ctx.train.x.shape[1:]), self.memory)
@@ -240,14 +258,20 @@ class CCSI(Method):
         loss = terms["ce"] + terms["distill"] + self.cfg.lw_mr * terms["margin"]
         if self.idc is not None:
             assert self.idc_pool is not None
-            idx = batch.draw_rows(len(self.idc_pool), self.generator)  # (B,)
-            target = as_float(self.idc_pool.x[idx.to(self.idc_pool.x.device)]).to(self.device)
+            idx = batch.draw_rows(len(self.idc_pool), self.generator).to(self.idc_pool.x.device)  # (B,)
+            if self.access is not None:
+                self.access.record("idc", self.idc_pool.y[idx])
+            target = as_float(self.idc_pool.x[idx]).to(self.device)
             terms["idc"] = self.idc(out["scores"], batch.y, self.net(target)["scores"], batch.shard)
             loss = loss + self.cfg.da_coef * terms["idc"]
         return {"loss": loss, **terms}
 
     def after_task(self, ctx: TaskContext) -> None:
-        """Keep what synthesis needs: the new classes' mean images and CN moments (no real image)."""
+        """Keep what synthesis needs: the new classes' mean images and CN moments (no real image); with
+        ``class_stats_update: refresh`` the old classes' moments re-estimated on this task's impressions."""
         self.net.eval()
+        if self.cfg.class_stats_update == "refresh" and self.synthetic is not None:
+            self.memory.refresh(self.net, self.synthetic, self.cfg.eval_batch_size, self.device)
+        ctx.access.record("statistics", ctx.train.y)
         self.memory.add_task(self.net, ctx.train, batch_size=self.cfg.eval_batch_size, device=self.device)
         self.synthetic, self.idc, self.idc_pool, self.teacher_cache = None, None, None, None

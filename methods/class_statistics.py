@@ -3,7 +3,8 @@
 After a class's task, ``ClassMemory.add_task`` stores, per class, the pixel-wise mean of its training images and
 the channel moments (mean, population variance) of the input of every ``nn.BatchNorm2d`` of the trained model
 (for Continual Normalization: the GroupNorm output). Synthesis starts impressions from the mean images and
-matches the moments (``continual_class_specific_impression``). No real image is ever stored.
+matches the moments (``continual_class_specific_impression``). No real image is ever stored. ``refresh``
+re-estimates the stored moments of old classes from impressions passed through a newer model.
 """
 
 from __future__ import annotations
@@ -111,6 +112,19 @@ class ClassMemory:
         """Compute and merge the mean images and class statistics of the classes in ``images``."""
         labels, means = class_mean_images(images)
         self.add(labels, means, class_statistics(net, images, batch_size, device))
+
+    def refresh(self, net: nn.Module, impressions: ImageSet, batch_size: int, device: torch.device | str) -> None:
+        """Replace the stored moments of the impressions' classes by their moments under ``net`` (data-free: the
+        impressions stand in for the class's real images); mean images and other classes are unchanged."""
+        if len(impressions) == 0:
+            return
+        stats = class_statistics(net, impressions, batch_size, device)
+        if len(stats) != self.num_layers:
+            raise ValueError(f"got statistics of {len(stats)} layers, the memory holds {self.num_layers}")
+        for i, (labels, mean, var) in enumerate(stats):
+            rows = self.rows(labels).to(self.layer_means[i].device)
+            self.layer_means[i][rows] = mean.to(self.layer_means[i])
+            self.layer_vars[i][rows] = var.to(self.layer_vars[i])
 
     def rows(self, labels: Tensor) -> Tensor:
         """Row index of each label; raises if a label is not stored."""

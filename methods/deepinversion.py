@@ -3,8 +3,8 @@
 No real image of an old class is kept, nor any per-class statistic or mean image. Before task t >= 2 the
 frozen previous model is inverted with CCSI's synthesis (``methods.ccsi.replay_impressions``), started from
 N(0, 1) noise (``syn_init: noise``) and matching the normalisation layers' running statistics
-(``class_stats: running``), as DeepInversion does: both are this method's requirements, so that only init and
-targets differ from CCSI when the synthesis budget is the same.
+(``class_stats: running``), and clamping every channel to [0, 1] (``syn_clamp: unit``), as DeepInversion does:
+these are this method's requirements, so that only init, targets and clamp differ from CCSI with the same budget.
 Training mixes the new classes' real images with the synthetic ones (fraction ``di_syn_ratio`` synthetic) and
 builds on LwF, as the paper's continual-learning experiment (Sec. 4.5) does: ``loss = CE(new-class logits,
 real rows) + di_kd_weight * KD(old-class logits, teacher's logits, T)``, the KD (T = ``kd_temperature``) on
@@ -57,7 +57,7 @@ class DeepInversion(Method):
     """Replay of images inverted from the frozen previous model (noise init, running statistics) + distillation."""
 
     needs_teacher = True
-    requires: ClassVar[dict[str, Any]] = {"syn_init": "noise", "class_stats": "running"}
+    requires: ClassVar[dict[str, Any]] = {"syn_init": "noise", "class_stats": "running", "syn_clamp": "unit"}
 
     def __init__(self, cfg: Config, net: nn.Module, device: torch.device):
         super().__init__(cfg, net, device)

@@ -52,7 +52,7 @@ register_options(
     scope="task",
 )
 register_preset("protocol", "original", {"lamda_new_classes": "nb_cl"})
-register_preset("protocol", "clean", {"lamda_new_classes": "actual"})
+register_preset("protocol", "clean", {"lamda_new_classes": "nb_cl"})
 
 
 def less_forget_weight(cfg: Config, n_old: int, n_new: int) -> float:

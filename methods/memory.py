@@ -139,6 +139,10 @@ class RehearsalMemory:
         """The exemplars as an ImageSet, or None while empty."""
         return None if self.x is None or len(self) == 0 else ImageSet(self.x, self.y)
 
+    def real_labels(self) -> Tensor:
+        """Labels (N,) of the stored exemplars, real images all (counted by the data-access audit)."""
+        return self.y
+
     def class_counts(self, n_classes: int) -> Tensor:
         """Number of exemplars of each class (n_classes,)."""
         return torch.bincount(self.y, minlength=n_classes)

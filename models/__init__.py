@@ -45,7 +45,7 @@ register_options(
     ],
 )
 register_preset("protocol", "original", {"cn_momentum": 1.0})
-register_preset("protocol", "clean", {"cn_momentum": 0.1})
+register_preset("protocol", "clean", {"cn_momentum": 1.0})
 
 
 def build_net(cfg: Config, in_channels: int, image_size: ImageSize) -> IncrementalNet:

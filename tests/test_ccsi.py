@@ -74,7 +74,7 @@ def test_protocol_presets_and_explicit_keys():
     assert (original.idc_source, original.select_on, original.scheduler) == ("test", "test", "plateau_original")
     assert original.cn_momentum == 1.0 and original.class_stats == "running"
     clean = load_config()
-    assert (clean.idc_source, clean.select_on) == ("val", "val")
+    assert (clean.idc_source, clean.select_on, clean.lr_monitor) == ("train", "last", "val_new")
     mixed = load_config(overrides=parse_overrides(["--protocol=original", "--select_on=val"]))
     assert mixed.select_on == "val" and mixed.idc_source == "test"
 
