@@ -72,6 +72,13 @@ register_options(
             choices=("running", "per_class"),
         ),
         Option(
+            "syn_keep",
+            "str",
+            "best",
+            "iterate kept per batch: best = the lowest loss measured (on that iteration's jittered view), last",
+            choices=("best", "last"),
+        ),
+        Option(
             "syn_log_every",
             "int",
             100,
@@ -221,14 +228,15 @@ def _optimise(
                 )
             terms = sl.impression_loss(teacher, layers, store, augment(x, it), y, targets, weights)
             (x.grad,) = torch.autograd.grad(terms[:, -1].sum(), x)
-            keep_best(terms.detach(), x.detach(), it)  # the images this loss was measured on
+            if cfg.syn_keep == "best":
+                keep_best(terms.detach(), x.detach(), it)  # the images this loss was measured on
             optimizer.step()
             with torch.no_grad():
                 x.clamp_(0.0, 1.0)
             bar.update(1)
             if (it + 1) % cfg.syn_log_every == 0 or it + 1 == cfg.syn_iterations:
                 bar.set_postfix(dict(zip(LOSS_TERMS, terms.detach().mean(dim=0).tolist())), refresh=False)
-        with torch.no_grad():  # the last iterate is a candidate too
+        with torch.no_grad():  # the last iterate is a candidate too (the only one under syn_keep: last)
             terms = sl.impression_loss(teacher, layers, store, augment(x, -1), y, targets, weights)
         keep_best(terms, x.detach(), cfg.syn_iterations)
     return best_x, best_terms, best_it, terms[:, -1]
