@@ -1,5 +1,7 @@
 """CCSI switches of issue 15: each changes one thing, and its default keeps today's behaviour."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -50,3 +52,11 @@ def test_syn_keep_last_returns_the_last_iterate_where_best_keeps_an_earlier_one(
     assert last.best_iteration.tolist() == [20, 20]
     assert torch.equal(last.best_loss, last.last_loss) and torch.equal(last.last_loss, best.last_loss)
     assert not torch.equal(last.images.x, best.images.x)
+
+
+def test_digits_demo_config_carries_the_three_fixes_and_the_original_protocol_is_unchanged():
+    demo = load_config([Path(__file__).resolve().parents[1] / "configs" / "digits" / "ccsi.yaml"])
+    assert (demo.do_flip, demo.class_stats, demo.class_weights) == (False, "running", "sampled")
+    original = load_config(overrides={"protocol": "original"})
+    assert (original.do_flip, original.class_stats, original.class_weights) == (True, "running", "counts")
+    assert (original.syn_keep, load_config().class_stats) == ("best", "per_class")
