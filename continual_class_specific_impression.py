@@ -91,6 +91,13 @@ register_options(
             choices=("unit", "original"),
         ),
         Option(
+            "syn_keep",
+            "str",
+            "best",
+            "iterate kept per batch: best = the lowest loss measured (on that iteration's jittered view), last",
+            choices=("best", "last"),
+        ),
+        Option(
             "syn_log_every",
             "int",
             100,
@@ -272,7 +279,8 @@ def _optimise(
             with precision.autocast(cfg, x.device):  # fp32: no autocast at all
                 terms = loss_fn(teacher, layers, store, augment(x, it), y, targets, weights, cfg.syn_fused_moments)
             (x.grad,) = torch.autograd.grad(terms[:, -1].sum(), x)
-            keep_best(terms.detach(), x.detach(), it)  # the images this loss was measured on
+            if cfg.syn_keep == "best":
+                keep_best(terms.detach(), x.detach(), it)  # the images this loss was measured on
             optimizer.step()
             with torch.no_grad():
                 clamp_images_(x, cfg.syn_clamp)

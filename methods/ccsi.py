@@ -76,6 +76,15 @@ register_options(
             min=0.0,
             max=0.99,
         ),
+        Option(
+            "class_weights",
+            "str",
+            "counts",
+            "CE class weights: counts = CCSI's n_max / n_c over the real + synthetic sets (the paper); sampled = "
+            "inverse of each class's expected share of the drawn rows (rs_ratio applied: every class weighs the "
+            "same in a batch); none = plain CE",
+            choices=("counts", "sampled", "none"),
+        ),
     ],
     scope="task",
 )
@@ -171,6 +180,20 @@ def replay_impressions(
     return images.to(ctx.device)
 
 
+def class_weights(real_labels: Tensor, synthetic: ImageSet | None, n_seen: int, cfg: Config) -> Tensor | None:
+    """CE class weights (n_seen,) per ``class_weights``, or None (plain CE). ``counts``: n_max / n_c over the real
+    and synthetic sets; ``sampled``: the same on each class's expected share of the rows drawn (``rs_ratio``)."""
+    if cfg.class_weights == "none":
+        return None
+    labels = real_labels if synthetic is None else torch.cat([real_labels, synthetic.y])
+    counts = torch.bincount(labels, minlength=n_seen).float()  # (n_seen,)
+    if cfg.class_weights == "sampled" and synthetic is not None and len(synthetic) > 0:
+        real = torch.bincount(real_labels.cpu(), minlength=n_seen).double()
+        syn = torch.bincount(synthetic.y.cpu(), minlength=n_seen).double()
+        counts = (1 - cfg.rs_ratio) * real / real.sum() + cfg.rs_ratio * syn / syn.sum()  # drawn share per class
+    return losses.class_balance_weights(counts)
+
+
 # ----- the method ------------------------------------------------------------------------------
 
 
@@ -230,9 +253,8 @@ class CCSI(Method):
                     raise ValueError(f"idc_source '{cfg.idc_source}' holds no image for task {ctx.task}")
         if self.teacher is not None:
             self.teacher_cache = TeacherCache(self.teacher, "features", ctx.train, self.synthetic, cfg.eval_batch_size)
-        labels = ctx.train.y if self.synthetic is None else torch.cat([ctx.train.y, self.synthetic.y])
-        counts = torch.bincount(labels, minlength=ctx.n_seen).float()
-        self.class_weights = losses.class_balance_weights(counts).to(self.device)
+        weights = class_weights(ctx.train.y, self.synthetic, ctx.n_seen, cfg)
+        self.class_weights = None if weights is None else weights.to(self.device)
 
     def replay(self, ctx: TaskContext) -> tuple[ImageSet | None, float]:
         return self.synthetic, self.cfg.rs_ratio

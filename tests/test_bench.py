@@ -6,12 +6,13 @@ import math
 import re
 import time
 
+import numpy as np
 import pytest
 import torch
 
 import incremental_train_and_eval as engine
 import precision
-from bench import accuracy, ddp_speed, gpu_check, protocol_timing, speed
+from bench import ablation, accuracy, ddp_speed, gpu_check, make_hard_digits, protocol_timing, speed
 from dataloaders.npz_data import read_npz
 
 
@@ -156,3 +157,54 @@ def test_gpu_check_reports_a_stage_stopped_at_its_budget_and_the_protocol_tasks_
     lines = gpu_check.protocol(torch.device("cpu"), fast, True, tmp_path / "w", tmp_path / "p.md")
     assert re.match(r"stopped at the budget after \d+ s; tasks done: \[1\]", lines[0])
     assert [line.split("|")[1].strip() for line in lines if re.match(r"\| \d \| ", line)] == ["1"]
+
+
+def test_ablation_custom_variants_and_the_paired_difference():
+    name, (config_file, values, _) = ablation.parse_custom("fast:lr=0.05,config=configs/digits/icarl.yaml")
+    assert (name, config_file, values) == ("fast", "configs/digits/icarl.yaml", {"lr": "0.05"})
+    assert ablation.parse_custom("plain:")[1][:2] == (ablation.CCSI, {})
+    with pytest.raises(ValueError, match="name:key=value"):
+        ablation.parse_custom("broken:lr")
+    records = [
+        {"variant": "ref", "seed": 0, "last_accuracy": 80.0},
+        {"variant": "ref", "seed": 1, "last_accuracy": 70.0},
+        {"variant": "new", "seed": 1, "last_accuracy": 75.0},
+        {"variant": "new", "seed": 0, "last_accuracy": 83.0},
+        {"variant": "new", "seed": 2, "last_accuracy": 99.0},  # no reference run for seed 2: not paired
+    ]
+    assert ablation.paired_difference(records, "new", "ref") == (4.0, pytest.approx(math.sqrt(2.0)))  # 3 and 5
+
+
+def test_ablation_runs_a_variant_writes_the_table_and_reuses_the_finished_run(tmp_path, capsys):
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    argv = ["--variants", "--custom", "it2:syn_iterations=2,syn_warmup=1", "--seeds", "0", "--reference", "it2"]
+    argv += ["--out", str(out), "--runs", str(runs), "--epochs=1", "--nb_cl_fg=8", "--nb_cl=2", "--nb_generation=1"]
+    argv += ["--syn_batch_size=8", "--syn_iterations=5", "--device=cpu"]  # the variant's own syn_iterations wins
+    assert ablation.main(argv) == 0
+    md = (out / "ablation.md").read_text()
+    assert "`--idc_source=train` `--select_on=last` `--scheduler=none`" in md
+    [row] = list(csv.DictReader((out / "runs.csv").open()))
+    saved = (runs / "it2" / "seed0" / "config.yaml").read_text()
+    assert "syn_iterations: 2\n" in saved and "select_on: last\n" in saved and "nb_generation: 1\n" in saved
+    metrics = json.loads((runs / "it2" / "seed0" / "metrics.json").read_text())
+    assert float(row["last_accuracy"]) == pytest.approx(metrics["last_accuracy"])
+    assert re.search(r"\| it2 \| custom: .* \| 0 \| [0-9.]+ ± 0.00 \| [0-9.]+ ± 0.00 \| - \|", md)
+    stamp = (runs / "it2" / "seed0" / "task_2.pt").stat().st_mtime_ns
+    assert ablation.main(argv) == 0  # same configuration: read back, not rerun
+    assert (runs / "it2" / "seed0" / "task_2.pt").stat().st_mtime_ns == stamp
+    capsys.readouterr()
+
+
+def test_hard_digits_are_deterministic_stratified_and_in_medmnist_format(tmp_path):
+    a = make_hard_digits.make(seed=0, copies=2, strength=1.0, noise=0.1)
+    b = make_hard_digits.make(seed=0, copies=2, strength=1.0, noise=0.1)
+    c = make_hard_digits.make(seed=1, copies=2, strength=1.0, noise=0.1)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not np.array_equal(a["train_images"], c["train_images"])
+    sizes = {s: len(a[f"{s}_labels"]) for s in ("train", "val", "test")}
+    assert sizes == {"train": 2 * 1079, "val": 2 * 179, "test": 2 * 539}  # 1797 source digits, 60/10/30
+    assert a["train_images"].dtype == np.uint8 and a["train_images"].shape[1:] == (28, 28)
+    assert a["test_labels"].shape == (2 * 539, 1) and set(np.unique(a["test_labels"])) == set(range(10))
+    assert make_hard_digits.main(["--out", str(tmp_path / "hard.npz")]) == 0
+    splits = read_npz(tmp_path / "hard.npz", "npz")
+    assert splits.train.x.shape[1:] == (1, 32, 32) and len(splits.test) == 539 and splits.num_classes == 10  # padded
