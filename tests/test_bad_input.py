@@ -239,7 +239,15 @@ def test_images_just_large_enough_and_non_square_images_build_a_working_net():
         ),
         (
             (12, 0, 6),
-            [],  # protocol clean: select_on val, scheduler plateau
+            [],  # protocol clean: select_on last, scheduler plateau_original on the new classes' val accuracy
+            [
+                "the val split is empty, but scheduler=plateau_original steps on its accuracy; use --scheduler=none "
+                "(or step, cosine) or give the data set val images"
+            ],
+        ),
+        (
+            (12, 0, 6),
+            ["--select_on=val", "--scheduler=plateau"],
             [
                 "the val split is empty, but select_on=val picks the epoch of each task on it and scheduler=plateau "
                 "steps on its accuracy; use --select_on=last --scheduler=none (or step, cosine) or give the data set "
