@@ -134,7 +134,8 @@ def test_rehearsal_kd_mixes_ce_and_kd_by_the_share_of_old_classes(make_cfg):
 
 
 def test_lucir_imprints_freezes_and_adapts_lambda(make_cfg):
-    method = LUCIR(make_cfg(head="cosine", lamda=5.0, K=2, dist=0.5), tiny_net("cosine"), torch.device("cpu"))
+    cfg = make_cfg(head="cosine", lamda=5.0, K=2, dist=0.5, lamda_new_classes="actual")
+    method = LUCIR(cfg, tiny_net("cosine"), torch.device("cpu"))
     method.begin_task(ctx_for(method.cfg, 1, 0, 4), method.cfg)
     old_rows = method.net.head.all_weights().detach().clone()
     ctx = ctx_for(method.cfg, 2, 4, 1)
@@ -156,7 +157,7 @@ def test_adaptive_lambda_can_use_the_configured_classes_per_task(make_cfg):
     method.begin_task(ctx_for(method.cfg, 2, 4, 1), method.cfg)  # the task adds 1 class, nb_cl says 2
     assert method.lamda_t == pytest.approx(5.0 * math.sqrt(4 / 2))
     assert make_cfg(protocol="original").lamda_new_classes == "nb_cl"
-    assert make_cfg().lamda_new_classes == "actual"
+    assert make_cfg().lamda_new_classes == "nb_cl"  # clean keeps the released dynamics (issue 13)
     batch = Batch(torch.rand(4, 1, 4, 4), torch.tensor([0, 1, 4, 4]), torch.zeros(4, dtype=torch.bool))
     terms = method.training_step(batch)
     assert set(terms) == {"loss", "ce", "distill", "margin"} and terms["loss"].requires_grad
