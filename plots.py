@@ -58,7 +58,7 @@ def _save(fig: Figure, path: str | Path) -> list[Path]:
     png = Path(path).with_suffix(".png")
     out = [png, png.with_suffix(".pdf")]
     for target in out:
-        tmp = target.with_name(f".{target.name}.tmp")
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")  # one per process: no two writers share it
         with writing(target):
             target.parent.mkdir(parents=True, exist_ok=True)
             try:

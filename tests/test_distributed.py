@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 
@@ -371,7 +372,8 @@ def _method_steps_on_shards(rank, names):
 
     prepared = []
     for name in names:
-        cfg = config.load_config(overrides={**METHOD_STEP, "method": name})
+        folder = tempfile.mkdtemp(prefix=f"rank{rank}-")  # impressions grids: one folder per rank, not the repo
+        cfg = config.load_config(overrides={**METHOD_STEP, "method": name, "output_dir": folder})
         state = engine.build_run(cfg, torch.device("cpu"))
         for task in (1, 2):
             task_cfg = cfg.for_task(task)
