@@ -38,8 +38,6 @@ VARIANTS = {
             "--class_stats=per_class",
             "--class_stats_update=refresh",
             "--syn_cosine_factor=0.5",
-            "--cn_momentum=0.1",
-            "--scheduler=plateau",
         ],
     ),
     "lwf clean": ("lwf", []),
