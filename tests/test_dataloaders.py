@@ -16,19 +16,7 @@ import dataloaders
 from config import ConfigError
 from dataloaders import digits, medmnist_data
 from errors import DataError
-
-try:
-    import incremental_train_and_eval  # noqa: F401  (declares `seed`)
-except ModuleNotFoundError as err:
-    if err.name != "incremental_train_and_eval":
-        raise
-if "seed" not in config.OPTIONS:
-    config.register_options("run", [config.Option("seed", "int", 0, "random seed (declared by the test)")])
-
-
-def make_cfg(**overrides):
-    values = {**config.defaults(), **overrides}
-    return config.Config({k: config.coerce(config.OPTIONS[k], v) for k, v in values.items()})
+from tests.tiny import default_cfg
 
 
 def one_line_error(exc_info) -> str:
@@ -51,7 +39,7 @@ def test_registry_matches_dataset_choices():
 def test_registry_rejects_duplicate_and_unknown_names():
     with pytest.raises(ValueError, match="twice"):
         dataloaders.register_dataset("digits")(lambda cfg: None)
-    cfg = config.Config({**make_cfg().to_dict(), "dataset": "nope"})  # bypasses the choices check
+    cfg = config.Config({**default_cfg().to_dict(), "dataset": "nope"})  # bypasses the choices check
     with pytest.raises(ConfigError, match=r"known: .*bloodmnist.*digits"):
         dataloaders.load_dataset(cfg)
 
@@ -60,7 +48,7 @@ def test_registry_rejects_duplicate_and_unknown_names():
 
 
 def test_digits_shapes_split_and_stratification():
-    data = dataloaders.load_dataset(make_cfg(dataset="digits"))
+    data = dataloaders.load_dataset(default_cfg(dataset="digits"))
     assert data.num_classes == 10 and data.class_names == [str(c) for c in range(10)]
     assert (data.channels, data.image_size) == (1, 32)
     sizes = [len(data.train), len(data.val), len(data.test)]
@@ -76,8 +64,8 @@ def test_digits_shapes_split_and_stratification():
 
 
 def test_digits_split_is_fixed_and_independent_of_seed():
-    a = dataloaders.load_dataset(make_cfg(dataset="digits", seed=0))
-    b = dataloaders.load_dataset(make_cfg(dataset="digits", seed=9))
+    a = dataloaders.load_dataset(default_cfg(dataset="digits", seed=0))
+    b = dataloaders.load_dataset(default_cfg(dataset="digits", seed=9))
     assert torch.equal(a.test.x, b.test.x) and torch.equal(a.train.y, b.train.y)
 
 
@@ -114,7 +102,7 @@ def write_npz(path, n=(12, 4, 6), hw=(28, 28), channels=None, classes=3, label_s
 
 def test_npz_grey_28_is_padded_to_32(tmp_path):
     arrays = write_npz(tmp_path / "d.npz")
-    data = dataloaders.load_dataset(make_cfg(dataset="npz", data_path=str(tmp_path / "d.npz")))
+    data = dataloaders.load_dataset(default_cfg(dataset="npz", data_path=str(tmp_path / "d.npz")))
     assert data.train.x.shape == (12, 1, 32, 32) and data.train.x.dtype == torch.uint8
     assert torch.equal(data.train.x[:, 0, 2:30, 2:30], torch.from_numpy(arrays["train_images"]))
     border = torch.ones(32, 32, dtype=torch.bool)
@@ -127,7 +115,7 @@ def test_npz_grey_28_is_padded_to_32(tmp_path):
 
 def test_npz_rgb_64_keeps_size_and_channel_layout(tmp_path):
     arrays = write_npz(tmp_path / "d.npz", hw=(64, 64), channels=3, classes=4, label_shape="n")
-    data = dataloaders.load_dataset(make_cfg(dataset="npz", data_path=str(tmp_path / "d.npz")))
+    data = dataloaders.load_dataset(default_cfg(dataset="npz", data_path=str(tmp_path / "d.npz")))
     assert data.test.x.shape == (6, 3, 64, 64)
     img = arrays["test_images"]
     assert int(data.test.x[2, 1, 5, 7]) == int(img[2, 5, 7, 1])
@@ -151,24 +139,24 @@ def test_npz_rgb_64_keeps_size_and_channel_layout(tmp_path):
 def test_npz_rejects_malformed_files(tmp_path, replace, match):
     write_npz(tmp_path / "d.npz", **replace)
     with pytest.raises(DataError, match=match) as info:
-        dataloaders.load_dataset(make_cfg(dataset="npz", data_path=str(tmp_path / "d.npz")))
+        dataloaders.load_dataset(default_cfg(dataset="npz", data_path=str(tmp_path / "d.npz")))
     one_line_error(info)
 
 
 def test_npz_missing_file_path_and_empty_class(tmp_path):
     missing = tmp_path / "nothere.npz"
     with pytest.raises(DataError, match=r"nothere\.npz not found") as info:
-        dataloaders.load_dataset(make_cfg(dataset="npz", data_path=str(missing)))
+        dataloaders.load_dataset(default_cfg(dataset="npz", data_path=str(missing)))
     one_line_error(info)
     with pytest.raises(DataError, match="data_path"):
-        dataloaders.load_dataset(make_cfg(dataset="npz"))
+        dataloaders.load_dataset(default_cfg(dataset="npz"))
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(DataError, match=r"junk\.npz is a text file .* expected a MedMNIST-format \.npz"):
-        dataloaders.load_dataset(make_cfg(dataset="npz", data_path=str(tmp_path / "junk.npz")))
+        dataloaders.load_dataset(default_cfg(dataset="npz", data_path=str(tmp_path / "junk.npz")))
     # class 1 only in test: C = 3 but class 1 has no training images
     write_npz(tmp_path / "d.npz", train_labels=np.array([0, 2] * 6))
     with pytest.raises(DataError, match=r"class\(es\) 1 have no image in the train split"):
-        dataloaders.load_dataset(make_cfg(dataset="npz", data_path=str(tmp_path / "d.npz")))
+        dataloaders.load_dataset(default_cfg(dataset="npz", data_path=str(tmp_path / "d.npz")))
 
 
 # ----- MedMNIST ----------------------------------------------------------------------------------
@@ -176,25 +164,25 @@ def test_npz_missing_file_path_and_empty_class(tmp_path):
 
 def test_medmnist_reads_file_under_data_root(tmp_path):
     write_npz(tmp_path / "bloodmnist.npz", n=(16, 8, 8), channels=3, classes=8)
-    data = dataloaders.load_dataset(make_cfg(dataset="bloodmnist", data_root=str(tmp_path)))
+    data = dataloaders.load_dataset(default_cfg(dataset="bloodmnist", data_root=str(tmp_path)))
     assert data.name == "bloodmnist" and data.num_classes == 8
     assert data.class_names[0] == INFO["bloodmnist"]["label"]["0"] and len(data.class_names) == 8
     assert data.train.x.shape == (16, 3, 32, 32)
     write_npz(tmp_path / "bloodmnist_64.npz", n=(8, 8, 8), hw=(64, 64), channels=3, classes=8)
-    data = dataloaders.load_dataset(make_cfg(dataset="bloodmnist", data_root=str(tmp_path), medmnist_size=64))
+    data = dataloaders.load_dataset(default_cfg(dataset="bloodmnist", data_root=str(tmp_path), medmnist_size=64))
     assert data.train.x.shape == (8, 3, 64, 64)
 
 
 def test_medmnist_labels_beyond_info_classes_are_rejected(tmp_path):
     write_npz(tmp_path / "breastmnist.npz", classes=3)  # BreastMNIST has 2 classes
     with pytest.raises(DataError, match=r"train split has 4 image\(s\) with label\(s\) 2, outside the classes 0..1"):
-        dataloaders.load_dataset(make_cfg(dataset="breastmnist", data_root=str(tmp_path)))
+        dataloaders.load_dataset(default_cfg(dataset="breastmnist", data_root=str(tmp_path)))
 
 
 def test_medmnist_missing_file_without_download(tmp_path):
     root = tmp_path / "data"
     with pytest.raises(DataError) as info:
-        dataloaders.load_dataset(make_cfg(dataset="bloodmnist", data_root=str(root)))
+        dataloaders.load_dataset(default_cfg(dataset="bloodmnist", data_root=str(root)))
     msg = one_line_error(info)
     assert msg == (
         f"bloodmnist: file {root}/bloodmnist.npz not found; set download: true (or --download=true) "
@@ -202,7 +190,7 @@ def test_medmnist_missing_file_without_download(tmp_path):
     )
     url_128 = re.escape(INFO["pathmnist"]["url_128"])
     with pytest.raises(DataError, match=f"pathmnist_128.npz not found; .* fetch {url_128} into"):
-        dataloaders.load_dataset(make_cfg(dataset="pathmnist", data_root=str(root), medmnist_size=128))
+        dataloaders.load_dataset(default_cfg(dataset="pathmnist", data_root=str(root), medmnist_size=128))
     assert not root.exists()
 
 
@@ -215,7 +203,7 @@ def test_medmnist_download_goes_through_medmnist(tmp_path, monkeypatch):
 
     monkeypatch.setattr("torchvision.datasets.utils.download_url", fake_download_url)
     root = tmp_path / "data"
-    data = dataloaders.load_dataset(make_cfg(dataset="octmnist", data_root=str(root), download=True))
+    data = dataloaders.load_dataset(default_cfg(dataset="octmnist", data_root=str(root), download=True))
     assert calls == [(INFO["octmnist"]["url"], "octmnist.npz", INFO["octmnist"]["MD5"])]
     assert data.num_classes == 4 and data.train.x.shape == (8, 1, 32, 32)
 
@@ -224,7 +212,7 @@ def test_medmnist_download_goes_through_medmnist(tmp_path, monkeypatch):
 
     monkeypatch.setattr("torchvision.datasets.utils.download_url", failing_download_url)
     with pytest.raises(DataError, match=r"download of .*dermamnist_64\.npz.* failed") as info:
-        medmnist_data.load_medmnist(make_cfg(data_root=str(root), download=True, medmnist_size=64), "dermamnist")
+        medmnist_data.load_medmnist(default_cfg(data_root=str(root), download=True, medmnist_size=64), "dermamnist")
     one_line_error(info)
 
 
@@ -255,7 +243,7 @@ def write_cifar100(root, per_class=(4, 1)):
 
 def test_cifar100_layout_and_val_carve(tmp_path):
     written = write_cifar100(tmp_path)
-    data = dataloaders.load_dataset(make_cfg(dataset="cifar100", data_root=str(tmp_path), val_fraction=0.25))
+    data = dataloaders.load_dataset(default_cfg(dataset="cifar100", data_root=str(tmp_path), val_fraction=0.25))
     assert data.num_classes == 100 and data.class_names[7] == "class7"
     assert (len(data.train), len(data.val), len(data.test)) == (300, 100, 100)
     assert torch.bincount(data.val.y, minlength=100).tolist() == [1] * 100  # stratified
@@ -264,14 +252,16 @@ def test_cifar100_layout_and_val_carve(tmp_path):
     n, c, h, w = 5, 2, 3, 17
     assert int(data.test.x[n, c, h, w]) == int(raw[n, c * 1024 + h * 32 + w])
     # train and val together are the original train images; the carve depends on the seed
-    other = dataloaders.load_dataset(make_cfg(dataset="cifar100", data_root=str(tmp_path), val_fraction=0.25, seed=1))
+    other = dataloaders.load_dataset(
+        default_cfg(dataset="cifar100", data_root=str(tmp_path), val_fraction=0.25, seed=1)
+    )
     assert not torch.equal(data.val.x, other.val.x)
     assert len(torch.cat([data.train.x, data.val.x]).flatten(1).unique(dim=0)) == 400
 
 
 def test_cifar100_missing_and_download(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="cifar-100-python/train not found") as info:
-        dataloaders.load_dataset(make_cfg(dataset="cifar100", data_root=str(tmp_path)))
+        dataloaders.load_dataset(default_cfg(dataset="cifar100", data_root=str(tmp_path)))
     one_line_error(info)
     calls = []
 
@@ -281,7 +271,7 @@ def test_cifar100_missing_and_download(tmp_path, monkeypatch):
             write_cifar100(tmp_path, per_class=(2, 1))
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR100", FakeCIFAR100)
-    data = dataloaders.load_dataset(make_cfg(dataset="cifar100", data_root=str(tmp_path), download=True))
+    data = dataloaders.load_dataset(default_cfg(dataset="cifar100", data_root=str(tmp_path), download=True))
     assert calls == [(str(tmp_path), False, True)] and len(data.test) == 100
 
 
@@ -322,7 +312,7 @@ def write_gtsrb(root, per_class=2, test_classes=(0, 5, 42, 5, *ALL_OTHER_GTSRB))
 
 def test_gtsrb_layout_resize_and_val(tmp_path):
     write_gtsrb(tmp_path)
-    data = dataloaders.load_dataset(make_cfg(dataset="gtsrb", data_root=str(tmp_path), val_fraction=0.5))
+    data = dataloaders.load_dataset(default_cfg(dataset="gtsrb", data_root=str(tmp_path), val_fraction=0.5))
     assert data.num_classes == 43 and len(data.class_names) == 43
     assert (len(data.train), len(data.val), len(data.test)) == (43, 43, 44)
     assert data.train.x.shape == (43, 3, 32, 32) and data.test.x.dtype == torch.uint8
@@ -336,7 +326,7 @@ def test_gtsrb_layout_resize_and_val(tmp_path):
 
 def test_gtsrb_errors(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="gtsrb/GTSRB/Training not found") as info:
-        dataloaders.load_dataset(make_cfg(dataset="gtsrb", data_root=str(tmp_path)))
+        dataloaders.load_dataset(default_cfg(dataset="gtsrb", data_root=str(tmp_path)))
     one_line_error(info)
 
     def failing(*args, **kwargs):
@@ -344,11 +334,11 @@ def test_gtsrb_errors(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torchvision.datasets, "GTSRB", failing)
     with pytest.raises(DataError, match=r"download into .* failed") as info:
-        dataloaders.load_dataset(make_cfg(dataset="gtsrb", data_root=str(tmp_path), download=True))
+        dataloaders.load_dataset(default_cfg(dataset="gtsrb", data_root=str(tmp_path), download=True))
     one_line_error(info)
     write_gtsrb(tmp_path, per_class=1, test_classes=(3, 43))
     with pytest.raises(DataError, match="ClassId 43 outside 0..42"):
-        dataloaders.load_dataset(make_cfg(dataset="gtsrb", data_root=str(tmp_path)))
+        dataloaders.load_dataset(default_cfg(dataset="gtsrb", data_root=str(tmp_path)))
 
 
 # ----- prepare: labels remapped to class-order positions -----------------------------------------
@@ -357,7 +347,7 @@ def test_gtsrb_errors(tmp_path, monkeypatch):
 def test_prepare_remaps_labels_to_class_order(tmp_path):
     write_npz(tmp_path / "d.npz", n=(12, 6, 6), classes=3)
     order = [2, 0, 1]
-    cfg = make_cfg(dataset="npz", data_path=str(tmp_path / "d.npz"), class_order=order, nb_cl_fg=1, nb_cl=1)
+    cfg = default_cfg(dataset="npz", data_path=str(tmp_path / "d.npz"), class_order=order, nb_cl_fg=1, nb_cl=1)
     raw = dataloaders.load_dataset(cfg)
     data, scenario = dataloaders.prepare(cfg)
     assert scenario.class_order == order and scenario.task_sizes == [1, 1, 1]
@@ -371,4 +361,4 @@ def test_prepare_remaps_labels_to_class_order(tmp_path):
     assert torch.equal(task1.x, raw.train.of_classes([2]).x)
     assert data.class_names == raw.class_names  # original order: label p is named class_names[class_order[p]]
     with pytest.raises(ConfigError, match="nb_cl_fg"):
-        dataloaders.prepare(make_cfg(dataset="npz", data_path=str(tmp_path / "d.npz"), nb_cl_fg=4))
+        dataloaders.prepare(default_cfg(dataset="npz", data_path=str(tmp_path / "d.npz"), nb_cl_fg=4))

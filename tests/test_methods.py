@@ -10,26 +10,14 @@ import pytest
 import main
 from checkpoint import task_checkpoint_path
 from methods import METHODS
+from tests.tiny import TWO_TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = [
-    "--epochs=1",
-    "--batch_size=64",
-    "--nb_cl_fg=8",
-    "--nb_cl=2",
-    "--device=cpu",
-    "--progress=false",
-    "--memory_size=60",
-    "--nb_generation=1",
-    "--syn_batch_size=8",
-    "--syn_iterations=2",
-    "--syn_warmup=1",
-]
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_method_runs_from_the_base_config_and_chains_per_task(name, tmp_path, capsys):
-    base = ["--config", str(ROOT / "configs/digits/finetune.yaml"), f"--method={name}", *SMALL]
+    base = ["--config", str(ROOT / "configs/digits/finetune.yaml"), f"--method={name}", *TWO_TASKS]
     assert main.main([*base, f"--output_dir={tmp_path / 'full'}"]) == 0, capsys.readouterr().err
     full = json.loads((tmp_path / "full" / "metrics.json").read_text())
     assert len(full["accuracy_matrix"]) == 2 and all(0 <= a <= 100 for a in full["accuracy_per_task"])

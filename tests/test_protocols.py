@@ -16,6 +16,7 @@ from dataloaders.image_set import ImageSet
 from methods.ccsi import CCSI
 from methods.class_statistics import ClassMemory, class_statistics
 from tests.test_synthesis import random_images, tiny_teacher
+from tests.tiny import TWO_TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,20 +60,6 @@ def test_data_access_counts_old_class_rows_per_path():
 
 
 # ----- the audit on digits ----------------------------------------------------------------------------------------
-
-TWO_TASKS = [
-    "--epochs=1",
-    "--batch_size=64",
-    "--nb_cl_fg=8",
-    "--nb_cl=2",
-    "--device=cpu",
-    "--progress=false",
-    "--memory_size=60",
-    "--nb_generation=1",
-    "--syn_batch_size=8",
-    "--syn_iterations=2",
-    "--syn_warmup=1",
-]
 
 
 def audit(method: str, tmp_path: Path, *overrides: str) -> dict[str, int]:

@@ -3,23 +3,10 @@
 import pytest
 import torch
 
-import config
 import dataloaders
 from config import ConfigError
 from dataloaders.scenario import Scenario, stratified_split
-
-try:
-    import incremental_train_and_eval  # noqa: F401  (declares `seed`)
-except ModuleNotFoundError as err:
-    if err.name != "incremental_train_and_eval":
-        raise
-if "seed" not in config.OPTIONS:
-    config.register_options("run", [config.Option("seed", "int", 0, "random seed (declared by the test)")])
-
-
-def make_cfg(**overrides):
-    values = {**config.defaults(), **overrides}
-    return config.Config({k: config.coerce(config.OPTIONS[k], v) for k, v in values.items()})
+from tests.tiny import default_cfg
 
 
 def test_bloodmnist_split_2_2_2_2():
@@ -109,13 +96,13 @@ def test_stratified_split_counts_and_determinism():
 
 
 def test_build_scenario_reads_config_keys():
-    cfg = make_cfg(nb_cl_fg=3, nb_cl=2, class_order=[8, 7, 6, 5, 4, 3, 2, 1, 0])
+    cfg = default_cfg(nb_cl_fg=3, nb_cl=2, class_order=[8, 7, 6, 5, 4, 3, 2, 1, 0])
     s = dataloaders.build_scenario(cfg, 9)
     assert s.task_sizes == [3, 2, 2, 2]
     assert s.class_order == [8, 7, 6, 5, 4, 3, 2, 1, 0]
-    shuffled = dataloaders.build_scenario(make_cfg(shuffle_classes=True, seed=7), 9)
+    shuffled = dataloaders.build_scenario(default_cfg(shuffle_classes=True, seed=7), 9)
     assert shuffled.class_order == Scenario.build(9, 2, 2, shuffle=True, seed=7).class_order
     with pytest.raises(ConfigError, match="permutation"):
-        dataloaders.build_scenario(make_cfg(class_order=[0, 1]), 9)
+        dataloaders.build_scenario(default_cfg(class_order=[0, 1]), 9)
     with pytest.raises(ConfigError, match="nb_cl_fg"):
-        dataloaders.build_scenario(make_cfg(nb_cl_fg=12), 11)
+        dataloaders.build_scenario(default_cfg(nb_cl_fg=12), 11)
