@@ -37,7 +37,7 @@ VARIANTS = {
         [
             "--class_stats=per_class",
             "--class_stats_update=refresh",
-            "--syn_cosine_factor=0.5",
+            "--syn_clamp=unit",
         ],
     ),
     "lwf clean": ("lwf", []),

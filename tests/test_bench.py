@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+import config
 import incremental_train_and_eval as engine
 import precision
-from bench import ablation, accuracy, ddp_speed, gpu_check, make_hard_digits, protocol_timing, speed
+from bench import ablation, accuracy, ddp_speed, gpu_check, make_hard_digits, protocol_timing, protocols, speed
 from dataloaders.npz_data import read_npz
 
 
@@ -173,6 +174,17 @@ def test_ablation_custom_variants_and_the_paired_difference():
         {"variant": "new", "seed": 2, "last_accuracy": 99.0},  # no reference run for seed 2: not paired
     ]
     assert ablation.paired_difference(records, "new", "ref") == (4.0, pytest.approx(math.sqrt(2.0)))  # 3 and 5
+
+
+def test_every_ablation_and_protocol_variant_is_a_valid_configuration():
+    """A misspelt key or value in a variant table would only fail after the runs before it (hours on a CPU)."""
+    for name, (config_file, values, _) in ablation.VARIANTS.items():
+        cfg = config.load_config([ablation.ROOT / config_file], {**ablation.PROTOCOL, **values})
+        assert all(getattr(cfg, k) == config.coerce(config.OPTIONS[k], v) for k, v in values.items()), name
+    for name, (method, overrides) in protocols.VARIANTS.items():
+        cfg = config.load_config([protocols.ROOT / f"configs/digits/{method}.yaml"], config.parse_overrides(overrides))
+        assert cfg.method == method, name
+    assert config.load_config([ablation.ROOT / ablation.CCSI], ablation.IMPROVED).class_stats_update == "refresh"
 
 
 def test_ablation_runs_a_variant_writes_the_table_and_reuses_the_finished_run(tmp_path, capsys):
