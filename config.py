@@ -24,7 +24,7 @@ import os
 import re
 import string
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +91,9 @@ class PresetSetting:
 # PRESETS[key][value][other_key] = PresetSetting. Registered by the modules that own the other keys.
 PRESETS: dict[str, dict[Any, dict[str, PresetSetting]]] = {}
 
+# PRESET_BASES[key][value] = the value of ``key`` whose settings ``key: value`` starts from (register_preset_base).
+PRESET_BASES: dict[str, dict[Any, Any]] = {}
+
 # YAML keys that are structure, not options.
 _STRUCTURE_KEYS = ("defaults", "per_task")
 
@@ -123,6 +126,22 @@ def register_preset(
         if name in table:
             raise ValueError(f"preset {key}={value} sets key {name!r} twice")
         table[name] = PresetSetting(setting, required, announce, f"{key}={value}")
+
+
+def register_preset_base(key: str, value: Any, base: Any) -> None:
+    """Declare that ``key: value`` sets what ``key: base`` sets, except the keys it sets itself (e.g. a protocol
+    that changes two keys of another)."""
+    PRESET_BASES.setdefault(key, {})[value] = base
+
+
+def preset_settings(key: str, value: Any) -> dict[str, PresetSetting]:
+    """Every key that ``key: value`` sets: its own settings over those of its base (owned by ``key=value``)."""
+    own = PRESETS.get(key, {}).get(value, {})
+    base = PRESET_BASES.get(key, {}).get(value)
+    if base is None:
+        return dict(own)
+    inherited = {n: replace(s, owner=f"{key}={value}") for n, s in preset_settings(key, base).items()}
+    return {**inherited, **own}
 
 
 def _closest(name: str) -> str:
@@ -383,8 +402,8 @@ def parse_overrides(args: Sequence[str]) -> dict[str, str]:
 def _chosen_settings(values: dict[str, Any]) -> list[tuple[str, PresetSetting]]:
     """The settings of every preset whose key has its preset value in ``values``."""
     chosen = []
-    for key, table in PRESETS.items():
-        for name, setting in table.get(coerce(OPTIONS[key], values[key]), {}).items():
+    for key in PRESETS:
+        for name, setting in preset_settings(key, coerce(OPTIONS[key], values[key])).items():
             if name not in OPTIONS:
                 raise ValueError(f"preset {setting.owner} sets undeclared key {name!r}")
             chosen.append((name, setting))
@@ -480,7 +499,7 @@ def reference_table() -> str:
         f"- `{key}: {value}` sets "
         + ", ".join(f"`{n}: {s.value}`" + (" (required)" if s.required else "") for n, s in settings.items())
         for key, table in PRESETS.items()
-        for value, settings in table.items()
+        for value, settings in ((v, preset_settings(key, v)) for v in table)
         if settings
     ]
     for group in sorted({o.group for o in OPTIONS.values()}, key=lambda g: (g != "run", g)):

@@ -114,6 +114,9 @@ for _protocol in ("original", "clean"):
         "protocol", _protocol, {"class_stats": "running", "syn_cosine_factor": 0.2, "syn_clamp": "original"}
     )
 
+# Measured on digits (README, "Protocols"): per-class moment targets, refreshed after each task (methods/ccsi.py).
+register_preset("protocol", "improved", {"class_stats": "per_class"})
+
 # The released code's clip(): channel 0 clamped to the ImageNet-normalised range of [0, 1] (mean 0.485, std 0.229).
 RELEASED_CHANNEL0_RANGE = (-0.485 / 0.229, (1 - 0.485) / 0.229)
 

@@ -39,7 +39,7 @@ CCSI = "configs/digits/ccsi.yaml"
 PROTOCOL = {"idc_source": "train", "select_on": "last", "scheduler": "none"}  # strictly data-free
 Variant = tuple[str, dict[str, str], str]  # config file, overrides, what it tests
 SHIPPED = {"do_flip": "true", "class_stats": "per_class", "class_weights": "counts"}  # the config before issue 15
-IMPROVED = {"class_stats": "per_class", "class_stats_update": "refresh", "syn_clamp": "unit"}
+REFRESH = {"class_stats": "per_class", "class_stats_update": "refresh"}
 VARIANTS: dict[str, Variant] = {
     "mean_only": (CCSI, {"syn_iterations": "0"}, "no optimisation: class mean image + noise"),
     "ccsi": (CCSI, {}, "the config: 40 synthesis iterations, 160 impressions per task"),
@@ -62,7 +62,8 @@ VARIANTS: dict[str, Variant] = {
         "impressions clamped to [0, 1] (the released clamp: channel 0 to [-2.1, 2.2])",
     ),
     "tv01": (CCSI, {"tv_l2": "0.01"}, "10x the total-variation prior (0.01, the value of some CCSI configs)"),
-    "improved": (CCSI, IMPROVED, "per-class moments refreshed after each task, impressions clamped to [0, 1]"),
+    "improved": (CCSI, {"protocol": "improved"}, "protocol improved: per-class moments refreshed after each task"),
+    "refresh_unit": (CCSI, {**REFRESH, "syn_clamp": "unit"}, "improved + impressions clamped to [0, 1]"),
     "icarl": ("configs/digits/icarl.yaml", {}, "iCaRL, 200 real exemplars (not data-free)"),
 }
 METRICS = (("last_accuracy", "last acc"), ("average_incremental_accuracy", "avg inc acc"))

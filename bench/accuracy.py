@@ -207,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         f"- command: `python bench/accuracy.py {shlex.join(argv)}`",
         f"- machine: {describe_machine()}",
         f"- runs: `{args.runs}/<dataset>/<method>/seed<k>` from `configs/<dataset>/<method>.yaml`; "
-        "protocol per row (`clean`: no test image before each task's final evaluation)",
+        "protocol per row (`clean`, `improved`: no old-class real image after its task, no test image before each "
+        "task's final evaluation)",
         "- overrides for every run: " + (" ".join(f"`--{k}={v}`" for k, v in overrides.items()) or "none"),
         *(["- --quick: fewer epochs and synthesis iterations than the configs (sizing: bench/README.md)"] * args.quick),
         f"- wall time of this invocation: {(time.perf_counter() - start) / 60:.1f} min",

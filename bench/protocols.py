@@ -27,24 +27,22 @@ sys.path.insert(0, str(ROOT))
 from data_access import PATHS  # noqa: E402
 
 # name: (method, overrides); the digits configs are `make demo`'s settings.
+CLEAN = "--protocol=clean"
 VARIANTS = {
     "ccsi original": ("ccsi", ["--protocol=original"]),
-    "ccsi clean": ("ccsi", []),
-    "ccsi clean, per_class frozen": ("ccsi", ["--class_stats=per_class"]),
-    "ccsi clean, per_class refresh": ("ccsi", ["--class_stats=per_class", "--class_stats_update=refresh"]),
-    "ccsi clean, improved candidate": (
+    "ccsi clean": ("ccsi", [CLEAN]),
+    "ccsi clean, per_class frozen": ("ccsi", [CLEAN, "--class_stats=per_class"]),
+    "ccsi clean, per_class refresh": ("ccsi", [CLEAN, "--class_stats=per_class", "--class_stats_update=refresh"]),
+    "ccsi clean, per_class refresh, unit clamp": (
         "ccsi",
-        [
-            "--class_stats=per_class",
-            "--class_stats_update=refresh",
-            "--syn_clamp=unit",
-        ],
+        [CLEAN, "--class_stats=per_class", "--class_stats_update=refresh", "--syn_clamp=unit"],
     ),
-    "lwf clean": ("lwf", []),
-    "deepinversion clean": ("deepinversion", []),
-    "ewc clean": ("ewc", []),
-    "finetune clean": ("finetune", []),
-    "icarl clean": ("icarl", []),
+    "ccsi improved": ("ccsi", ["--protocol=improved"]),
+    "lwf clean": ("lwf", [CLEAN]),
+    "deepinversion clean": ("deepinversion", [CLEAN]),
+    "ewc clean": ("ewc", [CLEAN]),
+    "finetune clean": ("finetune", [CLEAN]),
+    "icarl clean": ("icarl", [CLEAN]),
 }
 
 

@@ -90,6 +90,7 @@ register_options(
 )
 register_preset("protocol", "original", {"idc_source": "test", "class_stats_update": "frozen"})
 register_preset("protocol", "clean", {"idc_source": "train", "class_stats_update": "frozen"})
+register_preset("protocol", "improved", {"class_stats_update": "refresh"})
 
 
 # ----- synthesis of old classes, shared with DeepInversion ----------------------------------------
@@ -226,7 +227,8 @@ class CCSI(Method):
             if task_cfg.class_stats_update == "refresh" and task_cfg.class_stats != "per_class":
                 raise ConfigError(
                     "key 'class_stats_update': refresh changes the stored per-class moments, which only "
-                    f"class_stats: per_class uses (task {task} has class_stats: {task_cfg.class_stats})"
+                    f"class_stats: per_class uses (task {task} has class_stats: {task_cfg.class_stats}); set "
+                    "class_stats: per_class, or class_stats_update: frozen (protocol: clean does both)"
                 )
             k = task_cfg.K
             if k > n_new:

@@ -39,7 +39,7 @@ def test_accuracy_grid_writes_results_skips_resumes_and_records_failures(tmp_pat
     assert accuracy.main(argv) == 0
     first = json.loads((folder / "metrics.json").read_text())
     md = (out / "results.md").read_text()
-    assert "| digits | finetune | clean | 0 |" in md and "`--epochs=1`" in md and "machine: CPU" in md
+    assert "| digits | finetune | improved | 0 |" in md and "`--epochs=1`" in md and "machine: CPU" in md
     assert "bench/accuracy.py --datasets digits" in md and "Failed runs (0)" in md
     [row] = list(csv.DictReader((out / "results.csv").open()))
     assert (row["dataset"], row["method"], row["seeds"]) == ("digits", "finetune", "0")
@@ -184,7 +184,7 @@ def test_every_ablation_and_protocol_variant_is_a_valid_configuration():
     for name, (method, overrides) in protocols.VARIANTS.items():
         cfg = config.load_config([protocols.ROOT / f"configs/digits/{method}.yaml"], config.parse_overrides(overrides))
         assert cfg.method == method, name
-    assert config.load_config([ablation.ROOT / ablation.CCSI], ablation.IMPROVED).class_stats_update == "refresh"
+    assert config.load_config([ablation.ROOT / ablation.CCSI], ablation.REFRESH).class_stats_update == "refresh"
 
 
 def test_ablation_runs_a_variant_writes_the_table_and_reuses_the_finished_run(tmp_path, capsys):

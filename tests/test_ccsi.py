@@ -73,8 +73,15 @@ def test_protocol_presets_and_explicit_keys():
     original = load_config(overrides={"protocol": "original"})
     assert (original.idc_source, original.select_on, original.scheduler) == ("test", "test", "plateau_original")
     assert original.cn_momentum == 1.0 and original.class_stats == "running"
-    clean = load_config()
+    clean = load_config(overrides={"protocol": "clean"})
     assert (clean.idc_source, clean.select_on, clean.lr_monitor) == ("train", "last", "val_new")
+    default = load_config()
+    assert (default.protocol, default.idc_source, default.class_stats, default.class_stats_update) == (
+        "improved",
+        "train",
+        "per_class",
+        "refresh",
+    )
     mixed = load_config(overrides=parse_overrides(["--protocol=original", "--select_on=val"]))
     assert mixed.select_on == "val" and mixed.idc_source == "test"
 
@@ -126,7 +133,7 @@ def test_medmnist_ccsi_configs_run_end_to_end(tmp_path, dataset, n_classes, chan
     )
     summary = run(cfg)
     assert len(summary["accuracy_per_task"]) == n_tasks
-    assert summary["protocol"] == "clean"
+    assert summary["protocol"] == "improved"
     assert all(0.0 <= a <= 100.0 for a in summary["accuracy_per_task"])
 
 

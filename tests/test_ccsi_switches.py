@@ -56,8 +56,13 @@ def test_syn_keep_last_returns_the_last_iterate_where_best_keeps_an_earlier_one(
 
 def test_digits_demo_config_carries_its_fixes_and_the_original_protocol_is_unchanged():
     demo = load_config([Path(__file__).resolve().parents[1] / "configs" / "digits" / "ccsi.yaml"])
-    assert (demo.do_flip, demo.class_stats, demo.class_weights) == (False, "running", "sampled")
-    assert (demo.cn_momentum, demo.scheduler, demo.protocol, demo.select_on) == (0.1, "none", "clean", "last")
+    assert (demo.do_flip, demo.class_stats, demo.class_stats_update, demo.class_weights) == (
+        False,
+        "per_class",
+        "refresh",
+        "sampled",
+    )
+    assert (demo.cn_momentum, demo.scheduler, demo.protocol, demo.select_on) == (0.1, "none", "improved", "last")
     original = load_config(overrides={"protocol": "original"})
     assert (original.do_flip, original.class_stats, original.class_weights) == (True, "running", "counts")
     assert (original.syn_keep, original.cn_momentum, original.scheduler) == ("best", 1.0, "plateau_original")

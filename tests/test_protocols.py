@@ -48,6 +48,32 @@ def test_clean_equals_original_except_the_keys_of_data_access():
     }
 
 
+IMPROVED = {"class_stats": "per_class", "class_stats_update": "refresh"}
+
+
+def test_improved_equals_clean_except_its_measured_switches():
+    clean = {k: s.value for k, s in config.preset_settings("protocol", "clean").items()}
+    improved = {k: s.value for k, s in config.preset_settings("protocol", "improved").items()}
+    assert set(improved) == set(clean) == set(RELEASED)
+    assert {k: v for k, v in improved.items() if clean[k] != v} == IMPROVED
+    cfg = load_config([ROOT / "configs/digits/ccsi.yaml"], {"protocol": "improved"})
+    assert (cfg.class_stats, cfg.class_stats_update, cfg.idc_source) == (*IMPROVED.values(), "train")
+    mine = load_config([ROOT / "configs/digits/ccsi.yaml"], {"protocol": "improved", "select_on": "val_new"})
+    assert mine.select_on == "val_new", "a key set explicitly wins over the preset it inherits from clean too"
+    assert load_config(overrides={"method": "deepinversion", "protocol": "improved"}).class_stats == "running"
+
+
+def test_a_preset_base_is_inherited_under_the_presets_own_name(monkeypatch):
+    monkeypatch.setattr(config, "PRESETS", {"protocol": {"a": {}, "b": {}}})
+    monkeypatch.setattr(config, "PRESET_BASES", {})
+    config.register_preset("protocol", "a", {"lr": 0.5, "epochs": 3})
+    config.register_preset("protocol", "b", {"epochs": 7})
+    config.register_preset_base("protocol", "b", "a")
+    b = config.preset_settings("protocol", "b")
+    assert {k: (s.value, s.owner) for k, s in b.items()} == {"lr": (0.5, "protocol=b"), "epochs": (7, "protocol=b")}
+    assert config.preset_settings("protocol", "a")["epochs"].value == 3
+
+
 def test_data_access_counts_old_class_rows_per_path():
     access = DataAccess(n_old=3)
     access.record("train_batches", torch.tensor([0, 2, 3, 5, 1]), real=torch.tensor([True, False, True, True, True]))
@@ -75,6 +101,11 @@ def audit(method: str, tmp_path: Path, *overrides: str) -> dict[str, int]:
 @pytest.mark.parametrize("method", ["ccsi", "lwf", "deepinversion", "ewc", "finetune"])
 def test_data_free_methods_see_no_old_class_image_under_the_default_protocol(method, tmp_path):
     assert audit(method, tmp_path) == dict.fromkeys([*PATHS, "total"], 0)
+
+
+@pytest.mark.parametrize("protocol", ["clean", "improved"])
+def test_ccsi_sees_no_old_class_image_under_either_data_free_protocol(protocol, tmp_path):
+    assert audit("ccsi", tmp_path, f"--protocol={protocol}") == dict.fromkeys([*PATHS, "total"], 0)
 
 
 def test_the_audit_counts_the_released_protocol_and_rehearsal(tmp_path):

@@ -38,13 +38,13 @@ def test_default_folder_names_data_method_protocol_and_config_hash(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     assert run_main(["--output_dir=runs/{dataset}/{method}/{protocol}/seed{seed}-{config_hash}"])[0] == 0
     assert run_main(["--output_dir=runs/{dataset}/{method}/{protocol}/seed{seed}-{config_hash}", "--lr=0.05"])[0] == 0
-    folders = sorted((tmp_path / "runs/digits/finetune/clean").iterdir())
+    folders = sorted((tmp_path / "runs/digits/finetune/improved").iterdir())
     assert len(folders) == 2 and all(f.name.startswith("seed0-") for f in folders)  # two configs, two folders
     for folder in folders:
         doc = metrics(folder)
         ckpt = TaskCheckpoint.load(task_checkpoint_path(folder, 3))
         assert folder.name == f"seed0-{doc['config_hash']}" and ckpt.config_hash == doc["config_hash"]
-        assert (doc["method"], doc["dataset"], doc["protocol"], doc["seed"]) == ("finetune", "digits", "clean", 0)
+        assert (doc["method"], doc["dataset"], doc["protocol"], doc["seed"]) == ("finetune", "digits", "improved", 0)
         assert len(doc["commit"]) == 40 or doc["commit"] == "unknown"
         assert set(doc["versions"]) >= {"python", "torch", "torchvision", "medmnist"} and "cpu" in doc["device"]
         header = (folder / "metrics.csv").read_text().splitlines()[0].split(",")
