@@ -166,7 +166,7 @@ def test_refresh_replaces_old_class_moments_by_the_current_models_moments_on_imp
 
 
 def test_refresh_needs_per_class_targets():
-    cfg = load_config(overrides={"method": "ccsi", "class_stats_update": "refresh"})
-    with pytest.raises(ConfigError, match="class_stats: per_class"):
+    cfg = load_config(overrides={"method": "ccsi", "class_stats_update": "refresh", "class_stats": "running"})
+    with pytest.raises(ConfigError, match="class_stats: per_class, or class_stats_update: frozen"):
         CCSI.check(cfg, [2, 2])
     CCSI.check(cfg.replace(class_stats="per_class"), [2, 2])
