@@ -168,6 +168,7 @@ def ccsi_two_tasks(folder, **overrides) -> list[float]:
     folder.mkdir(parents=True, exist_ok=True)
     data = write_digits(folder / "digits0123.npz", 4, 200)
     values = {"dataset": "npz", "data_path": data, "method": "ccsi", "device": "cpu", "progress": False}
+    values.update(protocol="clean")  # the dynamics these tolerances were measured with (running-statistics targets)
     values.update(nb_cl_fg=2, nb_cl=2, epochs=4, batch_size=16, lr=0.02, select_on="last", idc_source="val")
     values.update(nb_generation=2, syn_batch_size=8, syn_iterations=10, syn_warmup=2, output_dir=str(folder / "run"))
     argv = [f"--{k}={v}" for k, v in {**values, **overrides}.items()]
