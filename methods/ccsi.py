@@ -228,7 +228,7 @@ class CCSI(Method):
                 raise ConfigError(
                     "key 'class_stats_update': refresh changes the stored per-class moments, which only "
                     f"class_stats: per_class uses (task {task} has class_stats: {task_cfg.class_stats}); set "
-                    "class_stats: per_class, or class_stats_update: frozen (protocol: clean does both)"
+                    "class_stats: per_class, or class_stats_update: frozen (or protocol: clean, the released targets)"
                 )
             k = task_cfg.K
             if k > n_new:
