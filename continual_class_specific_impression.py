@@ -27,10 +27,10 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-import precision
 import synthesis_losses as sl
-from config import Config, Option, register_options, register_preset
 from dataloaders.image_set import ImageSet
+from experiment.config import Config, Option, register_options, register_preset
+from runtime import precision
 from synthesis_losses import LOSS_TERMS, LossWeights, bn_layers, capture_bn_inputs, eval_mode, teacher_logits
 
 register_options(

@@ -25,31 +25,35 @@ from typing import Any
 import numpy as np
 import torch
 
-import config
 import dataloaders
-import distributed
 import models
-import precision
-import provenance
-from checkpoint import TaskCheckpoint, partial_checkpoint_path, rng_state, set_rng_state, task_checkpoint_path
-from config import Config, Option, register_options, register_preset, register_preset_base
-from data_access import DataAccess
 from dataloaders.image_set import DataSplits
 from dataloaders.scenario import Scenario
-from errors import CheckpointError
-from loggers import RunLogger, build_logger
-from methods import build_method, method_class
-from methods.base import Method, TaskContext
-from metrics import RunMetrics, evaluate_predictions
-from plots import run_title, write_run_plots
-from run_folder import (
+from experiment import config, provenance
+from experiment.checkpoint import (
+    TaskCheckpoint,
+    partial_checkpoint_path,
+    rng_state,
+    set_rng_state,
+    task_checkpoint_path,
+)
+from experiment.config import Config, Option, register_options, register_preset, register_preset_base
+from experiment.errors import CheckpointError
+from experiment.run_folder import (
     RunFolder,
     check_same_experiment,
     plan_run,
     resolve_output_dir,
     resolve_saved_model_address,
 )
-from task_training import fit_task, predict_labels
+from methods import build_method, method_class
+from methods.base import Method, TaskContext
+from reporting.loggers import RunLogger, build_logger
+from reporting.metrics import RunMetrics, evaluate_predictions
+from reporting.plots import run_title, write_run_plots
+from runtime import distributed, precision
+from runtime.data_access import DataAccess
+from training.task_training import fit_task, predict_labels
 
 log = logging.getLogger(__name__)
 

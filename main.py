@@ -35,8 +35,8 @@ from pathlib import Path
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-import config
-from errors import UserError
+from experiment import config
+from experiment.errors import UserError
 
 DEMO_CONFIGS = ("configs/digits/finetune.yaml", "configs/digits/joint.yaml", "configs/digits/ccsi.yaml")
 ROOT = Path(__file__).resolve().parent
@@ -113,7 +113,7 @@ def run_from_args(argv: Sequence[str]) -> dict:
 
 def demo(argv: Sequence[str]) -> list[dict]:
     """Run the digits demo configs one after another and return their summaries."""
-    from metrics import format_results_table
+    from reporting.metrics import format_results_table
 
     results = []
     for path in DEMO_CONFIGS:
@@ -155,12 +155,12 @@ def help_text(argv: Sequence[str]) -> str:
     """Help of the command named first in ``argv`` (the plain run's when none is)."""
     command = argv[0] if argv and argv[0] in COMMANDS else None
     if command == "sweep":
-        import sweep
+        from tuning import sweep
 
         usage = "usage: python main.py sweep FILE [--dry-run] [--count=N] [--sweep-seed=S] [--key=value ...]"
         return f"{usage}\n\n{(sweep.__doc__ or '').strip()}"
     if command == "best":
-        import run_folder
+        from experiment import run_folder
 
         return inspect.cleandoc(run_folder.main_best.__doc__ or "")
     return COMMAND_HELP[command] if command else (__doc__ or "").strip()
@@ -188,15 +188,15 @@ def dispatch(argv: list[str], rank: str) -> int:
     elif argv[0] == "list":
         print(listing())
     elif argv[0] == "sweep":
-        from sweep import main as sweep_main
+        from tuning.sweep import main as sweep_main
 
         return sweep_main(argv[1:])
     elif argv[0] == "best":
-        from run_folder import main_best
+        from experiment.run_folder import main_best
 
         print(main_best(argv[1:]))
     else:
-        from metrics import format_results_table
+        from reporting.metrics import format_results_table
 
         summary = run_from_args(argv)
         if rank == "0":

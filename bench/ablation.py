@@ -31,9 +31,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import config
 from bench.accuracy import mean_std, pm, same_run
 from bench.synthesis_speed import describe_machine
+from experiment import config
 
 ROOT = Path(__file__).resolve().parents[1]
 CCSI = "configs/digits/ccsi.yaml"

@@ -31,13 +31,13 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import config
 import incremental_train_and_eval as engine
 from bench.synthesis_speed import describe_machine
-from checkpoint import completed_tasks, partial_tasks
-from errors import UserError
-from metrics import format_results_table
-from plots import plot_method_curves
+from experiment import config
+from experiment.checkpoint import completed_tasks, partial_tasks
+from experiment.errors import UserError
+from reporting.metrics import format_results_table
+from reporting.plots import plot_method_curves
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench.accuracy")

@@ -26,9 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import config
 from bench.report import publish
 from bench.synthesis_speed import describe_machine
+from experiment import config
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = {"epochs": "2", "syn_iterations": "10", "syn_warmup": "2", "device": "cpu"}

@@ -32,14 +32,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import config
 import incremental_train_and_eval as engine
 import models
-import precision
 from bench import protocol_timing, speed
 from bench.report import publish
 from bench.synthesis_speed import describe_machine, resolve_device
-from checkpoint import completed_tasks, load_checkpoint, task_checkpoint_path
+from experiment import config
+from experiment.checkpoint import completed_tasks, load_checkpoint, task_checkpoint_path
+from runtime import precision
 
 ROOT = Path(__file__).resolve().parents[1]
 # ||g_dev - g_cpu|| / ||g_cpu|| over all parameters after one step from a random init (small, noisy gradients):

@@ -25,8 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import config
 import incremental_train_and_eval as engine
+from experiment import config
 from models.network import IncrementalNet
 
 # (label, function (file suffix, name), caller (file suffix, name) or None = every caller)

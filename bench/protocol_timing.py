@@ -27,11 +27,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import config
-import distributed
 import incremental_train_and_eval as engine
 from bench.report import publish
 from bench.synthesis_speed import describe_machine
+from experiment import config
+from runtime import distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = {"train": 11959, "val": 1712, "test": 3421}  # BloodMNIST's splits

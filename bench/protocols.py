@@ -24,7 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from data_access import PATHS  # noqa: E402
+from runtime.data_access import PATHS  # noqa: E402
 
 # name: (method, overrides); the digits configs are `make demo`'s settings.
 CLEAN = "--protocol=clean"

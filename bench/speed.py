@@ -34,9 +34,7 @@ from torchvision import transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import config
 import models
-import precision
 from bench.report import publish
 from bench.synthesis_speed import (
     Variant,
@@ -50,6 +48,8 @@ from bench.synthesis_speed import (
 from continual_class_specific_impression import default_group_chunk
 from dataloaders.batches import BatchLoader
 from dataloaders.image_set import ImageSet
+from experiment import config
+from runtime import precision
 
 CLASSES = 8
 TRAIN_TARGET, SYNTHESIS_TARGET = 5.0, 10.0  # speed-ups over the reference wanted on a GPU

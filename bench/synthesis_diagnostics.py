@@ -28,14 +28,14 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import config
 import continual_class_specific_impression as cs
 import dataloaders
 import incremental_train_and_eval  # noqa: F401  (declares every key)
 import models
 import synthesis_losses as sl
-from checkpoint import load_checkpoint
 from dataloaders.image_set import ImageSet, as_float
+from experiment import config
+from experiment.checkpoint import load_checkpoint
 from methods import build_method
 from methods.ccsi import synthesize_classes
 from methods.class_statistics import ClassMemory, class_statistics

@@ -28,14 +28,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import config
 import continual_class_specific_impression as ccsi
-import distributed
 import models
-from config import ConfigError
 from dataloaders.image_set import ImageSet
+from experiment import config
+from experiment.config import ConfigError
 from methods.ccsi import synthesize_classes
 from methods.class_statistics import ClassMemory
+from runtime import distributed
 
 
 def resolve_device(name: str) -> torch.device:

@@ -13,12 +13,12 @@ import logging
 
 import torch
 
-from config import Config, ConfigError, Option, few, register_options
 from dataloaders import digits, medmnist_data, npz_data, torchvision_data  # noqa: F401  (each registers itself)
 from dataloaders.image_set import DataSplits, ImageSet
 from dataloaders.registry import DATASETS, register_dataset
 from dataloaders.scenario import Scenario
-from errors import DataError
+from experiment.config import Config, ConfigError, Option, few, register_options
+from experiment.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 from sklearn.datasets import load_digits as sklearn_digits
 
-from config import Config
 from dataloaders.image_set import DataSplits, ImageSet
 from dataloaders.registry import register_dataset
 from dataloaders.scenario import stratified_split
+from experiment.config import Config
 
 SPLIT_SEED = 0  # fixed: independent of the run's seed
 FRACTIONS = (0.6, 0.1, 0.3)  # train, val, test

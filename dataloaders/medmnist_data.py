@@ -13,11 +13,11 @@ import medmnist
 from medmnist import INFO
 from medmnist.dataset import MedMNIST2D
 
-from config import Config, expand_path
 from dataloaders.image_set import DataSplits
 from dataloaders.npz_data import read_npz
 from dataloaders.registry import Loader, register_dataset
-from errors import DataError
+from experiment.config import Config, expand_path
+from experiment.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from config import Config, expand_path
 from dataloaders.image_set import DataSplits, ImageSet
 from dataloaders.registry import register_dataset
-from errors import DataError, what_file_is
+from experiment.config import Config, expand_path
+from experiment.errors import DataError, what_file_is
 
 SPLITS = ("train", "val", "test")
 REQUIRED_KEYS = tuple(f"{s}_{k}" for s in SPLITS for k in ("images", "labels"))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from config import Config
 from dataloaders.image_set import DataSplits
+from experiment.config import Config
 
 Loader = Callable[[Config], DataSplits]
 DATASETS: dict[str, Loader] = {}

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from config import ConfigError, few
+from experiment.config import ConfigError, few
 
 
 def _permutation_problem(order: list[int], num_classes: int) -> str:

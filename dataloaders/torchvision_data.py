@@ -17,11 +17,11 @@ import torch
 import torchvision
 from PIL import Image
 
-from config import Config, expand_path, few
 from dataloaders.image_set import DataSplits, ImageSet
 from dataloaders.registry import register_dataset
 from dataloaders.scenario import stratified_split
-from errors import DataError
+from experiment.config import Config, expand_path, few
+from experiment.errors import DataError
 
 log = logging.getLogger(__name__)
 

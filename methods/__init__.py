@@ -7,7 +7,7 @@ the ``method`` key (see ``config.register_preset``).
 
 from __future__ import annotations
 
-from config import Option, register_options, register_preset
+from experiment.config import Option, register_options, register_preset
 from methods import (  # noqa: F401  (each module registers its method)
     ccsi,
     deepinversion,

@@ -34,10 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from config import Config, ConfigError
-from data_access import DataAccess
 from dataloaders.batches import Batch, BatchLoader
 from dataloaders.image_set import ImageSet, as_float
+from experiment.config import Config, ConfigError
+from runtime.data_access import DataAccess
 
 
 @dataclass

@@ -21,18 +21,18 @@ import torch
 from torch import Tensor, nn
 
 import continual_class_specific_impression as synthesis
-import distributed
-from config import Config, ConfigError, Option, register_options, register_preset
-from data_access import DataAccess
 from dataloaders.batches import Batch
 from dataloaders.image_set import ImageSet, as_float
+from experiment.config import Config, ConfigError, Option, register_options, register_preset
 from methods import losses
 from methods.base import Method, TaskContext
 from methods.class_statistics import ClassMemory
 from methods.lucir import less_forget_weight, prepare_cosine_head
 from methods.registry import register_method
 from methods.teacher_cache import TeacherCache
-from plots import plot_impressions
+from reporting.plots import plot_impressions
+from runtime import distributed
+from runtime.data_access import DataAccess
 from synthesis_losses import bn_layers
 
 log = logging.getLogger(__name__)

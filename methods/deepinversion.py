@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from config import Config, Option, register_options
 from dataloaders.batches import Batch
 from dataloaders.image_set import ImageSet
+from experiment.config import Config, Option, register_options
 from methods import losses
 from methods.base import Method, TaskContext
 from methods.ccsi import replay_impressions

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import models
-from config import Config, Option, register_options
 from dataloaders.batches import Batch
+from experiment.config import Config, Option, register_options
 from methods.base import Method, TaskContext
 from methods.memory import RehearsalMemory
 from methods.registry import register_method

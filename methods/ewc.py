@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from config import Config, Option, register_options
 from dataloaders.batches import Batch
 from dataloaders.image_set import ImageSet, as_float
+from experiment.config import Config, Option, register_options
 from methods.base import Method, TaskContext
 from methods.registry import register_method
 from synthesis_losses import eval_mode

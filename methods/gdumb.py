@@ -17,8 +17,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from config import Config, ConfigError
 from dataloaders.batches import Batch, BatchLoader
+from experiment.config import Config, ConfigError
 from methods.base import Method, TaskContext
 from methods.memory import RehearsalMemory
 from methods.registry import register_method

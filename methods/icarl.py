@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from config import Config, ConfigError, Option, register_options
 from dataloaders.batches import Batch
+from experiment.config import Config, ConfigError, Option, register_options
 from methods import losses
 from methods.base import Method, TaskContext, extract_features
 from methods.memory import RehearsalMemory

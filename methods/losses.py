@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from config import Option, register_options
 from dataloaders.batches import BatchShard
+from experiment.config import Option, register_options
 
 __all__ = [
     "IntraDomainContrastive",

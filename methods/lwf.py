@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from config import Option, register_options
 from dataloaders.batches import Batch
+from experiment.config import Option, register_options
 from methods import losses
 from methods.base import Method
 from methods.registry import register_method

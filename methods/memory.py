@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from config import Config, ConfigError, Option, register_options
 from dataloaders.batches import BatchLoader
 from dataloaders.image_set import ImageSet
+from experiment.config import Config, ConfigError, Option, register_options
 from methods.base import extract_features
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from config import Config, ConfigError
+from experiment.config import Config, ConfigError
 
 if TYPE_CHECKING:
     from methods.base import Method

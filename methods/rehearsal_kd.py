@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from config import Config
 from dataloaders.batches import Batch
+from experiment.config import Config
 from methods import losses
 from methods.base import Method, TaskContext
 from methods.memory import RehearsalMemory

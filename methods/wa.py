@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from config import Option, register_options
+from experiment.config import Option, register_options
 from methods.base import TaskContext
 from methods.registry import register_method
 from methods.rehearsal_kd import RehearsalKD

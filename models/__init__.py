@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from config import Config, ConfigError, Option, register_options, register_preset
+from experiment.config import Config, ConfigError, Option, register_options, register_preset
 from models.layers.continual_norm import ContinualNorm, convert_bn_to_cn, norm_layers
 from models.layers.cosine_linear import HEAD_KINDS, CosineLinear, IncrementalHead, SplitCosineLinear
 from models.network import IncrementalNet

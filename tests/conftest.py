@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-import config
 import incremental_train_and_eval  # noqa: F401  (declares every key)
+from experiment import config
 
 torch.set_num_threads(1)  # small models: one thread is as fast, and never oversubscribes
 

@@ -13,17 +13,15 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-import checkpoint
-import config
 import dataloaders
 import main
-import metrics
 import models
-import plots
-from checkpoint import load_checkpoint, save_atomic, task_checkpoint_path
-from config import load_config
-from errors import OutputError
-from run_folder import resolve_output_dir
+from experiment import checkpoint, config
+from experiment.checkpoint import load_checkpoint, save_atomic, task_checkpoint_path
+from experiment.config import load_config
+from experiment.errors import OutputError
+from experiment.run_folder import resolve_output_dir
+from reporting import metrics, plots
 
 
 def one_error_line(args: list[str], capsys) -> str:

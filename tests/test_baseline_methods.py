@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from checkpoint import load_checkpoint, task_checkpoint_path
-from config import ConfigError
 from dataloaders.image_set import ImageSet
+from experiment.checkpoint import load_checkpoint, task_checkpoint_path
+from experiment.config import ConfigError
 from incremental_train_and_eval import run
 from methods.base import TaskContext
 from methods.deepinversion import DeepInversion

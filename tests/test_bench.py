@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-import config
 import incremental_train_and_eval as engine
-import precision
 from bench import ablation, accuracy, ddp_speed, gpu_check, make_hard_digits, protocol_timing, protocols, speed
 from dataloaders.npz_data import read_npz
+from experiment import config
+from runtime import precision
 
 
 @pytest.fixture(autouse=True)

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import sweep
-from checkpoint import load_checkpoint, task_checkpoint_path
-from config import load_config, parse_overrides
+from experiment.checkpoint import load_checkpoint, task_checkpoint_path
+from experiment.config import load_config, parse_overrides
 from incremental_train_and_eval import run
 from methods.ccsi import CCSI
+from tuning import sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_SYNTHESIS = {"nb_generation": 1, "syn_batch_size": 8, "syn_iterations": 3, "syn_warmup": 1, "progress": False}

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-import config
 import incremental_train_and_eval  # noqa: F401  (declares every key)
-import sweep
+from experiment import config
 from main import split_config_args
+from tuning import sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from config import load_config
 from dataloaders.batches import BatchShard
 from dataloaders.image_set import ImageSet
+from experiment.config import load_config
 from methods import losses
 from methods.ccsi import class_weights
 from tests.test_synthesis import SMALL, make_cfg, synth, tiny_memory, tiny_teacher

@@ -3,9 +3,9 @@
 import pytest
 import yaml
 
-import config
 import incremental_train_and_eval  # noqa: F401  (declares every key)
-from config import ConfigError, Option, coerce, load_config, parse_overrides
+from experiment import config
+from experiment.config import ConfigError, Option, coerce, load_config, parse_overrides
 
 
 def test_defaults_resolve_and_output_dir_names_the_run():

@@ -11,11 +11,11 @@ import torchvision
 from medmnist import INFO
 from PIL import Image
 
-import config
 import dataloaders
-from config import ConfigError
 from dataloaders import digits, medmnist_data
-from errors import DataError
+from experiment import config
+from experiment.config import ConfigError
+from experiment.errors import DataError
 from tests.tiny import default_cfg
 
 

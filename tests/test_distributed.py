@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import config
-import distributed
-from config import ConfigError
 from dataloaders.batches import WHOLE_BATCH, Batch, BatchShard
+from experiment import config
+from experiment.config import ConfigError
 from models.layers.synced_batch_norm import SyncedBatchNorm2d, sync_batch_norm
+from runtime import distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 240  # seconds a group of ranks may take before the test fails instead of hanging

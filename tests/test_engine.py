@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import main
-from checkpoint import load_checkpoint, task_checkpoint_path
-from errors import CheckpointError, TrainingError
+from experiment.checkpoint import load_checkpoint, task_checkpoint_path
+from experiment.errors import CheckpointError, TrainingError
 from incremental_train_and_eval import run
 from methods import METHODS
 from methods.finetune import Finetune

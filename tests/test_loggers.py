@@ -4,9 +4,9 @@ import logging
 
 import pytest
 
-import config
-import loggers
-from config import Config
+from experiment import config
+from experiment.config import Config
+from reporting import loggers
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -81,7 +81,7 @@ def test_credentials_detection(wandb_env, monkeypatch):
 
 
 def _image(path):
-    from plots import plot_method_curves
+    from reporting.plots import plot_method_curves
 
     return plot_method_curves(path, {"a": [90.0, 80.0]}, "curve")[0]  # [png, pdf]
 

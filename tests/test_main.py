@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import config
 import incremental_train_and_eval as engine
 import main
 from dataloaders import DATASETS
+from experiment import config
 from methods import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +26,7 @@ def no_work(monkeypatch):
     monkeypatch.setattr(main, "run_from_args", refuse)
     monkeypatch.setattr(main, "demo", refuse)
     monkeypatch.setattr(main, "listing", refuse)
-    import sweep
+    from tuning import sweep
 
     monkeypatch.setattr(sweep, "main", refuse)
 

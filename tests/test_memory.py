@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from checkpoint import load_checkpoint, task_checkpoint_path
-from config import ConfigError
 from dataloaders.image_set import ImageSet
+from experiment.checkpoint import load_checkpoint, task_checkpoint_path
+from experiment.config import ConfigError
 from incremental_train_and_eval import run
 from methods.memory import RehearsalMemory, herding_order
 

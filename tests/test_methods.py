@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import main
-from checkpoint import task_checkpoint_path
+from experiment.checkpoint import task_checkpoint_path
 from methods import METHODS
 from tests.tiny import TWO_TASKS
 

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from metrics import RunMetrics, TaskEvaluation, evaluate_predictions, format_results_table
+from reporting.metrics import RunMetrics, TaskEvaluation, evaluate_predictions, format_results_table
 
 
 def test_evaluate_predictions_every_field_by_hand():

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-import config
 import models
+from experiment import config
 from models import build_net
 from models.layers.continual_norm import ContinualNorm, convert_bn_to_cn, norm_layers
 from models.network import IncrementalNet

@@ -10,8 +10,8 @@ from matplotlib.collections import PolyCollection
 from matplotlib.patches import Rectangle
 from PIL import Image
 
-import plots
-from metrics import RunMetrics, evaluate_predictions
+from reporting import plots
+from reporting.metrics import RunMetrics, evaluate_predictions
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 BLOOD = [  # BloodMNIST's class names as medmnist.INFO["bloodmnist"]["label"] gives them

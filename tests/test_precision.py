@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-import config
 import continual_class_specific_impression as ccsi
 import incremental_train_and_eval as engine
 import models
-import precision
 from bench.synthesis_speed import build_teacher
-from config import ConfigError
 from dataloaders.digits import digits_images
+from experiment import config
+from experiment.config import ConfigError
 from methods.ccsi import synthesize_classes
+from runtime import precision
 
 CPU = torch.device("cpu")
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,7 +4,7 @@ import io
 
 import pytest
 
-from progress import TaskProgress, postfix_text
+from reporting.progress import TaskProgress, postfix_text
 
 RECORD = {"epoch": 3, "lr": 0.1, "ce": 0.3, "loss": 0.41234, "kd": 0.0123, "monitor_accuracy": 91.25, "idc": 0.5}
 

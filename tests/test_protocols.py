@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import config
 import main
-from config import ConfigError, load_config
-from data_access import PATHS, DataAccess
 from dataloaders.image_set import ImageSet
+from experiment import config
+from experiment.config import ConfigError, load_config
 from methods.ccsi import CCSI
 from methods.class_statistics import ClassMemory, class_statistics
+from runtime.data_access import PATHS, DataAccess
 from tests.test_synthesis import random_images, tiny_teacher
 from tests.tiny import TWO_TASKS
 

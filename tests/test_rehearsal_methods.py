@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from checkpoint import load_checkpoint, task_checkpoint_path
-from config import ConfigError
 from dataloaders.batches import Batch
 from dataloaders.image_set import ImageSet
+from experiment.checkpoint import load_checkpoint, task_checkpoint_path
+from experiment.config import ConfigError
 from incremental_train_and_eval import run
 from methods.base import TaskContext
 from methods.gdumb import GDumb

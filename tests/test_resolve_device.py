@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-import distributed
+from runtime import distributed
 
 
 @pytest.fixture

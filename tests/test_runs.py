@@ -12,10 +12,10 @@ import pytest
 import yaml
 
 import main
-import sweep
-from checkpoint import TaskCheckpoint, completed_tasks, task_checkpoint_path
-from config import ConfigError
+from experiment.checkpoint import TaskCheckpoint, completed_tasks, task_checkpoint_path
+from experiment.config import ConfigError
 from methods.finetune import Finetune
+from tuning import sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--epochs=1", "--batch_size=64", "--nb_cl_fg=4", "--nb_cl=3", "--device=cpu", "--progress=false"]

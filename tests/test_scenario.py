@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import dataloaders
-from config import ConfigError
 from dataloaders.scenario import Scenario, stratified_split
+from experiment.config import ConfigError
 from tests.tiny import default_cfg
 
 

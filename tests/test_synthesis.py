@@ -8,15 +8,15 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch import nn
 
-import config
 import continual_class_specific_impression as ccsi
 import models
 import synthesis_losses as sl
 from dataloaders.image_set import ImageSet
+from experiment import config
 from methods.base import TaskContext
 from methods.ccsi import replay_impressions, synthesize_classes
 from methods.class_statistics import ClassMemory, class_mean_images, class_statistics
-from plots import plot_impressions
+from reporting.plots import plot_impressions
 
 torch.set_num_threads(2)
 

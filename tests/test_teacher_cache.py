@@ -4,9 +4,9 @@ import torch
 
 import models
 from bench.protocol_timing import write_fake_bloodmnist
-from checkpoint import load_checkpoint, task_checkpoint_path
 from dataloaders.batches import Batch, BatchLoader
 from dataloaders.image_set import ImageSet
+from experiment.checkpoint import load_checkpoint, task_checkpoint_path
 from incremental_train_and_eval import run
 from methods.teacher_cache import TeacherCache, teacher_outputs
 

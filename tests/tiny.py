@@ -1,7 +1,7 @@
 """Shared test settings: the two-task digits command line and a config of every key's default."""
 
-import config
 import incremental_train_and_eval  # noqa: F401  (declares every key, `seed` included)
+from experiment import config
 
 # A digits run in two tasks (classes 0-7, then 8-9), one epoch, two synthesis iterations: seconds on a CPU.
 TWO_TASKS = [

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from errors import ConfigError
+from experiment.errors import ConfigError
 
 KeyCheck = Callable[[Any, str], None]  # (name, where it was found): raises ConfigError for an unknown key
 

@@ -19,7 +19,7 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 import torch
 
-from errors import CheckpointError, what_file_is, writing
+from experiment.errors import CheckpointError, what_file_is, writing
 
 FORMAT_VERSION = 2
 _TASK_FILE = re.compile(r"^task_(\d+)\.pt$")

@@ -19,15 +19,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-import distributed
-import precision
-from checkpoint import PartialCheckpoint, partial_checkpoint_path, rng_state, set_rng_state
-from config import Config, ConfigError, Option, register_options
 from dataloaders.image_set import ImageSet, as_float
-from errors import CheckpointError, TrainingError
+from experiment.checkpoint import PartialCheckpoint, partial_checkpoint_path, rng_state, set_rng_state
+from experiment.config import Config, ConfigError, Option, register_options
+from experiment.errors import CheckpointError, TrainingError
 from methods.base import Method, TaskContext
-from optimization import build_optimizer, build_scheduler
-from progress import TaskProgress
+from reporting.progress import TaskProgress
+from runtime import distributed, precision
+from training.optimization import build_optimizer, build_scheduler
 
 if TYPE_CHECKING:
     from incremental_train_and_eval import RunState

@@ -26,8 +26,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from config import Config, ConfigError, Option, describe_differences, differences, expand_path, register_options
-from errors import CheckpointError, UserError
+from experiment.config import (
+    Config,
+    ConfigError,
+    Option,
+    describe_differences,
+    differences,
+    expand_path,
+    register_options,
+)
+from experiment.errors import CheckpointError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +134,7 @@ def check_writable_folder(path: Path) -> None:
 
 def config_hash_of(cfg: Config, parent_hash: str | None) -> str:
     """The run's identity: its result-changing keys, the task it trains and the run it continues from."""
-    from config import config_hash
+    from experiment.config import config_hash
 
     return config_hash(cfg.to_dict(), task=cfg.task, parent=parent_hash)
 
@@ -256,7 +264,7 @@ def best_checkpoint(folder: str | Path, task: int, cfg: Config | None, metric: s
     """The ``task_<task>.pt`` below ``folder`` with the highest ``metric`` accuracy (val: validation images of the
     seen classes, measured by the harness after that task; test only for protocol original), among the runs
     whose experiment keys agree with ``cfg`` (all runs when None). Ties go to the first path in sorted order."""
-    from checkpoint import TaskCheckpoint
+    from experiment.checkpoint import TaskCheckpoint
 
     root = Path(folder).expanduser()
     if not root.is_dir():
@@ -347,7 +355,7 @@ def plan_run(cfg: Config, folder: RunFolder, num_tasks: int, parent_task: int | 
 
     ``parent``/``parent_task``: the checkpoint given as ``saved_model_address`` and the task it completed.
     """
-    from checkpoint import completed_tasks, partial_tasks
+    from experiment.checkpoint import completed_tasks, partial_tasks
 
     first, last = task_range(cfg, num_tasks, parent_task)
     done, partial = completed_tasks(folder.path), partial_tasks(folder.path)

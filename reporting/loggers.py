@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from config import Config, Option, register_options
+from experiment.config import Config, Option, register_options
 
 log = logging.getLogger(__name__)
 

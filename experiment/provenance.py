@@ -12,10 +12,10 @@ from typing import Any
 
 import torch
 
-from config import Config
 from dataloaders import medmnist_data
+from experiment.config import Config
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the repository
 LIBRARIES = ("torch", "torchvision", "medmnist", "numpy")
 
 

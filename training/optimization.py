@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from config import Config, Option, register_options, register_preset
+from experiment.config import Config, Option, register_options, register_preset
 
 register_options(
     "optimization",

@@ -30,8 +30,8 @@ from typing import Any
 
 import yaml
 
-from config_files import read_config_file
-from errors import ConfigError, writing
+from experiment.config_files import read_config_file
+from experiment.errors import ConfigError, writing
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from errors import writing
+from experiment.errors import writing
 
 __all__ = ["RunMetrics", "TaskEvaluation", "evaluate_predictions", "format_results_table"]
 

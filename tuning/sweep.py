@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from config import ConfigError, parse_overrides
+from experiment.config import ConfigError, parse_overrides
 
 DEFAULT_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]
 SEARCHES = ("grid", "random", "bayes")

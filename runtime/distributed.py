@@ -35,8 +35,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from config import ConfigError, Option, register_options
 from dataloaders.batches import Batch, BatchShard
+from experiment.config import ConfigError, Option, register_options
 from models.layers.synced_batch_norm import sync_batch_norm
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from config import Config, ConfigError, Option, register_options
+from experiment.config import Config, ConfigError, Option, register_options
 
 log = logging.getLogger(__name__)
 

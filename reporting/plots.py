@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 
-from errors import writing
+from experiment.errors import writing
 
 __all__ = [
     "PNG_DPI",
