@@ -108,7 +108,7 @@ register_options(
     ],
     scope="task",
 )
-# Training dynamics, not data access: clean = original (see tests/test_protocols.py).
+# Training dynamics, not data access: clean = original (see tests/experiment/test_protocols.py).
 for _protocol in ("original", "clean"):
     register_preset(
         "protocol", _protocol, {"class_stats": "running", "syn_cosine_factor": 0.2, "syn_clamp": "original"}

@@ -2,7 +2,6 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,8 +11,7 @@ import main
 from dataloaders import DATASETS
 from experiment import config
 from methods import METHODS
-
-ROOT = Path(__file__).resolve().parents[1]
+from tiny import ROOT
 
 
 @pytest.fixture

@@ -1,10 +1,9 @@
 """LICENSE and CITATION.cff: present, parseable, and naming what they should."""
 
-from pathlib import Path
-
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from tiny import ROOT
+
 # Top-level keys that CFF 1.2.0's schema allows (it rejects any other).
 CFF_KEYS = {
     "abstract", "authors", "cff-version", "commit", "contact", "date-released", "doi", "identifiers", "keywords",

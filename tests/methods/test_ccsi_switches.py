@@ -1,7 +1,5 @@
 """CCSI switches of issue 15: each changes one thing, and its default keeps today's behaviour."""
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -10,7 +8,8 @@ from dataloaders.image_set import ImageSet
 from experiment.config import load_config
 from methods import losses
 from methods.ccsi import class_weights
-from tests.test_synthesis import SMALL, make_cfg, synth, tiny_memory, tiny_teacher
+from tiny import ROOT, SMALL, synth, tiny_memory, tiny_teacher
+from tiny import default_cfg as make_cfg
 
 REAL = torch.tensor([2, 2, 2, 3])  # new classes 2 (3 images) and 3 (1 image)
 SYNTHETIC = ImageSet(torch.zeros(4, 1, 2, 2), torch.tensor([0, 1, 1, 1]))  # old classes 0 (1) and 1 (3)
@@ -55,7 +54,7 @@ def test_syn_keep_last_returns_the_last_iterate_where_best_keeps_an_earlier_one(
 
 
 def test_digits_demo_config_carries_its_fixes_and_the_original_protocol_is_unchanged():
-    demo = load_config([Path(__file__).resolve().parents[1] / "configs" / "digits" / "ccsi.yaml"])
+    demo = load_config([ROOT / "configs" / "digits" / "ccsi.yaml"])
     assert (demo.do_flip, demo.class_stats, demo.class_stats_update, demo.class_weights) == (
         False,
         "per_class",

@@ -15,10 +15,7 @@ from experiment.config import ConfigError, load_config
 from methods.ccsi import CCSI
 from methods.class_statistics import ClassMemory, class_statistics
 from runtime.data_access import PATHS, DataAccess
-from tests.test_synthesis import random_images, tiny_teacher
-from tests.tiny import TWO_TASKS
-
-ROOT = Path(__file__).resolve().parents[1]
+from tiny import ROOT, TWO_TASKS, random_images, tiny_teacher
 
 # The keys through which a protocol decides which real data reach the method or choose its model.
 DATA_ACCESS_KEYS = {"idc_source", "select_on", "lr_monitor"}

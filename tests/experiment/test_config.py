@@ -6,6 +6,7 @@ import yaml
 import incremental_train_and_eval  # noqa: F401  (declares every key)
 from experiment import config
 from experiment.config import ConfigError, Option, coerce, load_config, parse_overrides
+from tiny import ROOT
 
 
 def test_defaults_resolve_and_output_dir_names_the_run():
@@ -129,11 +130,10 @@ def test_coerce_bounds_and_choices():
 
 
 def test_docs_config_is_the_generated_reference():
-    from pathlib import Path
 
     import main
 
-    text = (Path(__file__).resolve().parent.parent / "docs" / "config.md").read_text()
+    text = (ROOT / "docs" / "config.md").read_text()
     missing = [name for name in config.OPTIONS if f"`{name}`" not in text]
     assert not missing, f"docs/config.md lacks keys (regenerate: python main.py keys > docs/config.md): {missing}"
     assert text == main.KEYS_HEADER + config.reference_table() + "\n", (

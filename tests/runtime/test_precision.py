@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,9 +19,9 @@ from experiment import config
 from experiment.config import ConfigError
 from methods.ccsi import synthesize_classes
 from runtime import precision
+from tiny import ROOT
 
 CPU = torch.device("cpu")
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_net(make_cfg, **overrides) -> torch.nn.Module:

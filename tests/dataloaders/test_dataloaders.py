@@ -16,7 +16,7 @@ from dataloaders import digits, medmnist_data
 from experiment import config
 from experiment.config import ConfigError
 from experiment.errors import DataError
-from tests.tiny import default_cfg
+from tiny import default_cfg
 
 
 def one_line_error(exc_info) -> str:

@@ -15,9 +15,9 @@ import main
 from experiment.checkpoint import TaskCheckpoint, completed_tasks, task_checkpoint_path
 from experiment.config import ConfigError
 from methods.finetune import Finetune
+from tiny import ROOT
 from tuning import sweep
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--epochs=1", "--batch_size=64", "--nb_cl_fg=4", "--nb_cl=3", "--device=cpu", "--progress=false"]
 
 
@@ -54,7 +54,7 @@ def test_default_folder_names_data_method_protocol_and_config_hash(tmp_path, mon
 def test_npz_provenance_records_the_file_and_its_sha256(tmp_path, capsys):
     import hashlib
 
-    from tests.test_ccsi import write_fake_medmnist
+    from tiny import write_fake_medmnist
 
     data = tmp_path / "mine.npz"
     write_fake_medmnist(data, 4, 1)

@@ -6,7 +6,7 @@ import torch
 import dataloaders
 from dataloaders.scenario import Scenario, stratified_split
 from experiment.config import ConfigError
-from tests.tiny import default_cfg
+from tiny import default_cfg
 
 
 def test_bloodmnist_split_2_2_2_2():

@@ -20,8 +20,8 @@ from experiment import config
 from experiment.config import ConfigError
 from models.layers.synced_batch_norm import SyncedBatchNorm2d, sync_batch_norm
 from runtime import distributed
+from tiny import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 240  # seconds a group of ranks may take before the test fails instead of hanging
 
 

@@ -9,9 +9,9 @@ import pytest
 import incremental_train_and_eval  # noqa: F401  (declares every key)
 from experiment import config
 from main import split_config_args
+from tiny import ROOT
 from tuning import sweep
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 RUN_FILES = sorted(p for p in CONFIGS.glob("*/*.yaml") if not p.name.startswith(("_", "sweep_")))
 SWEEP_FILES = sorted(CONFIGS.glob("*/sweep_*.yaml"))

@@ -3,18 +3,16 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
 
 from experiment.checkpoint import load_checkpoint, task_checkpoint_path
 from experiment.config import load_config, parse_overrides
 from incremental_train_and_eval import run
 from methods.ccsi import CCSI
+from tiny import ROOT, write_fake_medmnist
 from tuning import sweep
 
-ROOT = Path(__file__).resolve().parent.parent
 TINY_SYNTHESIS = {"nb_generation": 1, "syn_batch_size": 8, "syn_iterations": 3, "syn_warmup": 1, "progress": False}
 
 
@@ -97,17 +95,6 @@ def test_clean_protocol_never_hands_test_images(make_cfg, monkeypatch):
     monkeypatch.setattr(CCSI, "before_task", before_task)
     run(make_cfg(method="ccsi", protocol="clean", nb_cl_fg=6, nb_cl=4, epochs=1, **TINY_SYNTHESIS))
     assert contexts == [None, None]
-
-
-def write_fake_medmnist(path: Path, n_classes: int, channels: int, per_class: int = 6, seed: int = 0) -> None:
-    rng = np.random.default_rng(seed)
-    arrays = {}
-    for split, n in (("train", per_class), ("val", 2), ("test", 3)):
-        labels = np.repeat(np.arange(n_classes), n)[:, None].astype(np.uint8)  # (N, 1) as MedMNIST
-        shape = (len(labels), 28, 28) if channels == 1 else (len(labels), 28, 28, 3)
-        arrays[f"{split}_images"] = rng.integers(0, 256, shape, dtype=np.uint8)
-        arrays[f"{split}_labels"] = labels
-    np.savez(path, **arrays)
 
 
 @pytest.mark.parametrize(

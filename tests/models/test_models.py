@@ -12,12 +12,7 @@ from models import build_net
 from models.layers.continual_norm import ContinualNorm, convert_bn_to_cn, norm_layers
 from models.network import IncrementalNet
 from models.resnet import BACKBONES, BasicBlock, CCSIResNet, build_backbone, resnet18, resnet32
-
-
-def make_cfg(**overrides) -> config.Config:
-    """A validated Config of every declared key (defaults + overrides)."""
-    values = {name: config.coerce(opt, overrides.get(name, opt.default)) for name, opt in config.OPTIONS.items()}
-    return config.Config(values)
+from tiny import default_cfg as make_cfg
 
 
 def _n_params(m: nn.Module) -> int:

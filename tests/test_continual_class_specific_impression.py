@@ -14,71 +14,11 @@ import synthesis_losses as sl
 from dataloaders.image_set import ImageSet
 from experiment import config
 from methods.base import TaskContext
-from methods.ccsi import replay_impressions, synthesize_classes
+from methods.ccsi import replay_impressions
 from methods.class_statistics import ClassMemory, class_mean_images, class_statistics
 from reporting.plots import plot_impressions
-
-torch.set_num_threads(2)
-
-# Settings of the small synthesis runs below: short, with a short warm-up so that the lr is not tiny.
-SMALL = dict(nb_generation=2, syn_batch_size=8, syn_iterations=20, syn_warmup=5, syn_log_every=5)
-
-
-def make_cfg(**overrides) -> config.Config:
-    """Every declared key at its default, with ``overrides`` (validated)."""
-    values = {**config.defaults(), **overrides}
-    return config.Config({name: config.coerce(config.OPTIONS[name], v) for name, v in values.items()})
-
-
-class TinyCN(nn.Module):
-    """Conv - CN(GN + BN) - ReLU - conv - CN - ReLU - pool - linear; returns dict(logits) (or a tensor)."""
-
-    def __init__(self, channels: int = 1, classes: int = 3, cn: bool = True, as_dict: bool = True):
-        super().__init__()
-        self.as_dict = as_dict
-        self.conv1 = nn.Conv2d(channels, 8, 3, padding=1, bias=False)
-        self.gn1 = nn.GroupNorm(2, 8, affine=False) if cn else nn.Identity()
-        self.bn1 = nn.BatchNorm2d(8)
-        self.conv2 = nn.Conv2d(8, 8, 3, stride=2, padding=1, bias=False)
-        self.gn2 = nn.GroupNorm(2, 8, affine=False) if cn else nn.Identity()
-        self.bn2 = nn.BatchNorm2d(8)
-        self.fc = nn.Linear(8, classes)
-
-    def forward(self, x):
-        h = F.relu(self.bn1(self.gn1(self.conv1(x))))
-        h = F.relu(self.bn2(self.gn2(self.conv2(h))))
-        logits = self.fc(h.mean(dim=(2, 3)))
-        return {"logits": logits} if self.as_dict else logits
-
-
-def tiny_teacher(seed: int = 0, **kwargs) -> TinyCN:
-    """A TinyCN with random weights whose running statistics come from a few random batches."""
-    torch.manual_seed(seed)
-    net = TinyCN(**kwargs)
-    with torch.no_grad():
-        for _ in range(3):
-            net(torch.rand(16, net.conv1.in_channels, 8, 8))
-    return net.eval()
-
-
-def random_images(n: int, classes: int, channels: int = 1, size: int = 8, seed: int = 0) -> ImageSet:
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, 256, (n, channels, size, size), generator=gen, dtype=torch.uint8)
-    y = torch.arange(n) % classes
-    return ImageSet(x, y)
-
-
-def synth(net: nn.Module, memory: ClassMemory, n_classes: int, cfg: config.Config, seed: int, **kwargs):
-    """Impressions of classes 0..n_classes-1 from the class memory (methods.ccsi.synthesize_classes)."""
-    shape = tuple(memory.mean_images.shape[1:])
-    return synthesize_classes(net, n_classes, shape, cfg, seed, "cpu", memory, **kwargs)
-
-
-def tiny_memory(net: nn.Module, classes: int = 3) -> ClassMemory:
-    memory = ClassMemory()
-    memory.add_task(net, random_images(30, classes), batch_size=7, device="cpu")
-    return memory
-
+from tiny import SMALL, random_images, synth, tiny_memory, tiny_teacher
+from tiny import default_cfg as make_cfg
 
 # ----- loss terms by hand ------------------------------------------------------------------
 

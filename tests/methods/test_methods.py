@@ -3,16 +3,13 @@ the digits base config with only ``--method`` changed (its own defaults and requ
 training task 2 alone from the task-1 checkpoint gives the same results as the uninterrupted run."""
 
 import json
-from pathlib import Path
 
 import pytest
 
 import main
 from experiment.checkpoint import task_checkpoint_path
 from methods import METHODS
-from tests.tiny import TWO_TASKS
-
-ROOT = Path(__file__).resolve().parents[1]
+from tiny import ROOT, TWO_TASKS
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
