@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 import synthesis_losses as sl
 from dataloaders.image_set import ImageSet
-from experiment.config import Config, Option, register_options, register_preset
+from experiment.config import Config, Option, register_options
 from runtime import precision
 from synthesis_losses import LOSS_TERMS, LossWeights, bn_layers, capture_bn_inputs, eval_mode, teacher_logits
 
@@ -108,14 +108,6 @@ register_options(
     ],
     scope="task",
 )
-# Training dynamics, not data access: clean = original (see tests/experiment/test_protocols.py).
-for _protocol in ("original", "clean"):
-    register_preset(
-        "protocol", _protocol, {"class_stats": "running", "syn_cosine_factor": 0.2, "syn_clamp": "original"}
-    )
-
-# Measured on digits (README, "Protocols"): per-class moment targets, refreshed after each task (methods/ccsi.py).
-register_preset("protocol", "improved", {"class_stats": "per_class"})
 
 # The released code's clip(): channel 0 clamped to the ImageNet-normalised range of [0, 1] (mean 0.485, std 0.229).
 RELEASED_CHANNEL0_RANGE = (-0.485 / 0.229, (1 - 0.485) / 0.229)

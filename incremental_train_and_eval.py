@@ -37,15 +37,10 @@ from experiment.checkpoint import (
     set_rng_state,
     task_checkpoint_path,
 )
-from experiment.config import Config, Option, register_options, register_preset, register_preset_base
+from experiment.config import Config, Option, register_options
 from experiment.errors import CheckpointError
-from experiment.run_folder import (
-    RunFolder,
-    check_same_experiment,
-    plan_run,
-    resolve_output_dir,
-    resolve_saved_model_address,
-)
+from experiment.identity import check_same_experiment, check_same_run
+from experiment.run_folder import RunFolder, plan_run, resolve_output_dir
 from methods import build_method, method_class
 from methods.base import Method, TaskContext
 from reporting.loggers import RunLogger, build_logger
@@ -54,6 +49,7 @@ from reporting.plots import run_title, write_run_plots
 from runtime import distributed, precision
 from runtime.data_access import DataAccess
 from training.task_training import fit_task, predict_labels
+from tuning.best import resolve_saved_model_address
 
 log = logging.getLogger(__name__)
 
@@ -74,19 +70,6 @@ register_options(
         ),
         Option("progress", "bool", True, "show progress bars"),
         Option("eval_batch_size", "int", 500, "batch size for evaluation", min=1),
-        Option(
-            "protocol",
-            "str",
-            "improved",
-            "preset of the switches for the released CCSI code's behaviour: original = the released code (test "
-            "images for IdC, model selection and the lr schedule); clean = the same training dynamics with only the "
-            "data access replaced (IdC on the new classes' training images, last epoch kept, lr monitored on the new "
-            "classes' val images): no real image of an old class after its task; improved = clean with CCSI's "
-            "measured improvement (per-class moment targets, refreshed after each task from its impressions). "
-            "Results state their protocol",
-            choices=("original", "clean", "improved"),
-            scope="experiment",
-        ),
     ],
     scope="run",
 )
@@ -113,9 +96,6 @@ register_options(
     ],
     scope="task",
 )
-register_preset("protocol", "original", {"select_on": "test"})
-register_preset("protocol", "clean", {"select_on": "last"})
-register_preset_base("protocol", "improved", "clean")  # data-free like clean; changes only what it sets itself
 
 
 def task_seed(seed: int, task: int) -> int:
@@ -141,10 +121,9 @@ class RunState:
     device: torch.device
     output_dir: Path
     logger: RunLogger
-    run_hash: str = ""  # the run's identity (run_folder.config_hash_of)
+    run_hash: str = ""  # the run's identity (identity.run_hash)
 
 
-# Keys that say how to run, not what to train: a task in progress may be resumed with other values.
 # ----- one task ----------------------------------------------------------------------------------------------
 
 
@@ -188,7 +167,7 @@ def run_task(state: RunState, task: int) -> None:
     method.begin_task(ctx, cfg)
     distributed.prepare_model(method.net, cfg.sync_bn)
     prepared = time.perf_counter()
-    training = fit_task(state, ctx, cfg)
+    training = fit_task(method, ctx, cfg, state.splits, state.cfg)
     trained = time.perf_counter()
     method.end_task(ctx)
     ctx.access.record("memory", method.kept_real_labels())
@@ -317,7 +296,7 @@ def continued_checkpoint(cfg: Config) -> tuple[Config, TaskCheckpoint | None]:
     if cfg.saved_model_address is None:
         return cfg, None
     parent = TaskCheckpoint.load(cfg.saved_model_address)
-    check_same_experiment(parent.config, cfg, cfg.saved_model_address, resume=False)
+    check_same_experiment(parent.config, cfg, cfg.saved_model_address)
     return cfg, parent
 
 
@@ -331,7 +310,7 @@ def start_run(state: RunState, parent: TaskCheckpoint | None, main_process: bool
         plan = plan_run(cfg, folder, state.scenario.num_tasks, None if parent is None else parent.task, parent_path)
     if plan.resume:
         ckpt = TaskCheckpoint.load(plan.restore)
-        check_same_experiment(ckpt.config, cfg, str(plan.restore), resume=True)
+        check_same_run(ckpt.config, cfg, str(plan.restore))
         restore(state, ckpt, plan.restore)
         log.info("resuming %s after task %d", state.output_dir, ckpt.task)
     elif parent is not None:

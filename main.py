@@ -160,9 +160,9 @@ def help_text(argv: Sequence[str]) -> str:
         usage = "usage: python main.py sweep FILE [--dry-run] [--count=N] [--sweep-seed=S] [--key=value ...]"
         return f"{usage}\n\n{(sweep.__doc__ or '').strip()}"
     if command == "best":
-        from experiment import run_folder
+        from tuning import best
 
-        return inspect.cleandoc(run_folder.main_best.__doc__ or "")
+        return inspect.cleandoc(best.main_best.__doc__ or "")
     return COMMAND_HELP[command] if command else (__doc__ or "").strip()
 
 
@@ -192,7 +192,7 @@ def dispatch(argv: list[str], rank: str) -> int:
 
         return sweep_main(argv[1:])
     elif argv[0] == "best":
-        from experiment.run_folder import main_best
+        from tuning.best import main_best
 
         print(main_best(argv[1:]))
     else:

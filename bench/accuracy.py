@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import incremental_train_and_eval as engine
 from bench.synthesis_speed import describe_machine
-from experiment import config
+from experiment import config, identity
 from experiment.checkpoint import completed_tasks, partial_tasks
 from experiment.errors import UserError
 from reporting.metrics import format_results_table
@@ -56,7 +56,7 @@ def methods_with_config(dataset: str) -> list[str]:
 def same_run(cfg: config.Config, folder: Path) -> bool:
     """Whether folder/config.yaml holds this configuration (keys that change results: experiment and task scopes)."""
     saved = yaml.safe_load((folder / "config.yaml").read_text())
-    return not config.differences(saved, cfg.to_dict(), ("experiment", "task"))
+    return not identity.differences(saved, cfg.to_dict(), identity.RESUME_SCOPES)
 
 
 def run_one(dataset: str, method: str, seed: int, runs: Path, overrides: dict[str, str]) -> dict[str, Any]:

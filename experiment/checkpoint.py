@@ -114,7 +114,7 @@ class TaskCheckpoint(_Checkpoint):
     task: int
     method_name: str
     config: dict[str, Any]
-    config_hash: str  # the run's identity (run_folder.config_hash_of)
+    config_hash: str  # the run's identity (identity.run_hash)
     scenario: dict[str, Any]
     method: dict[str, Any]
     metrics: dict[str, Any]

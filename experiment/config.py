@@ -16,8 +16,6 @@ mapping of the YAML file: ``per_task: {2: {nb_generation: 16}, 3: {nb_generation
 from __future__ import annotations
 
 import difflib
-import hashlib
-import json
 import logging
 import math
 import os
@@ -30,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from experiment import protocols
 from experiment.config_files import read_config_file
 from experiment.errors import ConfigError, writing
 
@@ -319,38 +318,6 @@ def expand_path(key: str, raw: str) -> Path:
     return Path(text)
 
 
-def identity_values(values: dict[str, Any]) -> dict[str, Any]:
-    """What a run computes: the value of every key whose scope is not "run" (a key missing from ``values``, e.g.
-    in an older checkpoint, takes its default), and the ``per_task`` table."""
-    out = {name: values.get(name, opt.default) for name, opt in sorted(OPTIONS.items()) if opt.scope != "run"}
-    out["per_task"] = {str(t): dict(sorted(v.items())) for t, v in sorted((values.get("per_task") or {}).items())}
-    return out
-
-
-def config_hash(values: dict[str, Any], **context: Any) -> str:
-    """8 hex digits identifying a run: sha256 of its identity values (``Config.to_dict()``) and ``context``
-    (for example the task a per-task run trains and the identity of the checkpoint it continues from)."""
-    text = json.dumps({"config": identity_values(values), **context}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:8]
-
-
-def differences(saved: dict[str, Any], current: dict[str, Any], scopes: Sequence[str]) -> dict[str, tuple[Any, Any]]:
-    """Keys of the given scopes whose values differ between two ``Config.to_dict()``: name -> (saved, current).
-    With scope "task", differing ``per_task`` tables count as one key ``per_task``."""
-    a, b = identity_values(saved), identity_values(current)
-    out = {
-        name: (a[name], b[name]) for name, opt in OPTIONS.items() if opt.scope in scopes and a.get(name) != b.get(name)
-    }
-    if "task" in scopes and a["per_task"] != b["per_task"]:
-        out["per_task"] = (a["per_task"], b["per_task"])
-    return dict(sorted(out.items()))
-
-
-def describe_differences(diffs: dict[str, tuple[Any, Any]], before: str, now: str) -> str:
-    """'lr (0.1 before, 0.05 now), epochs (...)' for messages."""
-    return ", ".join(f"{name} ({a!r} {before}, {b!r} {now})" for name, (a, b) in diffs.items())
-
-
 def defaults() -> dict[str, Any]:
     return {name: opt.default for name, opt in OPTIONS.items()}
 
@@ -518,4 +485,32 @@ def reference_table() -> str:
     if preset_notes:
         lines += ["", "Presets (a key set explicitly, in a file or on the command line, wins over its preset):", ""]
         lines += preset_notes
+    lines += ["", "## Protocols (configs/protocols.yaml)", "", protocols.table_markdown(protocols.load_table())]
     return "\n".join(lines)
+
+
+def _declare_protocols() -> None:
+    """The ``protocol`` key and its presets, from the one table of configs/protocols.yaml."""
+    table = protocols.load_table()
+    meanings = "; ".join(f"{name} = {row.help}" for name, row in table.items())
+    register_options(
+        "run",
+        [
+            Option(
+                "protocol",
+                "str",
+                protocols.DEFAULT,
+                f"preset of the switches for the released CCSI code's behaviour (configs/protocols.yaml): {meanings}. "
+                "Results state their protocol",
+                choices=tuple(table),
+            )
+        ],
+        scope="experiment",
+    )
+    for name, row in table.items():
+        register_preset("protocol", name, row.settings)
+        if row.base is not None:
+            register_preset_base("protocol", name, row.base)
+
+
+_declare_protocols()

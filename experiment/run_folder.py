@@ -1,15 +1,16 @@
 """The run folder: where a run writes, how it is named, and the guards that keep runs from mixing or losing results.
 
-- Identity: the default ``output_dir`` names the data set, method, protocol, seed and ``{config_hash}``, a short
-  hash of every key that changes results (``config.config_hash``), of the task a per-task run trains and of the
-  checkpoint it continues from; so every point of a sweep gets its own folder.
+- Naming: the default ``output_dir`` names the data set, method, protocol, seed and ``{config_hash}``, the run's
+  identity (``identity.run_hash``: every key that changes results, the task a per-task run trains and the
+  checkpoint it continues from); so every point of a sweep gets its own folder.
 - One run at a time: ``RunFolder.lock`` holds ``.lock`` (pid, host, start) while a run writes; a second run is
   refused in one line; a lock left by a killed process on this host is recognised as stale and replaced.
 - Nothing lost: a run never writes a task checkpoint where one of an earlier run exists, unless
   ``--overwrite=true``, which first moves the old files into ``replaced-<time>/`` inside the folder;
   temporary files of a killed write are removed.
-- ``saved_model_address: best:<folder>`` continues from the task ``t-1`` checkpoint with the best validation
-  accuracy among the runs below ``<folder>`` (``best_checkpoint``; ``main.py best <folder> --task t``).
+- Which tasks a run trains (``plan_run``): all, one (``task``), the rest after a continued checkpoint, or the rest
+  of this folder's own run (``--resume=true``).
+Which keys may differ when a run goes on is ``identity``'s rule; ``best:<folder>`` is ``tuning.best``.
 """
 
 from __future__ import annotations
@@ -24,23 +25,15 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from experiment.config import (
-    Config,
-    ConfigError,
-    Option,
-    describe_differences,
-    differences,
-    expand_path,
-    register_options,
-)
+from experiment import identity
+from experiment.checkpoint import completed_tasks, partial_tasks
+from experiment.config import Config, ConfigError, Option, expand_path, register_options
 from experiment.errors import CheckpointError, UserError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_OUTPUT_DIR = "runs/{dataset}/{method}/{protocol}/seed{seed}-{config_hash}"
-BEST_PREFIX = "best:"
 
 register_options(
     "run folder",
@@ -95,7 +88,7 @@ def resolve_output_dir(cfg: Config, parent_hash: str | None) -> tuple[Path, str]
     """The run folder (placeholders filled, ``~`` and ``$VARIABLE`` expanded) and the run's config hash; a
     ConfigError, before anything is written, when the folder is empty, a file, under a file or not writable."""
     values = cfg.to_dict()
-    run_hash = config_hash_of(cfg, parent_hash)
+    run_hash = identity.run_hash(cfg, parent_hash)
     values.update(config_hash=run_hash, task="all" if cfg.task is None else cfg.task)
     filled = str(cfg.output_dir).format(**values)
     if not filled.strip():
@@ -130,13 +123,6 @@ def check_writable_folder(path: Path) -> None:
             f"key 'output_dir': cannot write into {path}: {where} not writable; choose another --output_dir "
             "or fix the permissions"
         )
-
-
-def config_hash_of(cfg: Config, parent_hash: str | None) -> str:
-    """The run's identity: its result-changing keys, the task it trains and the run it continues from."""
-    from experiment.config import config_hash
-
-    return config_hash(cfg.to_dict(), task=cfg.task, parent=parent_hash)
 
 
 # ----- the folder's guards -------------------------------------------------------------------------------------
@@ -222,100 +208,6 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def check_same_experiment(saved: dict[str, Any], cfg: Config, source: str, resume: bool) -> None:
-    """Refuse to continue ``source`` (a checkpoint) with other values of the keys that defined it.
-
-    Resuming a run needs every key that changes results to agree; continuing another run's checkpoint
-    (``saved_model_address``) needs the experiment keys to agree, and the console lists the per-task keys that
-    differ (the per-task sweeps tune them).
-    """
-    scopes = ("experiment", "task") if resume else ("experiment",)
-    diffs = differences(saved, cfg.to_dict(), scopes)
-    if diffs:
-        how = (
-            "resume with the run's values, or continue its checkpoint into another folder with --task and "
-            "--saved_model_address"
-            if resume
-            else "use the values that trained it"
-        )
-        raise CheckpointError(
-            f"{source} was trained with other values of {describe_differences(diffs, 'there', 'now')}; {how}"
-        )
-    if not resume:
-        tuned = differences(saved, cfg.to_dict(), ("task",))
-        if tuned:
-            log.info(
-                "continuing %s with other per-task values: %s", source, describe_differences(tuned, "there", "now")
-            )
-
-
-# ----- best checkpoint of a sweep ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """A task checkpoint found below a sweep folder, with the accuracy it is ranked by."""
-
-    path: Path
-    score: float
-
-
-def best_checkpoint(folder: str | Path, task: int, cfg: Config | None, metric: str = "val") -> Candidate:
-    """The ``task_<task>.pt`` below ``folder`` with the highest ``metric`` accuracy (val: validation images of the
-    seen classes, measured by the harness after that task; test only for protocol original), among the runs
-    whose experiment keys agree with ``cfg`` (all runs when None). Ties go to the first path in sorted order."""
-    from experiment.checkpoint import TaskCheckpoint
-
-    root = Path(folder).expanduser()
-    if not root.is_dir():
-        raise ConfigError(f"saved_model_address {BEST_PREFIX}{folder}: {root} is not a folder")
-    found = sorted(root.rglob(f"task_{task}.pt"))
-    ranked, skipped = [], []
-    for path in found:
-        ckpt = TaskCheckpoint.load(path)
-        if cfg is not None and differences(ckpt.config, cfg.to_dict(), ("experiment",)):
-            skipped.append(path)
-            continue
-        score = task_score(ckpt.metrics, task, metric)
-        if score is not None:
-            ranked.append(Candidate(path, score))
-    if not ranked:
-        raise ConfigError(
-            f"saved_model_address {BEST_PREFIX}{folder}: no task_{task}.pt with a {metric} accuracy of a run with this "
-            f"experiment's keys ({len(found)} found, {len(skipped)} of another experiment)"
-        )
-    best = max(ranked, key=lambda c: c.score)  # max keeps the first of equal scores
-    log.info(
-        "%s%s -> %s (%s accuracy after task %d: %.2f%%, best of %d runs)",
-        BEST_PREFIX, folder, best.path, metric, task, best.score, len(ranked),
-    )  # fmt: skip
-    return best
-
-
-def task_score(metrics: dict[str, Any], task: int, metric: str) -> float | None:
-    """The ``metric`` accuracy after ``task`` in a checkpoint's metrics (RunMetrics.to_dict)."""
-    tasks = metrics.get("tasks", [])
-    if len(tasks) < task:
-        return None
-    item = tasks[task - 1]
-    if metric == "test":
-        return float(item["evaluation"]["accuracy"])
-    value = item["extra"].get("val_accuracy")
-    return None if value is None else float(value)
-
-
-def resolve_saved_model_address(cfg: Config) -> Config:
-    """Replace ``best:<folder>`` by the chosen checkpoint's path."""
-    address = cfg.saved_model_address
-    if address is None or not address.startswith(BEST_PREFIX):
-        return cfg
-    if cfg.task is None or cfg.task < 2:
-        raise ConfigError(f"saved_model_address {address}: best: picks a task t-1 checkpoint for --task=t (t >= 2)")
-    metric = "test" if cfg.protocol == "original" else "val"
-    best = best_checkpoint(address[len(BEST_PREFIX) :], cfg.task - 1, cfg, metric)
-    return cfg.replace(saved_model_address=str(best.path))
-
-
 # ----- which tasks a run trains --------------------------------------------------------------------------------
 
 
@@ -355,8 +247,6 @@ def plan_run(cfg: Config, folder: RunFolder, num_tasks: int, parent_task: int | 
 
     ``parent``/``parent_task``: the checkpoint given as ``saved_model_address`` and the task it completed.
     """
-    from experiment.checkpoint import completed_tasks, partial_tasks
-
     first, last = task_range(cfg, num_tasks, parent_task)
     done, partial = completed_tasks(folder.path), partial_tasks(folder.path)
     mine = [t for t in done if first <= t <= last]
@@ -390,20 +280,3 @@ def plan_run(cfg: Config, folder: RunFolder, num_tasks: int, parent_task: int | 
         keep = [t for t in done if t < first] if not earlier_elsewhere else []
         folder.move_aside(keep)
     return Plan(first, last, parent, resume=False)
-
-
-def main_best(argv: list[str]) -> Path:
-    """usage: python main.py best FOLDER --task=T [--metric=val|test]
-
-    Prints the task_T.pt below FOLDER with the best validation accuracy after task T (test only for runs of
-    protocol original): the checkpoint that saved_model_address: best:FOLDER continues from."""
-    usage = "usage: python main.py best FOLDER --task=T [--metric=val|test]"
-    folders = [a for a in argv if not a.startswith("--")]
-    options = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
-    unknown = set(options) - {"task", "metric"} or [a for a in argv if a.startswith("--") and "=" not in a]
-    if len(folders) != 1 or unknown or not options.get("task", "").isdigit():
-        raise ConfigError(usage)
-    metric = options.get("metric", "val")
-    if metric not in ("val", "test"):
-        raise ConfigError(f"--metric must be val or test, got {metric!r}; {usage}")
-    return best_checkpoint(folders[0], int(options["task"]), None, metric).path

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 import continual_class_specific_impression as synthesis
 from dataloaders.batches import Batch
 from dataloaders.image_set import ImageSet, as_float
-from experiment.config import Config, ConfigError, Option, register_options, register_preset
+from experiment.config import Config, ConfigError, Option, register_options
 from methods import losses
 from methods.base import Method, TaskContext
 from methods.class_statistics import ClassMemory
@@ -88,9 +88,6 @@ register_options(
     ],
     scope="task",
 )
-register_preset("protocol", "original", {"idc_source": "test", "class_stats_update": "frozen"})
-register_preset("protocol", "clean", {"idc_source": "train", "class_stats_update": "frozen"})
-register_preset("protocol", "improved", {"class_stats_update": "refresh"})
 
 
 # ----- synthesis of old classes, shared with DeepInversion ----------------------------------------

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from dataloaders.batches import Batch
 from dataloaders.image_set import ImageSet
-from experiment.config import Config, Option, register_options, register_preset
+from experiment.config import Config, Option, register_options
 from methods import losses
 from methods.base import Method, TaskContext, extract_features
 from methods.memory import RehearsalMemory
@@ -51,8 +51,6 @@ register_options(
     ],
     scope="task",
 )
-register_preset("protocol", "original", {"lamda_new_classes": "nb_cl"})
-register_preset("protocol", "clean", {"lamda_new_classes": "nb_cl"})
 
 
 def less_forget_weight(cfg: Config, n_old: int, n_new: int) -> float:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from experiment.config import Config, ConfigError, Option, register_options, register_preset
+from experiment.config import Config, ConfigError, Option, register_options
 from models.layers.continual_norm import ContinualNorm, convert_bn_to_cn, norm_layers
 from models.layers.cosine_linear import HEAD_KINDS, CosineLinear, IncrementalHead, SplitCosineLinear
 from models.network import IncrementalNet
@@ -44,8 +44,6 @@ register_options(
         Option("head", "str", "cosine", "classifier: cosine (sigma * cos, LUCIR/CCSI) or linear", choices=HEAD_KINDS),
     ],
 )
-register_preset("protocol", "original", {"cn_momentum": 1.0})
-register_preset("protocol", "clean", {"cn_momentum": 1.0})
 
 
 def build_net(cfg: Config, in_channels: int, image_size: ImageSize) -> IncrementalNet:

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from experiment.config import Config, Option, register_options, register_preset
+from experiment.config import Config, Option, register_options
 
 register_options(
     "optimization",
@@ -45,8 +45,6 @@ register_options(
     ],
     scope="task",
 )
-register_preset("protocol", "original", {"scheduler": "plateau_original", "lr_monitor": "test"})
-register_preset("protocol", "clean", {"scheduler": "plateau_original", "lr_monitor": "val_new"})
 
 
 def build_optimizer(groups: list[dict[str, Any]], cfg: Config) -> torch.optim.Optimizer:

@@ -15,21 +15,19 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from dataloaders.image_set import ImageSet, as_float
+from dataloaders.image_set import DataSplits, ImageSet, as_float
 from experiment.checkpoint import PartialCheckpoint, partial_checkpoint_path, rng_state, set_rng_state
 from experiment.config import Config, ConfigError, Option, register_options
 from experiment.errors import CheckpointError, TrainingError
+from experiment.identity import check_same_run
 from methods.base import Method, TaskContext
 from reporting.progress import TaskProgress
 from runtime import distributed, precision
 from training.optimization import build_optimizer, build_scheduler
-
-if TYPE_CHECKING:
-    from incremental_train_and_eval import RunState
 
 log = logging.getLogger(__name__)
 
@@ -66,16 +64,6 @@ def accuracy(method: Method, images: ImageSet, batch_size: int) -> float:
     return 100.0 * (predict_labels(method, images, batch_size) == images.y).float().mean().item()
 
 
-RUN_CONTROL_KEYS = (
-    *("resume", "overwrite", "progress", "save_every_epochs", "logger", "backend", "dist_timeout_minutes"),
-    "threads",  # main.py's
-)
-
-
-def training_config(cfg: Config) -> dict[str, Any]:
-    return {k: v for k, v in cfg.to_dict().items() if k not in RUN_CONTROL_KEYS}
-
-
 class ModelSelector:
     """Keeps the net's state at the epoch with the best monitored accuracy; inactive for ``select_on: last``."""
 
@@ -104,14 +92,14 @@ class ModelSelector:
         self.best_epoch = state["best_epoch"]
 
 
-def held_out_split(state: RunState, ctx: TaskContext, name: str) -> ImageSet | None:
+def held_out_split(splits: DataSplits, ctx: TaskContext, name: str) -> ImageSet | None:
     """The engine's held-out images ``name``: val / test of the seen classes, val_new of the task's new classes,
     none for ``last``. Model selection and the lr monitor read them; the method never does."""
     seen = list(range(ctx.n_seen))
     splits = {
-        "val": (state.splits.val, seen),
-        "val_new": (state.splits.val, ctx.new_classes),
-        "test": (state.splits.test, seen),
+        "val": (splits.val, seen),
+        "val_new": (splits.val, ctx.new_classes),
+        "test": (splits.test, seen),
     }
     if name not in splits:
         return None
@@ -119,13 +107,13 @@ def held_out_split(state: RunState, ctx: TaskContext, name: str) -> ImageSet | N
     return images.of_classes(classes)
 
 
-def monitored_splits(state: RunState, ctx: TaskContext, cfg: Config) -> dict[str, ImageSet]:
+def monitored_splits(splits: DataSplits, ctx: TaskContext, cfg: Config) -> dict[str, ImageSet]:
     """The splits evaluated after each epoch, by name: ``select_on``'s (model selection) and, for a plateau
     scheduler, ``lr_monitor``'s (one evaluation when they are the same)."""
     names = [cfg.select_on] + ([cfg.lr_monitor] if cfg.scheduler.startswith("plateau") else [])
     out = {}
     for name in dict.fromkeys(names):
-        images = held_out_split(state, ctx, name)
+        images = held_out_split(splits, ctx, name)
         if images is not None:
             out[name] = images
     return out
@@ -231,17 +219,16 @@ class TaskTraining:
     first_epoch: int = 0
 
 
-def start_training(state: RunState, ctx: TaskContext, cfg: Config) -> TaskTraining:
+def start_training(method: Method, ctx: TaskContext, cfg: Config, run_cfg: Config) -> TaskTraining:
     """Optimiser over the net's trainable parameters, lr schedule and model selection; from the saved epoch
     when resuming inside the task (``--resume`` with a ``task_<t>_partial.pt``)."""
-    method = state.method
     opt = build_optimizer([{"params": [p for p in method.net.parameters() if p.requires_grad]}], cfg)
     params = [p for group in opt.param_groups for p in group["params"]]
     selector = ModelSelector(cfg.select_on != "last", cfg.epochs)
     training = TaskTraining(
         opt, params, build_scheduler(opt, cfg), selector, [], precision.grad_scaler(cfg, ctx.device)
     )
-    partial = load_partial(state, ctx.task)
+    partial = load_partial(ctx, run_cfg)
     if partial is not None:
         method.net.load_state_dict(partial.net)
         opt.load_state_dict(partial.optimizer)
@@ -256,27 +243,28 @@ def start_training(state: RunState, ctx: TaskContext, cfg: Config) -> TaskTraini
     return training
 
 
-def load_partial(state: RunState, task: int) -> PartialCheckpoint | None:
-    """The saved state of ``task`` in progress when resuming, else None; refuses one from another run."""
-    path = partial_checkpoint_path(state.output_dir, task)
-    if not (state.cfg.resume and path.is_file()):
+def load_partial(ctx: TaskContext, run_cfg: Config) -> PartialCheckpoint | None:
+    """The saved state of the task in progress when resuming, else None; refuses one from another run (the rule
+    of ``identity.check_same_run``, as for a finished task)."""
+    task = ctx.task
+    path = partial_checkpoint_path(ctx.output_dir, task)
+    if not (run_cfg.resume and path.is_file()):
         return None
     partial = PartialCheckpoint.load(path)
-    if partial.task != task or partial.config != training_config(state.cfg):
-        raise CheckpointError(
-            f"{path} was saved by a run with another configuration; delete it to restart task {task} from its start"
-        )
+    if partial.task != task:
+        raise CheckpointError(f"{path} holds task {partial.task}, not {task}; delete it to restart task {task}")
+    check_same_run(partial.config, run_cfg, str(path))
     log.info("resuming task %d after epoch %d from %s", task, partial.epoch, path)
     return partial
 
 
-def save_partial(state: RunState, ctx: TaskContext, training: TaskTraining, epoch: int) -> None:
+def save_partial(method: Method, ctx: TaskContext, training: TaskTraining, epoch: int, run_cfg: Config) -> None:
     """``task_<t>_partial.pt`` after ``epoch`` (1-based) epochs of the task in progress."""
     PartialCheckpoint(
         task=ctx.task,
         epoch=epoch,
-        config=training_config(state.cfg),
-        net=state.method.net.state_dict(),
+        config=run_cfg.to_dict(),
+        net=method.net.state_dict(),
         optimizer=training.opt.state_dict(),
         scheduler=training.scheduler.state_dict() if training.scheduler is not None else None,
         scaler=training.scaler.state_dict() if training.scaler is not None else None,
@@ -284,19 +272,21 @@ def save_partial(state: RunState, ctx: TaskContext, training: TaskTraining, epoc
         history=training.history,
         generator=ctx.generator.get_state(),
         rng=rng_state(),
-    ).save(partial_checkpoint_path(state.output_dir, ctx.task))
+    ).save(partial_checkpoint_path(ctx.output_dir, ctx.task))
 
 
-def fit_task(state: RunState, ctx: TaskContext, cfg: Config) -> dict[str, Any]:
-    """The epochs of one task with per-epoch model selection; returns a record of the training."""
-    method = state.method
-    training = start_training(state, ctx, cfg)
-    monitors = monitored_splits(state, ctx, cfg)
+def fit_task(method: Method, ctx: TaskContext, cfg: Config, splits: DataSplits, run_cfg: Config) -> dict[str, Any]:
+    """The epochs of one task with per-epoch model selection; returns a record of the training.
+
+    ``cfg``: the task's configuration (per_task applied); ``splits``: the held-out images model selection and the
+    lr monitor read; ``run_cfg``: the whole run's configuration, saved with a task in progress."""
+    training = start_training(method, ctx, cfg, run_cfg)
+    monitors = monitored_splits(splits, ctx, cfg)
     progress = TaskProgress(ctx.task, cfg.epochs, training.first_epoch, cfg.progress)
     for epoch in range(training.first_epoch, cfg.epochs):
         means = train_epoch(method, ctx, epoch, training, progress)
-        check_finite(means, ctx.task, epoch + 1, cfg, state.output_dir)
-        check_weights(method.net, ctx.task, epoch + 1, cfg, state.output_dir)
+        check_finite(means, ctx.task, epoch + 1, cfg, ctx.output_dir)
+        check_weights(method.net, ctx.task, epoch + 1, cfg, ctx.output_dir)
         record = {"epoch": epoch + 1, "lr": training.opt.param_groups[0]["lr"], **means}
         accuracies = evaluate_monitors(method, monitors, ctx, cfg.eval_batch_size)
         if cfg.select_on in accuracies:
@@ -307,11 +297,11 @@ def fit_task(state: RunState, ctx: TaskContext, cfg: Config) -> dict[str, Any]:
         elif training.scheduler is not None:
             training.scheduler.step()
         training.history.append(record)
-        state.logger.log_scalars({f"task{ctx.task}/{k}": v for k, v in record.items() if k != "epoch"}, step=None)
+        ctx.log.log_scalars({f"task{ctx.task}/{k}": v for k, v in record.items() if k != "epoch"}, step=None)
         progress.end_epoch(record)
         k = cfg.save_every_epochs
         if k and (epoch + 1) % k == 0 and epoch + 1 < cfg.epochs and distributed.is_main():
-            save_partial(state, ctx, training, epoch + 1)
+            save_partial(method, ctx, training, epoch + 1, run_cfg)
     progress.close()
     training.selector.restore(method.net)
     return {"selected_epoch": training.selector.best_epoch, "history": training.history}
