@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from types import ModuleType
 
 from dataloaders.image_set import DataSplits
 from dataloaders.npz_data import read_npz
@@ -58,29 +57,23 @@ def file_path(cfg: Config, flag: str) -> Path:
     return expand_path("data_root", cfg.data_root) / file_name(flag, cfg.medmnist_size)
 
 
-def import_medmnist(flag: str) -> ModuleType:
-    """The ``medmnist`` package, or a one-line DataError saying how to install it or fetch the file by hand."""
+def download(flag: str, root: Path, size: int) -> None:
+    """Fetch the file with medmnist's own download code (checks the MD5); medmnist is imported only here."""
+    url = URL.format(file=file_name(flag, size))
     try:
-        import medmnist  # imported here: only downloading needs it
+        import medmnist
     except ImportError as err:
         reason = " ".join(str(err).split())[:200]
         raise DataError(
             f"{flag}: downloading needs the medmnist package, which cannot be imported here ({reason}); install it "
-            "with `pip install medmnist`, or fetch the file by hand into data_root"
+            f"with `pip install medmnist`, or fetch {url} into {root}/"
         ) from None
-    return medmnist
-
-
-def download(flag: str, root: Path, size: int) -> None:
-    """Fetch the file with medmnist's own download code (checks the MD5)."""
-    medmnist = import_medmnist(flag)
     root.mkdir(parents=True, exist_ok=True)
     log.info("downloading %s (size %d) into %s", flag, size, root)
     dataset_class = getattr(medmnist, medmnist.INFO[flag]["python_class"])
     try:
         dataset_class(split="val", download=True, root=str(root), size=size)  # "val": the smallest split to open
     except RuntimeError as err:
-        url = URL.format(file=file_name(flag, size))
         first = " ".join(str(err).split())[:200]
         raise DataError(f"{flag}: download of {url} into {root}/ failed ({first}); fetch it by hand") from None
 
