@@ -1,26 +1,30 @@
 """One call on a CUDA machine: correctness against the CPU, the CCSI BloodMNIST protocol, and bench/speed.py.
 
-Stages, each stopped at its share of --budget_s (default 450 s, so that the check ends within 8 minutes):
+Runs on a bare CUDA machine's ``python3`` (torch, torchvision, numpy, matplotlib, scikit-learn, PyYAML, tqdm; no
+medmnist, wandb, tensorboard or network needed). Stages, each stopped at its share of --budget_s (default 450 s,
+so that the check ends within 8 minutes):
 1. correctness (<= 90 s): one training step's gradients and a short digits CCSI run (2 tasks) on the CPU and on
    the device, in fp32 and with the fastest precision and syn_fused_moments (compile is left to stage 2), within
    the stated tolerances;
-2. protocol (<= 270 s): configs/bloodmnist/ccsi.yaml at the paper's settings on a generated BloodMNIST-shaped
-   .npz with the fastest switches, per-stage times (bench/protocol_timing.py); when stopped at the budget, the
-   tasks completed so far;
+2. protocol (<= 270 s): configs/bloodmnist/ccsi.yaml at the paper's settings with the fastest switches, on
+   <repo>/data/bloodmnist.npz when present, else on a generated file in MedMNIST's .npz format with BloodMNIST's
+   shapes (3x28x28 uint8, 8 classes, 11959/1712/3421 images), per-stage times (bench/protocol_timing.py); when
+   stopped at the budget, the tasks completed so far;
 3. speed (the rest): bench/speed.py on the device (reference, today, fastest).
-Writes one markdown report (default bench/results/gpu_check_<device>.md). --cpu_short runs every stage on the
-CPU at tiny sizes, so that CI exercises the script in seconds.
+Writes into --out DIR (default bench/results): gpu_check_<device>.md, whose first lines are the verdicts against
+the targets (bench/gpu_check_report.py), its stages' own reports (_protocol.md, _speed.md) and the log (.log).
+--cpu_short runs every stage on the CPU at tiny sizes, so that CI exercises the script in seconds.
 
 Example:
-    bash bench/gpu_check.sh                                   # on a CUDA machine
-    .venv/bin/python bench/gpu_check.py --cpu_short --out /tmp/gpu_check.md
+    bash bench/gpu_check.sh --out /tmp/gpu_check              # on a CUDA machine (python3 bench/gpu_check.py too)
+    .venv/bin/python bench/gpu_check.py --cpu_short --out /tmp/gpu_check
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import shlex
+import logging
 import signal
 import sys
 import time
@@ -35,13 +39,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import incremental_train_and_eval as engine
 import models
 from bench import protocol_timing, speed
+from bench.gpu_check_report import header, protocol_verdict, speed_verdicts
 from bench.report import publish
-from bench.synthesis_speed import describe_machine, resolve_device
+from bench.synthesis_speed import resolve_device
 from experiment import config
 from experiment.checkpoint import completed_tasks, load_checkpoint, task_checkpoint_path
 from runtime import precision
 
 ROOT = Path(__file__).resolve().parents[1]
+log = logging.getLogger(__name__)
 # ||g_dev - g_cpu|| / ||g_cpu|| over all parameters after one step from a random init (small, noisy gradients):
 # fp32 allows TF32 convolutions on CUDA; bf16/fp16 measured on the CPU against fp32: 0.150 and 0.073.
 STEP_TOLERANCE = {"fp32": 1e-2, "bf16": 0.25, "fp16": 0.15}
@@ -129,7 +135,8 @@ def row(check: str, switch: str, cpu: str, device: str, diff: float, tolerance: 
 
 def protocol(device: torch.device, fast: config.Config, short: bool, work: Path, out: Path) -> list[str]:
     """The CCSI BloodMNIST protocol with the fastest switches; its table, or the tasks done when stopped."""
-    argv = ["--work", str(work), "--out", str(out), f"--device={device.type}", "--progress=false"]
+    argv = ["--work", str(work), "--out", str(out), "--data_root", str(ROOT / "data")]
+    argv += [f"--device={device.type}", "--progress=false"]
     argv += [f"--precision={fast.precision}", f"--compile={str(fast.compile).lower()}", "--syn_fused_moments=true"]
     if short:
         argv += ["--n_train", "64", "--epochs=1", "--syn_iterations=2", "--nb_generation=1", "--syn_batch_size=8"]
@@ -164,49 +171,61 @@ def staged(name: str, seconds: float, fn: Callable[[], list[str]]) -> list[str]:
     except StageTimeout:
         lines = [f"{name}: stopped at its budget of {seconds:.0f} s"]
     except Exception as err:  # report the failure, run the other stages
+        log.exception("stage %s failed", name)  # the traceback goes to the log file
         lines = [f"{name}: FAILED ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"]
     return [*lines, "", f"stage time: {time.perf_counter() - start:.1f} s", ""]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--cpu_short", action="store_true", help="every stage on the CPU at tiny sizes (CI)")
     parser.add_argument("--budget_s", type=float, default=450.0, help="seconds for the three stages together")
-    parser.add_argument("--work", default="runs/bench/gpu_check", help="run folders (overwritten)")
-    parser.add_argument("--out", default=None, help="report (default bench/results/gpu_check_<device>.md)")
+    parser.add_argument("--work", default=str(ROOT / "runs/bench/gpu_check"), help="run folders (overwritten)")
+    parser.add_argument("--out", default=str(ROOT / "bench/results"), help="folder of the report and the log")
     args = parser.parse_args(argv)
     device = resolve_device("cpu" if args.cpu_short else args.device)
     fast_precision, fast_compile = speed.FASTEST[device.type]
     fast = speed.make_config(precision=fast_precision, compile=fast_compile, syn_fused_moments=True)
-    out = Path(args.out or f"bench/results/gpu_check_{device.type}.md")
+    out = Path(args.out) / f"gpu_check_{device.type}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(out.with_suffix(".log"), mode="w")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s", "%H:%M:%S"))
+    logging.getLogger().addHandler(handler)
+    try:
+        verdicts, sections = stages(device, fast, args, out)
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    publish([*verdicts, "", *header(device, fast, args.cpu_short, args.budget_s, argv), *sections], out)
+    return 1 if any("OUT OF TOLERANCE" in s or "FAILED" in s for s in sections) else 0
+
+
+def stages(
+    device: torch.device, fast: config.Config, args: argparse.Namespace, out: Path
+) -> tuple[list[str], list[str]]:
+    """The verdict lines, and the three stages' sections of the report."""
     work, start = Path(args.work), time.perf_counter()
-    lines = [
-        f"# GPU check ({time.strftime('%Y-%m-%d %H:%M')})",
-        "",
-        f"- machine: {describe_machine(device)}; device: {device}",
-        f"- command: `python bench/gpu_check.py {shlex.join(sys.argv[1:] if argv is None else argv)}`",
-        f"- fastest switches: precision {fast.precision}, compile {str(fast.compile).lower()}, syn_fused_moments",
-        f"- budget: {args.budget_s:.0f} s (correctness, protocol, speed)",
-        "",
-        "## 1. Correctness: the device against the CPU",
-        "",
-    ]
     share = {k: v * args.budget_s / 450.0 for k, v in STAGE_SHARE.items()}
-    lines += staged(
+    checked = staged(
         "correctness", share["correctness"], lambda: correctness(device, fast.precision, args.cpu_short, work)
     )
-    lines += ["## 2. CCSI BloodMNIST protocol, paper settings, fastest switches", ""]
     protocol_out = out.with_name(f"{out.stem}_protocol.md")
-    lines += staged(
+    timed = staged(
         "protocol", share["protocol"], lambda: protocol(device, fast, args.cpu_short, work / "protocol", protocol_out)
     )
-    lines += ["## 3. Speed: bench/speed.py", ""]
     rest = max(args.budget_s - (time.perf_counter() - start), 30.0)
-    lines += staged("speed", rest, lambda: speed_stage(device, args.cpu_short, out.with_name(f"{out.stem}_speed.md")))
-    lines.append(f"total: {time.perf_counter() - start:.1f} s")
-    publish(lines, out)
-    return 1 if any("OUT OF TOLERANCE" in line or "FAILED" in line for line in lines) else 0
+    measured = staged("speed", rest, lambda: speed_stage(device, args.cpu_short, out.with_name(f"{out.stem}_speed.md")))
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    verdicts = speed_verdicts(measured, gpu is not None)
+    verdicts.append(protocol_verdict(timed, gpu, paper=not args.cpu_short))
+    itself = ["CPU against itself (--cpu_short): this checks the script, not a device.", ""] if args.cpu_short else []
+    lines = ["## 1. Correctness: the device against the CPU", "", *itself, *checked]
+    lines += ["## 2. CCSI BloodMNIST protocol, paper settings, fastest switches", "", *timed]
+    lines += ["## 3. Speed: bench/speed.py", "", *measured, f"total: {time.perf_counter() - start:.1f} s"]
+    return verdicts, lines
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 (N, C, H, W); ``prepare(cfg)`` also builds the ``Scenario`` and remaps labels to class-order
 positions, so task t's classes are ``scenario.classes_of_task(t)``. Loaders register themselves
 with ``@register_dataset(name)`` (dataloaders/registry.py); the ``dataset`` key accepts exactly the
-registered names.
+registered names. No optional package is imported here: ``medmnist`` only when a MedMNIST file is downloaded.
 """
 
 from __future__ import annotations

@@ -1,17 +1,15 @@
 """MedMNIST 2D single-label data sets, read from ``<data_root>/<flag>[_<size>].npz``.
 
-Downloading (``download: true``) goes through the ``medmnist`` package's own code (URL and MD5 from
-``medmnist.INFO``); reading goes through the shared ``.npz`` reader.
+The names and class names are listed here, so that registering the sets and reading a file never imports the
+``medmnist`` package (slow; absent on a bare GPU machine). Downloading (``download: true``) goes through
+medmnist's own code (URL and MD5 from ``medmnist.INFO``), imported only then; reading goes through the shared
+``.npz`` reader. tests/dataloaders/test_dataloaders.py checks these tables against ``medmnist.INFO``.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-
-import medmnist
-from medmnist import INFO
-from medmnist.dataset import MedMNIST2D
 
 from dataloaders.image_set import DataSplits
 from dataloaders.npz_data import read_npz
@@ -21,12 +19,32 @@ from experiment.errors import DataError
 
 log = logging.getLogger(__name__)
 
-# Every 2D flag whose task is single-label (ChestMNIST is multi-label: not class-incremental).
-FLAGS = tuple(
-    flag
-    for flag, info in INFO.items()
-    if issubclass(getattr(medmnist, info["python_class"]), MedMNIST2D) and "multi-label" not in info["task"]
-)
+ORGANS = ("bladder", "femur-left", "femur-right", "heart", "kidney-left", "kidney-right", "liver", "lung-left",
+          "lung-right", "pancreas", "spleen")  # fmt: skip
+# Every 2D flag whose task is single-label (ChestMNIST is multi-label: not class-incremental), in medmnist.INFO's
+# order, with INFO[flag]["label"] as a tuple: class c is named CLASS_NAMES[flag][c].
+CLASS_NAMES: dict[str, tuple[str, ...]] = {
+    "pathmnist": ("adipose", "background", "debris", "lymphocytes", "mucus", "smooth muscle", "normal colon mucosa",
+                  "cancer-associated stroma", "colorectal adenocarcinoma epithelium"),
+    "dermamnist": ("actinic keratoses and intraepithelial carcinoma", "basal cell carcinoma",
+                   "benign keratosis-like lesions", "dermatofibroma", "melanoma", "melanocytic nevi",
+                   "vascular lesions"),
+    "octmnist": ("choroidal neovascularization", "diabetic macular edema", "drusen", "normal"),
+    "pneumoniamnist": ("normal", "pneumonia"),
+    "retinamnist": ("0", "1", "2", "3", "4"),
+    "breastmnist": ("malignant", "normal, benign"),
+    "bloodmnist": ("basophil", "eosinophil", "erythroblast",
+                   "immature granulocytes(myelocytes, metamyelocytes and promyelocytes)", "lymphocyte", "monocyte",
+                   "neutrophil", "platelet"),
+    "tissuemnist": ("Collecting Duct, Connecting Tubule", "Distal Convoluted Tubule", "Glomerular endothelial cells",
+                    "Interstitial endothelial cells", "Leukocytes", "Podocytes", "Proximal Tubule Segments",
+                    "Thick Ascending Limb"),
+    "organamnist": ORGANS,
+    "organcmnist": ORGANS,
+    "organsmnist": ORGANS,
+}  # fmt: skip
+FLAGS = tuple(CLASS_NAMES)
+URL = "https://zenodo.org/records/10519652/files/{file}?download=1"  # MedMNIST v3 (medmnist.INFO's url, url_<size>)
 
 
 def file_name(flag: str, size: int) -> str:
@@ -34,34 +52,44 @@ def file_name(flag: str, size: int) -> str:
     return f"{flag}.npz" if size == 28 else f"{flag}_{size}.npz"
 
 
+def file_path(cfg: Config, flag: str) -> Path:
+    """The file a MedMNIST data set reads: ``<data_root>/<flag>[_<size>].npz`` at ``medmnist_size``."""
+    return expand_path("data_root", cfg.data_root) / file_name(flag, cfg.medmnist_size)
+
+
 def download(flag: str, root: Path, size: int) -> None:
-    """Fetch the file with medmnist's own download code (checks the MD5)."""
+    """Fetch the file with medmnist's own download code (checks the MD5); medmnist is imported only here."""
+    url = URL.format(file=file_name(flag, size))
+    try:
+        import medmnist
+    except ImportError as err:
+        reason = " ".join(str(err).split())[:200]
+        raise DataError(
+            f"{flag}: downloading needs the medmnist package, which cannot be imported here ({reason}); install it "
+            f"with `pip install medmnist`, or fetch {url} into {root}/"
+        ) from None
     root.mkdir(parents=True, exist_ok=True)
     log.info("downloading %s (size %d) into %s", flag, size, root)
-    dataset_class = getattr(medmnist, INFO[flag]["python_class"])
+    dataset_class = getattr(medmnist, medmnist.INFO[flag]["python_class"])
     try:
         dataset_class(split="val", download=True, root=str(root), size=size)  # "val": the smallest split to open
     except RuntimeError as err:
-        url = INFO[flag]["url" if size == 28 else f"url_{size}"]
         first = " ".join(str(err).split())[:200]
         raise DataError(f"{flag}: download of {url} into {root}/ failed ({first}); fetch it by hand") from None
 
 
 def load_medmnist(cfg: Config, flag: str) -> DataSplits:
-    """One MedMNIST data set at ``medmnist_size`` px, class names from ``INFO[flag]["label"]``."""
-    size = cfg.medmnist_size
-    root = expand_path("data_root", cfg.data_root)
-    path = root / file_name(flag, size)
+    """One MedMNIST data set at ``medmnist_size`` px, class names from ``CLASS_NAMES`` (medmnist's labels)."""
+    path = file_path(cfg, flag)
     if not path.is_file():
         if not cfg.download:
-            url = INFO[flag]["url" if size == 28 else f"url_{size}"]
+            url = URL.format(file=path.name)
             raise DataError(
-                f"{flag}: file {path} not found; set download: true (or --download=true) or fetch {url} into {root}/"
+                f"{flag}: file {path} not found; set download: true (or --download=true) or fetch {url} into "
+                f"{path.parent}/"
             )
-        download(flag, root, size)
-    labels = INFO[flag]["label"]
-    class_names = [labels[str(c)] for c in range(len(labels))]
-    return read_npz(path, flag, class_names)
+        download(flag, path.parent, cfg.medmnist_size)
+    return read_npz(path, flag, list(CLASS_NAMES[flag]))
 
 
 def _loader(flag: str) -> Loader:
@@ -74,4 +102,4 @@ def _loader(flag: str) -> Loader:
 
 
 for _flag in FLAGS:
-    register_dataset(_flag)(_loader(_flag))
+    register_dataset(_flag, files=lambda cfg, flag=_flag: [file_path(cfg, flag)])(_loader(_flag))

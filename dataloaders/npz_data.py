@@ -117,7 +117,12 @@ def read_npz(path: Path, name: str, class_names: list[str] | None = None) -> Dat
     return DataSplits(name, sets["train"], sets["val"], sets["test"], len(class_names), list(class_names))
 
 
-@register_dataset("npz")
+def npz_files(cfg: Config) -> list[Path]:
+    """The file ``dataset: npz`` reads (for the provenance): ``data_path``."""
+    return [] if cfg.data_path is None else [expand_path("data_path", cfg.data_path)]
+
+
+@register_dataset("npz", files=npz_files)
 def load_npz(cfg: Config) -> DataSplits:
     """The file named by ``data_path``."""
     if cfg.data_path is None:

@@ -1,5 +1,8 @@
 """What produced a result: method, data (with the file's sha256), protocol, seed, config hash, code version,
-library versions and device; written into metrics.json and every row of metrics.csv."""
+library versions and device; written into metrics.json and every row of metrics.csv.
+
+The data set names the files it read (``register_dataset(name, files=...)`` fills ``DATA_FILES``): this layer
+imports no data set code."""
 
 from __future__ import annotations
 
@@ -7,16 +10,18 @@ import hashlib
 import importlib.metadata
 import platform
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dataloaders import medmnist_data
 from experiment.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository
 LIBRARIES = ("torch", "torchvision", "medmnist", "numpy")
+DataFiles = Callable[[Config], list[Path]]
+DATA_FILES: dict[str, DataFiles] = {}  # data set name -> the files it reads for a config
 
 
 def git_commit(root: Path = ROOT) -> dict[str, Any]:
@@ -47,14 +52,15 @@ def file_sha256(path: Path) -> str:
 
 
 def data_source(cfg: Config) -> dict[str, Any]:
-    """The data set's name and, for a file the run read (``npz``, MedMNIST's .npz), its path and sha256."""
+    """The data set's name and, for the file it names (``DATA_FILES``: ``npz``, MedMNIST's .npz), its path and sha256;
+    a data set naming several files gets lists of both."""
     out: dict[str, Any] = {"dataset": cfg.dataset}
-    if cfg.dataset == "npz" and cfg.data_path:
-        path = Path(cfg.data_path)
-    else:  # a MedMNIST file, when the data set is one
-        path = Path(cfg.data_root).expanduser() / medmnist_data.file_name(cfg.dataset, cfg.medmnist_size)
-    if path.is_file():
-        out.update(data_path=str(path.resolve()), data_sha256=file_sha256(path))
+    files = DATA_FILES.get(cfg.dataset)
+    paths = [p for p in files(cfg) if p.is_file()] if files is not None else []
+    if len(paths) == 1:
+        out.update(data_path=str(paths[0].resolve()), data_sha256=file_sha256(paths[0]))
+    elif paths:
+        out.update(data_path=[str(p.resolve()) for p in paths], data_sha256=[file_sha256(p) for p in paths])
     return out
 
 

@@ -1,19 +1,23 @@
 """Run loggers: one small interface in front of Weights & Biases, TensorBoard (or nothing).
 
+wandb and tensorboard are optional: each is imported only when its logger is built (``import_optional``).
+
 The trainer calls ``log_config`` once, ``log_scalars`` during training (losses, learning rate), ``log_task`` after
 each task (accuracies, or the final summary), ``log_image`` for plots, and ``finish`` at the end.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import netrc
 import os
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 from urllib.parse import urlsplit
 
-from experiment.config import Config, Option, register_options
+from experiment.config import Config, ConfigError, Option, register_options
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +99,19 @@ def wandb_credentials_found() -> bool:
     return bool(creds and creds[2])
 
 
+def import_optional(module: str, package: str) -> ModuleType:
+    """``module``, imported when the logger named ``package`` is built (slow, optional packages); when it cannot be,
+    a one-line ConfigError naming the package to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        reason = " ".join(str(err).split())[:200]
+        raise ConfigError(
+            f"logger: {package} needs the {package} package, which cannot be imported here ({reason}); install it "
+            f"with `pip install {package}`, or choose another logger (--logger=none)"
+        ) from None
+
+
 def _is_scalar(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
@@ -110,8 +127,7 @@ class WandbLogger(RunLogger):
         run_name: str | None,
         output_dir: str | Path,
     ):
-        import wandb  # imported here: slow to import, and only needed when this logger is chosen
-
+        wandb = import_optional("wandb", "wandb")
         self._wandb = wandb
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -176,9 +192,8 @@ class TensorBoardLogger(RunLogger):
     global step, ``task/<key>`` by task, ``final/<key>`` at the end), the config as text and the figures."""
 
     def __init__(self, output_dir: str | Path):
-        from torch.utils.tensorboard import SummaryWriter  # imported here: only needed when this logger is chosen
-
-        self.writer: Any = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
+        tensorboard = import_optional("torch.utils.tensorboard", "tensorboard")
+        self.writer: Any = tensorboard.SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
         self._step = 0
 
     def log_config(self, config: dict[str, Any]) -> None:

@@ -3,7 +3,10 @@
 import csv
 import json
 import math
+import os
 import re
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -11,10 +14,21 @@ import pytest
 import torch
 
 import incremental_train_and_eval as engine
-from bench import ablation, accuracy, ddp_speed, gpu_check, make_hard_digits, protocol_timing, protocols, speed
+from bench import (
+    ablation,
+    accuracy,
+    ddp_speed,
+    gpu_check,
+    gpu_check_report,
+    make_hard_digits,
+    protocol_timing,
+    protocols,
+    speed,
+)
 from dataloaders.npz_data import read_npz
 from experiment import config
 from runtime import precision
+from tiny import ROOT
 
 
 @pytest.fixture(autouse=True)
@@ -128,20 +142,88 @@ def test_ddp_speed_refuses_bad_process_counts(capsys):
     assert "--nproc values must be >= 1" in capsys.readouterr().err
 
 
-def test_gpu_check_shortened_on_the_cpu_writes_all_three_stages(tmp_path, capsys):
-    out = tmp_path / "gpu_check.md"
-    assert gpu_check.main(["--cpu_short", "--out", str(out), "--work", str(tmp_path / "w")]) == 0
-    text = out.read_text()
-    correctness = [line.split("|") for line in text.splitlines() if re.match(r"\| (training step|CCSI run)", line)]
-    assert len(correctness) == 5 and all(r[7].strip() == "ok" for r in correctness)
-    assert [float(r[6]) for r in correctness] == [gpu_check.STEP_TOLERANCE["fp32"], 3.0, 6.0, 3.0, 6.0]
+# A bare CUDA machine's python3: medmnist, wandb and tensorboard cannot be imported (site runs this first).
+BARE_MACHINE = """
+import importlib.abc, sys
+
+class Absent(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("medmnist", "wandb", "tensorboard"):
+            raise ModuleNotFoundError(f"No module named {name!r} (a bare machine)", name=name)
+        return None
+
+sys.meta_path.insert(0, Absent())
+"""
+
+
+def test_gpu_check_shortened_runs_without_medmnist_wandb_tensorboard_and_opens_with_the_verdicts(tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(BARE_MACHINE)
+    env = {**os.environ, "PYTHONPATH": str(site), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    for name in ("medmnist", "wandb", "tensorboard"):  # the blocking works
+        probe = subprocess.run([sys.executable, "-c", f"import {name}"], env=env, capture_output=True, text=True)
+        assert probe.returncode == 1 and "a bare machine" in probe.stderr, probe.stderr
+    out = tmp_path / "out"
+    command = ["bash", str(ROOT / "bench" / "gpu_check.sh"), "--cpu_short", "--out", str(out)]
+    result = subprocess.run(
+        [*command, "--work", str(tmp_path / "w")], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = (out / "gpu_check_cpu.md").read_text().splitlines()
+    verdicts = [gpu_check_report.VERDICT.match(line) for line in lines[:3]]
+    assert [v["target"] for v in verdicts] == list(gpu_check_report.TARGETS) and lines[3] == ""
+    assert all(v["state"] == "NOT MEASURED" for v in verdicts)  # a CPU run: the targets are for a GPU
+    assert re.fullmatch(r"\d+\.\d\dx on the CPU; the target is for a GPU", verdicts[0]["detail"])
+    assert re.fullmatch(r"\d+ s on the CPU, shortened, on a generated BloodMNIST-format file", verdicts[2]["detail"])
+    text = "\n".join(lines)
+    assert "optional packages (none needed): medmnist no, wandb no, tensorboard no" in text
+    assert text.index("## 1. Correctness") < text.index("## 2. CCSI BloodMNIST") < text.index("## 3. Speed")
+    correctness = [line.split("|") for line in lines if re.match(r"\| (training step|CCSI run)", line)]
     assert [r[2].strip() for r in correctness] == ["fp32"] * 3 + ["fp32 + syn_fused_moments"] * 2
-    assert all(float(r[5]) == 0 for r in correctness[:3])  # the CPU against itself: the same numbers
-    tasks = [line.split("|")[1].strip() for line in text.splitlines() if re.match(r"\| [1-4] \| ", line)]
+    assert [float(r[6]) for r in correctness] == [gpu_check.STEP_TOLERANCE["fp32"], 3.0, 6.0, 3.0, 6.0]
+    assert all(r[7].strip() == "ok" for r in correctness)
+    assert re.search(r"^- data: generated .*fake_bloodmnist\.npz \(64 train images, BloodMNIST's shape", text, re.M)
+    tasks = [line.split("|")[1].strip() for line in lines if re.match(r"\| [1-4] \| ", line)]
     assert tasks == ["1", "2", "3", "4"]  # the protocol's per-task table
     assert text.count("| training |") == 3 and text.count("| synthesis |") == 3  # speed.py's rows
-    assert text.index("## 1.") < text.index("## 2.") < text.index("## 3.") and re.search(r"total: \d+\.\d s", text)
-    assert "FAILED" not in text and "stopped" not in text
+    assert "FAILED" not in text and "stopped" not in text and re.search(r"^total: \d+\.\d s", text, re.M)
+    assert {p.name for p in out.iterdir()} == {
+        f"gpu_check_cpu{x}" for x in (".md", ".log", "_protocol.md", "_speed.md")
+    }
+    assert "task 2/2: test accuracy" in (out / "gpu_check_cpu.log").read_text()
+
+
+def test_gpu_check_verdicts_on_a_gpu_compare_the_numbers_with_the_targets():
+    speed_lines = [
+        "training speed-up (fastest / reference): 6.10x (target on a GPU: >= 5x, met); today / ...",
+        "synthesis speed-up (fastest / reference): 9.99x (target on a GPU: >= 10x, NOT met); today / ...",
+    ]
+    assert [v.split(": ", 1)[1] for v in gpu_check_report.speed_verdicts(speed_lines, gpu=True)] == [
+        "MET (6.10x in bench/speed.py, same run)",
+        "NOT MET (9.99x in bench/speed.py, same run)",
+    ]
+    failed = gpu_check_report.speed_verdicts(["speed: FAILED (RuntimeError: CUDA out of memory)"], gpu=True)
+    assert failed[1].endswith(": NOT MEASURED (speed: FAILED (RuntimeError: CUDA out of memory))")
+
+    def protocol(lines, gpu="NVIDIA H100 80GB HBM3", paper=True):
+        return gpu_check_report.VERDICT.match(gpu_check_report.protocol_verdict(lines, gpu, paper)).groupdict()
+
+    generated = "- data: generated runs/fake_bloodmnist.npz (11959 train images, BloodMNIST's shape; ...)"
+    assert protocol([generated, "total: 179.4 s = 2.99 min (...)"])["state"] == "MET"
+    finished = protocol([generated, "total: 200.0 s = 3.33 min (...)"], gpu="NVIDIA H200")
+    assert finished["state"] == "NOT MET"
+    assert finished["detail"] == (
+        "3.33 min = 200 s on NVIDIA H200, on a generated BloodMNIST-format file; the target names an H100"
+    )
+    stopped = protocol(["stopped at the budget after 270 s; tasks done: [1, 2]", "", "| 1 | ..."])
+    assert (stopped["state"], stopped["detail"]) == (
+        "NOT MET",
+        "over 270 s on NVIDIA H100 80GB HBM3; stopped at its budget; tasks done: [1, 2]",
+    )
+    assert protocol(["stopped at the budget after 60 s, before task 1 ended"])["state"] == "NOT MEASURED"
+    assert protocol(["total: 100.0 s = 1.67 min"], paper=False)["state"] == "NOT MEASURED"
+    assert protocol(["protocol: FAILED (ValueError: x)"])["detail"] == "protocol: FAILED (ValueError: x)"
 
 
 def test_gpu_check_reports_a_stage_stopped_at_its_budget_and_the_protocol_tasks_done(tmp_path, monkeypatch):

@@ -1,22 +1,24 @@
 """Data set loaders on small files written here in each set's real on-disk format, and their errors."""
 
 import csv
+import hashlib
 import pickle
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 import torchvision
-from medmnist import INFO
 from PIL import Image
 
 import dataloaders
-from dataloaders import digits, medmnist_data
-from experiment import config
+from dataloaders import digits, medmnist_data, registry
+from experiment import config, provenance
 from experiment.config import ConfigError
 from experiment.errors import DataError
-from tiny import default_cfg
+from tiny import ROOT, default_cfg
 
 
 def one_line_error(exc_info) -> str:
@@ -166,7 +168,7 @@ def test_medmnist_reads_file_under_data_root(tmp_path):
     write_npz(tmp_path / "bloodmnist.npz", n=(16, 8, 8), channels=3, classes=8)
     data = dataloaders.load_dataset(default_cfg(dataset="bloodmnist", data_root=str(tmp_path)))
     assert data.name == "bloodmnist" and data.num_classes == 8
-    assert data.class_names[0] == INFO["bloodmnist"]["label"]["0"] and len(data.class_names) == 8
+    assert data.class_names[0] == "basophil" and data.class_names[7] == "platelet" and len(data.class_names) == 8
     assert data.train.x.shape == (16, 3, 32, 32)
     write_npz(tmp_path / "bloodmnist_64.npz", n=(8, 8, 8), hw=(64, 64), channels=3, classes=8)
     data = dataloaders.load_dataset(default_cfg(dataset="bloodmnist", data_root=str(tmp_path), medmnist_size=64))
@@ -186,15 +188,52 @@ def test_medmnist_missing_file_without_download(tmp_path):
     msg = one_line_error(info)
     assert msg == (
         f"bloodmnist: file {root}/bloodmnist.npz not found; set download: true (or --download=true) "
-        f"or fetch {INFO['bloodmnist']['url']} into {root}/"
+        f"or fetch https://zenodo.org/records/10519652/files/bloodmnist.npz?download=1 into {root}/"
     )
-    url_128 = re.escape(INFO["pathmnist"]["url_128"])
+    url_128 = re.escape("https://zenodo.org/records/10519652/files/pathmnist_128.npz?download=1")
     with pytest.raises(DataError, match=f"pathmnist_128.npz not found; .* fetch {url_128} into"):
         dataloaders.load_dataset(default_cfg(dataset="pathmnist", data_root=str(root), medmnist_size=128))
     assert not root.exists()
 
 
+def test_medmnist_names_class_names_and_urls_match_medmnist_info():
+    """The tables that spare every run the medmnist import are medmnist's own (checked where it is installed)."""
+    medmnist = pytest.importorskip("medmnist")
+    from medmnist.dataset import MedMNIST2D
+
+    single_label_2d = [
+        flag
+        for flag, info in medmnist.INFO.items()
+        if issubclass(getattr(medmnist, info["python_class"]), MedMNIST2D) and "multi-label" not in info["task"]
+    ]
+    assert list(medmnist_data.FLAGS) == single_label_2d
+    for flag in medmnist_data.FLAGS:
+        labels = medmnist.INFO[flag]["label"]
+        assert medmnist_data.CLASS_NAMES[flag] == tuple(labels[str(c)] for c in range(len(labels))), flag
+        for size in (28, 64, 128, 224):
+            url = medmnist.INFO[flag]["url" if size == 28 else f"url_{size}"]
+            assert medmnist_data.URL.format(file=medmnist_data.file_name(flag, size)) == url, (flag, size)
+
+
+def test_medmnist_is_imported_only_to_download(tmp_path, monkeypatch):
+    code = "import sys, dataloaders; print('medmnist' in sys.modules, 'bloodmnist' in dataloaders.DATASETS)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["False", "True"], result.stderr  # registered, not imported
+
+    monkeypatch.setitem(sys.modules, "medmnist", None)  # as on a machine without it
+    write_npz(tmp_path / "octmnist.npz", n=(8, 4, 4), classes=4)
+    assert dataloaders.load_dataset(default_cfg(dataset="octmnist", data_root=str(tmp_path))).num_classes == 4
+    with pytest.raises(DataError) as info:
+        dataloaders.load_dataset(default_cfg(dataset="pathmnist", data_root=str(tmp_path), download=True))
+    assert one_line_error(info).startswith("pathmnist: downloading needs the medmnist package, which cannot be")
+    assert "`pip install medmnist`, or fetch https://zenodo.org/records/10519652/files/pathmnist.npz?download=1 " in (
+        str(info.value)
+    )
+    assert not (tmp_path / "pathmnist.npz").exists()
+
+
 def test_medmnist_download_goes_through_medmnist(tmp_path, monkeypatch):
+    INFO = pytest.importorskip("medmnist").INFO
     calls = []
 
     def fake_download_url(url, root, filename, md5):
@@ -214,6 +253,46 @@ def test_medmnist_download_goes_through_medmnist(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"download of .*dermamnist_64\.npz.* failed") as info:
         medmnist_data.load_medmnist(default_cfg(data_root=str(root), download=True, medmnist_size=64), "dermamnist")
     one_line_error(info)
+
+
+# ----- identity for the provenance ---------------------------------------------------------------
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_each_data_set_names_the_file_it_read_for_the_provenance(tmp_path):
+    write_npz(tmp_path / "bloodmnist_64.npz", n=(8, 8, 8), hw=(64, 64), channels=3, classes=8)
+    write_npz(tmp_path / "mine.npz")
+    blood = default_cfg(dataset="bloodmnist", data_root=str(tmp_path), medmnist_size=64)
+    assert provenance.data_source(blood) == {
+        "dataset": "bloodmnist",
+        "data_path": str((tmp_path / "bloodmnist_64.npz").resolve()),
+        "data_sha256": sha256(tmp_path / "bloodmnist_64.npz"),
+    }
+    mine = default_cfg(dataset="npz", data_path=str(tmp_path / "mine.npz"))
+    assert provenance.data_source(mine)["data_sha256"] == sha256(tmp_path / "mine.npz")
+    assert provenance.data_source(default_cfg(dataset="bloodmnist", data_root=str(tmp_path))) == {
+        "dataset": "bloodmnist"  # the 28 px file is not there
+    }
+    assert provenance.data_source(default_cfg(dataset="digits")) == {"dataset": "digits"}  # no file of its own
+
+
+def test_a_data_set_registered_with_several_files_records_each(tmp_path, monkeypatch):
+    monkeypatch.setattr(registry, "DATASETS", {})
+    monkeypatch.setattr(provenance, "DATA_FILES", {})
+    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
+    a.write_bytes(b"a")
+    b.write_bytes(b"bb")
+    registry.register_dataset("pair", files=lambda cfg: [a, tmp_path / "absent", b])(lambda cfg: None)
+    assert "pair" in registry.DATASETS and set(provenance.DATA_FILES) == {"pair"}
+    cfg = config.Config({**default_cfg().to_dict(), "dataset": "pair"})  # bypasses the choices check
+    assert provenance.data_source(cfg) == {
+        "dataset": "pair",
+        "data_path": [str(a.resolve()), str(b.resolve())],
+        "data_sha256": [sha256(a), sha256(b)],
+    }
 
 
 # ----- CIFAR-100 ---------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Run loggers: the no-op base, credential detection, and wandb in offline mode (never the network)."""
 
 import logging
+import sys
 
 import pytest
 
@@ -149,3 +150,20 @@ def test_tensorboard_logs_the_scalars_and_figures_wandb_gets(make_cfg, tmp_path)
     assert len(events.Scalars("task1/loss")) == 2  # one per epoch
     assert {"accuracy_per_task", "accuracy_matrix", "confusion_matrix"} <= set(tags["images"])
     assert "config/text_summary" in tags["tensors"]
+
+
+@pytest.mark.parametrize("logger, module", [("wandb", "wandb"), ("tensorboard", "torch.utils.tensorboard")])
+def test_a_logger_whose_package_is_missing_ends_the_run_in_one_line(logger, module, tmp_path, monkeypatch, capsys):
+    import main
+
+    monkeypatch.setitem(sys.modules, module, None)  # the package cannot be imported
+    with pytest.raises(config.ConfigError) as info:
+        loggers.build_logger(_cfg(logger=logger), tmp_path / "run")
+    message = str(info.value)
+    assert message.startswith(f"logger: {logger} needs the {logger} package") and "\n" not in message
+    assert f"`pip install {logger}`" in message and "--logger=none" in message
+
+    argv = ["--nb_cl_fg=8", "--nb_cl=2", "--device=cpu", "--progress=false", f"--logger={logger}"]
+    assert main.main([*argv, f"--output_dir={tmp_path / 'out'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"error: {message}"]  # one line, no traceback
