@@ -441,3 +441,42 @@ def test_prepare_remaps_labels_to_class_order(tmp_path):
     assert data.class_names == raw.class_names  # original order: label p is named class_names[class_order[p]]
     with pytest.raises(ConfigError, match="nb_cl_fg"):
         dataloaders.prepare(default_cfg(dataset="npz", data_path=str(tmp_path / "d.npz"), nb_cl_fg=4))
+
+
+# ----- every registered data set, from files in its real on-disk format ----------------------------
+
+
+MEDMNIST_RGB = ("pathmnist", "dermamnist", "bloodmnist", "retinamnist")  # (N, 28, 28, 3); the others (N, 28, 28)
+
+
+def write_files_of(name: str, root) -> dict:
+    """Files in ``name``'s real on-disk format under ``root``; returns the keys that point the loader at them."""
+    if name == "digits":
+        return {}  # shipped with scikit-learn
+    if name == "npz":
+        write_npz(root / "any.npz", classes=3)
+        return {"data_path": str(root / "any.npz")}
+    if name in medmnist_data.FLAGS:
+        classes = len(medmnist_data.CLASS_NAMES[name])
+        n = (2 * classes, classes, classes)
+        write_npz(
+            root / medmnist_data.file_name(name, 28), n=n, classes=classes, channels=3 if "blood" in name else None
+        )
+        return {"data_root": str(root)}
+    if name == "cifar100":
+        write_cifar100(root, per_class=(2, 1))
+        return {"data_root": str(root)}
+    if name == "gtsrb":
+        write_gtsrb(root, per_class=2)
+        return {"data_root": str(root)}
+    raise AssertionError(f"data set {name!r} has no writer of its on-disk format here: add one (and a loader test)")
+
+
+@pytest.mark.parametrize("name", sorted(dataloaders.DATASETS))
+def test_every_registered_data_set_loads_from_files_in_its_real_format(name, tmp_path):
+    data = dataloaders.load_dataset(default_cfg(dataset=name, val_fraction=0.5, **write_files_of(name, tmp_path)))
+    assert data.train.x.dtype == torch.uint8 and data.train.x.ndim == 4 and data.train.x.shape[-1] >= 28
+    assert len(data.class_names) == data.num_classes
+    for split in (data.train, data.val, data.test):
+        assert len(split) > 0 and int(split.y.min()) >= 0 and int(split.y.max()) < data.num_classes
+    assert set(data.train.y.tolist()) == set(range(data.num_classes))  # every class can be learned
