@@ -183,11 +183,6 @@ def test_fused_moments_synthesis_stays_within_float_rounding_of_the_plain_one():
     assert torch.allclose(fused.images.x, plain.images.x, atol=1e-3)
 
 
-def test_a_cpu_optimises_two_batches_per_tensor_and_a_gpu_all():
-    assert ccsi.default_group_chunk("cpu") == 2
-    assert ccsi.default_group_chunk(torch.device("cuda", 0)) is None
-
-
 def test_synthesis_is_deterministic_and_seed_dependent():
     net = tiny_teacher()
     memory = tiny_memory(net)
@@ -289,7 +284,9 @@ def test_impressions_grid_and_log(tmp_path):
     assert len(images) == 16 and set(images.y.tolist()) <= {0, 1, 2}
     synthesis_terms = logged[0][0]
     assert set(synthesis_terms) >= {"synthesis/ce", "synthesis/bn", "synthesis/tv", "synthesis/l2", "synthesis/total"}
-    assert logged[1][0]["task2/impressions_teacher_accuracy"] == synthesis_terms["synthesis/teacher_accuracy"]
+    with torch.no_grad():  # the teacher's accuracy on the impressions it made, computed here independently
+        expected = 100.0 * (net(images.x.float())["logits"].argmax(1) == images.y).float().mean().item()
+    assert logged[1][0]["task2/impressions_teacher_accuracy"] == pytest.approx(expected, abs=1e-4)
     assert (tmp_path / "impressions_task_2.png").is_file()
     assert (tmp_path / "impressions_task_2.pdf").is_file()
     png, pdf = plot_impressions(tmp_path / "grid" / "impressions.png", images.x, images.y, None, per_class=4)

@@ -93,7 +93,8 @@ def test_a_new_method_and_data_set_touch_the_documented_files_and_are_picked_up(
     assert len(picked) == 2, collected.stdout[-2000:]  # its run + chaining, and its config + docstring
     checks = run(
         repo, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "throwaway or docs_config",
-        "tests/experiment/test_config.py", "tests/methods/test_methods.py::test_every_method_has_a_digits_config_and_a_description",
+        "tests/experiment/test_config.py",
+        "tests/methods/test_methods.py::test_every_method_has_a_digits_config_and_a_description",
         "tests/dataloaders/test_dataloaders.py",
     )  # fmt: skip
     # the docs and the method's config and docstring pass; the data set's smoke test asks for the one thing left:

@@ -8,6 +8,7 @@ import torch
 
 import main
 from experiment.checkpoint import load_checkpoint, task_checkpoint_path
+from experiment.config import ConfigError
 from experiment.errors import CheckpointError, TrainingError
 from incremental_train_and_eval import run
 from methods import METHODS
@@ -93,7 +94,9 @@ def test_resume_inside_a_task_equals_the_uninterrupted_run(make_cfg, tmp_path, m
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_partial_task_of_another_configuration_is_refused(make_cfg, tmp_path, monkeypatch):
+def test_a_partial_task_of_another_configuration_is_refused_and_one_of_other_run_keys_resumes(
+    make_cfg, tmp_path, monkeypatch
+):
     values = {**THREE_TASKS, "epochs": 3, "save_every_epochs": 1}
 
     def stop(self, ctx, epoch):
@@ -104,19 +107,24 @@ def test_a_partial_task_of_another_configuration_is_refused(make_cfg, tmp_path, 
     with pytest.raises(KeyboardInterrupt):
         run(make_cfg(**values))
     monkeypatch.undo()
-    with pytest.raises(CheckpointError, match="another configuration; delete it to restart task 1"):
+    with pytest.raises(
+        CheckpointError, match=r"task_1_partial.pt was trained with other values of lr \(0.05 there, 0.01 now\)"
+    ):
         run(make_cfg(resume=True, **{**values, "lr": 0.01}))
+    # one rule for both resume paths: keys of scope "run" may change (here, as for a finished task)
+    resumed = run(make_cfg(resume=True, **{**values, "eval_batch_size": 7}))
+    assert resumed["num_tasks"] == 3
 
 
 def test_existing_run_is_not_overwritten_silently(make_cfg, tmp_path):
     cfg = make_cfg(task=1, **THREE_TASKS)
     run(cfg)
-    with pytest.raises(Exception, match="already holds checkpoints.*--resume=true"):
+    with pytest.raises(ConfigError, match="already holds checkpoints.*--resume=true"):
         run(make_cfg(**THREE_TASKS))
 
 
 def test_task_needs_the_previous_checkpoint(make_cfg, tmp_path):
-    with pytest.raises(Exception, match="task 2 needs --saved_model_address"):
+    with pytest.raises(ConfigError, match="task 2 needs --saved_model_address"):
         run(make_cfg(task=2, **THREE_TASKS))
     run(make_cfg(task=1, **THREE_TASKS))
     first = str(task_checkpoint_path(tmp_path / "run", 1))

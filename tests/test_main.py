@@ -73,7 +73,7 @@ def test_list_prints_methods_data_sets_and_configs(capsys):
         assert any(ln.startswith(f"  {name} ") for ln in lines), name
     text = "\n".join(lines)
     assert "\n  bloodmnist    ccsi " in text and "sweep_task_4" in text and "_base" not in text
-    for folder in (ROOT / "configs").iterdir():
+    for folder in (p for p in (ROOT / "configs").iterdir() if p.is_dir()):
         assert f"\n  {folder.name} " in text
 
 

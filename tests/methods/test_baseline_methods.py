@@ -205,8 +205,8 @@ def test_der_needs_a_linear_head(make_cfg):
 )
 def test_two_tasks_run_and_resume_from_the_first_checkpoint(method, extra, make_cfg, tmp_path):
     full = run(make_cfg(method=method, output_dir=str(tmp_path / "full"), **TWO_TASKS, **extra))
-    first, last = full["accuracy_per_task"]
-    assert first > 50 and 15 < last <= 100  # 5 then 10 classes after one epoch each
+    first = full["accuracy_per_task"][0]
+    assert first > 50  # 5 classes (chance: 20%) after one epoch
     state = load_checkpoint(task_checkpoint_path(tmp_path / "full", 1))["method"]
     if method == "ewc":
         assert state["fisher"] and state["anchor"].keys() == state["fisher"].keys()

@@ -119,9 +119,10 @@ def test_medmnist_ccsi_configs_run_end_to_end(tmp_path, dataset, n_classes, chan
         },
     )
     summary = run(cfg)
-    assert len(summary["accuracy_per_task"]) == n_tasks
-    assert summary["protocol"] == "improved"
-    assert all(0.0 <= a <= 100.0 for a in summary["accuracy_per_task"])
+    assert summary["protocol"] == "improved" and len(summary["task_sizes"]) == n_tasks
+    assert [len(row) for row in summary["accuracy_matrix"]] == list(range(1, n_tasks + 1))
+    tasks = json.loads((tmp_path / "run" / "metrics.json").read_text())["tasks"]
+    assert all(sum(t["extra"]["data_access"].values()) == 0 for t in tasks)  # data-free on every path, every task
 
 
 def test_sweep_files_chain_task_1_to_2_on_digits(tmp_path):

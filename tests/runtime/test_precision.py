@@ -2,9 +2,6 @@
 
 import contextlib
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -19,7 +16,6 @@ from experiment import config
 from experiment.config import ConfigError
 from methods.ccsi import synthesize_classes
 from runtime import precision
-from tiny import ROOT
 
 CPU = torch.device("cpu")
 
@@ -107,12 +103,16 @@ def test_compiled_synthesis_step_gives_the_same_impressions(make_cfg, monkeypatc
 
 
 def test_bf16_synthesis_keeps_float32_terms_close_to_fp32(make_cfg):
-    cfg = make_cfg(nb_generation=2, syn_batch_size=4, syn_iterations=0)
+    cfg = make_cfg(nb_generation=2, syn_batch_size=4, syn_iterations=6, syn_warmup=1)
     teacher, memory = build_teacher(cfg, 3, CPU)
     fp32 = synthesize_classes(teacher, 3, (3, 32, 32), cfg, 0, CPU, memory)
     bf16 = synthesize_classes(teacher, 3, (3, 32, 32), cfg.replace(precision="bf16"), 0, CPU, memory)
+    start = synthesize_classes(teacher, 3, (3, 32, 32), cfg.replace(syn_iterations=0), 0, CPU, memory)
     assert bf16.best_loss.dtype == torch.float32
-    assert torch.allclose(bf16.best_loss, fp32.best_loss, rtol=0.05)  # same initial images, bf16 products
+    assert (fp32.best_loss < start.best_loss).all()  # six Adam steps lowered every batch's loss ...
+    assert torch.allclose(bf16.best_loss, fp32.best_loss, rtol=0.05)  # ... and bf16 products follow fp32's path
+    moved = (fp32.images.x - start.images.x).abs().mean()
+    assert (bf16.images.x - fp32.images.x).abs().mean() < 0.5 * moved  # measured: 0.012 vs 0.072 moved
 
 
 def write_digits(path, classes: int, n_train: int) -> str:
@@ -158,34 +158,3 @@ def test_low_precision_trains_to_the_fp32_accuracy_within_tolerance(tmp_path, di
 def test_a_compiled_run_equals_the_fp32_run(tmp_path, digits_01, fp32_accuracy, monkeypatch):
     monkeypatch.setattr(precision, "BACKEND", "eager")  # the same operations, traced by dynamo
     assert run_task_one(digits_01, tmp_path, compile=True) == fp32_accuracy
-
-
-def ccsi_two_tasks(folder, **overrides) -> list[float]:
-    """Accuracies after each task of CCSI on digits 0-3 in two tasks (2 + 2 classes; 200 training images), run by
-    main.py in a fresh process with one thread: these tiny runs are chaotic, and state left in this process by
-    earlier tests (compiled graphs, kernel caches) moved task 2 beyond the tolerance below (seen once)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    data = write_digits(folder / "digits0123.npz", 4, 200)
-    values = {"dataset": "npz", "data_path": data, "method": "ccsi", "device": "cpu", "progress": False}
-    values.update(protocol="clean")  # the dynamics these tolerances were measured with (running-statistics targets)
-    values.update(nb_cl_fg=2, nb_cl=2, epochs=4, batch_size=16, lr=0.02, select_on="last", idc_source="val")
-    values.update(nb_generation=2, syn_batch_size=8, syn_iterations=10, syn_warmup=2, output_dir=str(folder / "run"))
-    argv = [f"--{k}={v}" for k, v in {**values, **overrides}.items()]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, str(ROOT / "main.py"), *argv], check=True, env=env, capture_output=True)
-    return json.loads((folder / "run" / "metrics.json").read_text())["accuracy_per_task"]
-
-
-@pytest.fixture(scope="module")
-def ccsi_fp32(tmp_path_factory) -> list[float]:
-    return ccsi_two_tasks(tmp_path_factory.mktemp("ccsi_fp32"))
-
-
-# Tolerance in accuracy points (100 test images per task). Task 1 (no synthesis): 3. Task 2: 15, the scale of
-# this tiny run's chaos: seed 1 instead of 0 moves it 92 -> 87 (and task 1 88 -> 78); measured with the switches:
-# syn_fused_moments 79, bf16 85. Forgetting the old classes altogether would give about 50.
-@pytest.mark.parametrize("switch", [{"syn_fused_moments": True}, {"precision": "bf16"}])
-def test_ccsi_with_a_speed_switch_stays_within_tolerance_of_fp32(tmp_path, ccsi_fp32, switch):
-    accuracies = ccsi_two_tasks(tmp_path, **switch)
-    assert ccsi_fp32[1] > 80  # synthesis and distillation did their work: old classes are not forgotten
-    assert abs(accuracies[0] - ccsi_fp32[0]) <= 3.0 and abs(accuracies[1] - ccsi_fp32[1]) <= 15.0
