@@ -1,5 +1,5 @@
 """ABD's class balance of the CE terms (the method runs end to end in test_methods.py and on shards in
-test_data_free_shards.py)."""
+tests/runtime/test_distributed.py)."""
 
 import torch
 

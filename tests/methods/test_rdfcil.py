@@ -1,5 +1,5 @@
 """R-DFCIL's loss factors by hand (the method runs end to end in test_methods.py and on shards in
-test_data_free_shards.py)."""
+tests/runtime/test_distributed.py)."""
 
 import math
 
