@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from experiment.config import Option, register_options, register_preset
 from methods import (  # noqa: F401  (each module registers its method)
+    abd,
     ccsi,
     deepinversion,
     der,
@@ -19,6 +20,8 @@ from methods import (  # noqa: F401  (each module registers its method)
     joint,
     lucir,
     lwf,
+    pass_,
+    rdfcil,
     rehearsal_kd,
     wa,
 )

@@ -22,10 +22,14 @@ __all__ = [
     "IntraDomainContrastive",
     "adaptive_lambda",
     "class_balance_weights",
+    "feature_distance",
+    "gather_rows",
     "kd_loss",
     "less_forget",
     "margin_ranking",
+    "rkd_angle",
     "weighted_cross_entropy",
+    "weighted_feature_kd",
 ]
 
 register_options(
@@ -222,3 +226,57 @@ class IntraDomainContrastive:
         if memory is None:  # zero memory after reset: the first step gives ro * batch means
             return self.ro * batch_means
         return (1.0 - self.ro) * memory + self.ro * batch_means
+
+
+# ----- data-free distillation (ABD, R-DFCIL, PASS) ---------------------------------------------------------------
+
+
+def gather_rows(x: Tensor, shard: BatchShard) -> Tensor:
+    """The global batch's rows (N, ...) from this process's rows ``x`` (n, ...), differentiable (``x`` itself for a
+    whole batch): for a loss that couples every pair of rows (relational distillation)."""
+    if shard.whole:
+        return x
+    assert shard.rows is not None
+    full = x.new_zeros(shard.size, *x.shape[1:])
+    full[shard.rows] = x
+    return shard.total(full)
+
+
+def weighted_feature_kd(features: Tensor, old_features: Tensor, old_weight: Tensor) -> Tensor:
+    """ABD's importance-weighted feature distillation: mean_i ||W_old (f_i - f*_i)||^2 / n_old, for features and the
+    frozen previous model's features (B, D) and the previous linear head's weight W_old (n_old, D) (Smith et al.
+    2021; their code: MSE of the previous head's logits on both features, summed over classes, / n_old)."""
+    if features.dim() != 2 or features.shape != old_features.shape or old_weight.shape[1:] != features.shape[1:]:
+        raise ValueError(
+            f"weighted_feature_kd: expected (B, D), (B, D), (n_old, D), got {tuple(features.shape)}, "
+            f"{tuple(old_features.shape)}, {tuple(old_weight.shape)}"
+        )
+    diff = (features - old_features.detach()) @ old_weight.detach().t()  # (B, n_old)
+    return diff.pow(2).sum(dim=1).mean() / old_weight.shape[0]
+
+
+def rkd_angle(student: Tensor, teacher: Tensor, shard: BatchShard) -> Tensor:
+    """Relational (angle-wise) distillation of Park et al. 2019 as in R-DFCIL's code: for every triple (i, j, k) of
+    the global batch, the cosine of the angle between e_j - e_i and e_k - e_i; L1 between the student's (N, P) and the
+    teacher's (N, P) cosines, mean over the N^3 triples (i = j gives a zero difference: cosine 0). The teacher side
+    is not detached: R-DFCIL trains a projection of the frozen teacher's features too."""
+    if student.dim() != 2 or student.shape != teacher.shape:
+        raise ValueError(
+            f"rkd_angle: expected two (N, P) tensors, got {tuple(student.shape)} and {tuple(teacher.shape)}"
+        )
+    s, t = gather_rows(student, shard), gather_rows(teacher, shard)
+
+    def angles(e: Tensor) -> Tensor:
+        d = F.normalize(e.unsqueeze(0) - e.unsqueeze(1), p=2, dim=2)  # (N, N, P): row i holds e_j - e_i
+        return torch.bmm(d, d.transpose(1, 2))  # (N, N, N)
+
+    return F.l1_loss(angles(s), angles(t))
+
+
+def feature_distance(features: Tensor, old_features: Tensor, shard: BatchShard) -> Tensor:
+    """PASS's feature distillation ``torch.dist(f, f_old, 2)``: the L2 norm of the whole global batch's difference
+    (B, D), not a mean over samples (Zhu et al. 2021's code); zero gradient where the difference is zero."""
+    if features.shape != old_features.shape:
+        raise ValueError(f"feature_distance: shapes differ, {tuple(features.shape)} and {tuple(old_features.shape)}")
+    squares = shard.total((features - old_features.detach()).pow(2).sum())
+    return torch.sqrt(squares.clamp(min=1e-12))

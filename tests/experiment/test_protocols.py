@@ -105,6 +105,17 @@ def test_ccsi_sees_no_old_class_image_under_either_data_free_protocol(protocol, 
     assert audit("ccsi", tmp_path, f"--protocol={protocol}") == dict.fromkeys([*PATHS, "total"], 0)
 
 
+# Generator inversion and the head refit at tiny sizes (the digits configs train the generator for 40 steps).
+TINY_GENERATOR = ["--gen_iterations=2", "--gen_batch_size=8", "--gen_width=8", "--gen_z_dim=16", "--rdfcil_ft_epochs=1"]
+
+
+@pytest.mark.parametrize("protocol", ["clean", "improved"])
+@pytest.mark.parametrize("method", ["abd", "rdfcil", "pass"])
+def test_new_data_free_methods_see_no_old_class_image_under_either_protocol(method, protocol, tmp_path):
+    counts = audit(method, tmp_path, f"--protocol={protocol}", *TINY_GENERATOR)
+    assert counts == dict.fromkeys([*PATHS, "total"], 0)
+
+
 def test_the_audit_counts_the_released_protocol_and_rehearsal(tmp_path):
     original = audit("ccsi", tmp_path, "--protocol=original")
     old_test = 433  # digits' test split holds 433 images of classes 0-7

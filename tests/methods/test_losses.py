@@ -239,3 +239,42 @@ def test_masked_mean_averages_the_selected_entries_and_is_zero_without_any():
     assert values.grad.tolist() == [0.5, 0.0, 0.5, 0.0]
     empty = losses.masked_mean(values, torch.zeros(4, dtype=torch.bool), WHOLE)
     assert empty.item() == 0.0 and empty.requires_grad
+
+
+# ----- data-free distillation: ABD, R-DFCIL, PASS ----------------------------------------------------------------
+
+
+def test_weighted_feature_kd_goes_through_the_old_head_weights():
+    features, old = torch.tensor([[1.0, 0.0], [0.0, 0.0]]), torch.zeros(2, 2)
+    weight = torch.tensor([[1.0, 1.0], [2.0, 0.0]])  # 2 old classes
+    # row 0: W (f - f*) = (1, 2): 1 + 4 = 5; row 1: 0; mean over rows 2.5, / n_old 2 = 1.25
+    assert close(losses.weighted_feature_kd(features, old, weight), 1.25)
+    assert close(losses.weighted_feature_kd(old, old, weight), 0.0)
+    features.requires_grad_(True)
+    losses.weighted_feature_kd(features, old, weight).backward()
+    # d/df0 of (f0 . w1)^2 + (f0 . w2)^2 over 2 rows and 2 classes: (2 * 1 * w1 + 2 * 2 * w2) / 4 = (2.5, 0.5)
+    assert close(features.grad, torch.tensor([[2.5, 0.5], [0.0, 0.0]]))
+    with pytest.raises(ValueError, match="weighted_feature_kd"):
+        losses.weighted_feature_kd(features, old, torch.ones(2, 3))
+
+
+def test_rkd_angle_on_three_points_by_hand():
+    right = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])  # a right angle at point 0
+    line = torch.tensor([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0]])  # collinear
+    assert close(losses.rkd_angle(right, right.clone(), WHOLE), 0.0)
+    # |cos differences| per anchor i: i=0: 1 + 1; i=1: 2 * (1 + 1/sqrt 2); i=2: 2 * (1 - 1/sqrt 2); total 6 over 27
+    assert close(losses.rkd_angle(right, line, WHOLE), 6.0 / 27.0)
+    assert close(losses.rkd_angle(2 * right + 1, right, WHOLE), 0.0), "angles ignore scale and shift"
+
+
+def test_feature_distance_is_the_norm_of_the_whole_difference():
+    assert close(losses.feature_distance(torch.tensor([[3.0, 4.0]]), torch.zeros(1, 2), WHOLE), 5.0)
+    assert close(losses.feature_distance(torch.tensor([[3.0, 0.0], [0.0, 4.0]]), torch.zeros(2, 2), WHOLE), 5.0)
+    f = torch.zeros(2, 2, requires_grad=True)
+    losses.feature_distance(f, torch.zeros(2, 2), WHOLE).backward()
+    assert torch.equal(f.grad, torch.zeros(2, 2)), "no NaN gradient where student and teacher agree"
+
+
+def test_gather_rows_of_a_whole_batch_is_the_batch():
+    x = torch.randn(3, 2)
+    assert losses.gather_rows(x, WHOLE) is x

@@ -422,6 +422,11 @@ METHOD_STEP = {
     "syn_warmup": 1,
     "idc_source": "train",
     "K": 1,
+    "gen_iterations": 2,  # abd, rdfcil: their generator trains thousands of steps at the keys' defaults
+    "gen_batch_size": 8,
+    "gen_width": 8,
+    "gen_z_dim": 16,
+    "rdfcil_ft_epochs": 1,
 }
 
 
