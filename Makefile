@@ -3,7 +3,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum requirements.txt | cut -d' ' -f1)
 
-.PHONY: demo test lint format clean
+# Tests run on every core (pytest-xdist), each worker with one torch thread (tests/conftest.py).
+JOBS ?= $(shell nproc)
+
+.PHONY: demo test test-fast lint format clean
 
 $(STAMP): requirements.txt
 	python3 -m venv $(VENV)
@@ -15,7 +18,11 @@ demo: $(STAMP)
 	$(PY) main.py demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(JOBS) --dist worksteal
+
+# The edit loop: unit tests only (no whole runs, no subprocesses), under two minutes.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -n $(JOBS) --dist worksteal -m "not e2e"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
