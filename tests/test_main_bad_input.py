@@ -410,7 +410,7 @@ def test_failed_write_is_one_line_and_keeps_the_earlier_file(tmp_path, monkeypat
         "checkpoint_rename": (os, "replace"),
         "metrics": (os, "replace"),
         "plot": (Figure, "savefig"),
-        "config": (type(old), "write_text"),
+        "config": (os, "replace"),
     }[target]
     monkeypatch.setattr(*patch, _fail(code))
     with pytest.raises(OutputError) as info:
@@ -420,9 +420,8 @@ def test_failed_write_is_one_line_and_keeps_the_earlier_file(tmp_path, monkeypat
         f"cannot write {old}: {reason}; the files written before it are intact: free space or fix the permissions, "
         "then rerun with --resume=true (or choose another --output_dir)"
     )
-    if target != "config":  # config.yaml is rewritten whole from the run's configuration
-        assert old.read_bytes() == b"earlier contents"
-        assert sorted(p.name for p in tmp_path.iterdir()) == [old.name]  # no temporary file left behind
+    assert old.read_bytes() == b"earlier contents"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [old.name]  # no temporary file left behind
 
 
 def test_disk_full_during_a_run_keeps_the_finished_tasks(tmp_path, capsys, monkeypatch):
@@ -461,7 +460,7 @@ def test_disk_full_during_a_run_keeps_the_finished_tasks(tmp_path, capsys, monke
         (bytes(range(200, 256)) * 4, "is not a checkpoint written by this framework (a torch.save zip archive) (it "),
         (b"model weights\n", "is a text file (it starts with 'model weights\\n'), not a checkpoint"),
         (b"\x80\x04K\x01.", "is a Python pickle, not a checkpoint"),
-        (b"PK\x03\x04 truncated zip", "is corrupt or unreadable"),
+        (b"PK\x03\x04 truncated zip", "is truncated (an interrupted copy or write); copy it again, or delete it"),
     ],
 )
 def test_a_file_that_is_not_a_checkpoint_is_named_for_what_it_is(tmp_path, capsys, content, expected):
