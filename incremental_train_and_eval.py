@@ -294,6 +294,8 @@ def build_run(cfg: Config, device: torch.device) -> RunState:
 
 def continued_checkpoint(cfg: Config) -> tuple[Config, TaskCheckpoint | None]:
     """The checkpoint ``saved_model_address`` names (``best:<folder>`` resolved), checked against ``cfg``."""
+    if cfg.saved_model_address is not None:  # a name too long for the file system: one line, not an OSError
+        config.check_path_names("saved_model_address", Path(cfg.saved_model_address.removeprefix("best:")))
     cfg = resolve_saved_model_address(cfg)
     if cfg.saved_model_address is None:
         return cfg, None
