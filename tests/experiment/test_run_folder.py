@@ -112,6 +112,39 @@ def test_overwrite_moves_the_old_run_aside_so_a_killed_rerun_never_adopts_its_ch
     assert metrics(out)["accuracy_matrix"] == metrics(reference)["accuracy_matrix"]  # seed 1 only
 
 
+def test_a_resume_with_other_code_says_so_in_one_line_and_each_task_records_its_commit(tmp_path, monkeypatch, caplog):
+    from experiment import provenance
+
+    out = tmp_path / "run"
+    code = {"commit": "a" * 40, "dirty": False}
+    monkeypatch.setattr(provenance, "git_commit", lambda root=None: dict(code))
+
+    def stop(self, ctx, epoch):
+        if ctx.task == 2:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(Finetune, "on_epoch_start", stop)
+        assert run_main([f"--output_dir={out}"])[0] == 130
+    code.update(commit="b" * 40, dirty=True)  # a new commit, with uncommitted changes
+    caplog.clear()
+    assert run_main([f"--output_dir={out}", "--resume=true"])[0] == 0
+    lines = [r.getMessage() for r in caplog.records if "other code" in r.getMessage()]
+    assert lines == [
+        f"resuming with other code than task 1 ran with: commit {'b' * 12} with uncommitted changes now, commit "
+        f"{'a' * 12} then (each task's commit is recorded in metrics.json)"
+    ]
+    doc = metrics(out)
+    assert [t["code"] for t in doc["tasks"]] == [
+        {"commit": "a" * 40, "dirty": False},
+        {"commit": "b" * 40, "dirty": True},
+        {"commit": "b" * 40, "dirty": True},
+    ]
+    assert (doc["commit"], doc["dirty"]) == ("b" * 40, True)  # the code that finished the run
+    first = TaskCheckpoint.load(task_checkpoint_path(out, 1)).metrics["tasks"][0]["extra"]["code"]
+    assert first == {"commit": "a" * 40, "dirty": False}
+
+
 @pytest.mark.parametrize(
     ("first", "args", "message"),
     [
