@@ -75,8 +75,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} {kind}; give a task_<t>.pt written by a run")
     if not is_complete_archive(path):
         raise CheckpointError(
-            f"checkpoint {path} is truncated (an interrupted copy or write); copy it again, or delete it and rerun "
-            "that task (in its own run folder, --resume=true retrains it)"
+            f"checkpoint {path} is corrupt or unreadable (truncated: an interrupted copy or write); copy it again, or "
+            "delete it and rerun that task (in its own run folder, --resume=true retrains it)"
         )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

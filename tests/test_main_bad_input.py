@@ -460,7 +460,10 @@ def test_disk_full_during_a_run_keeps_the_finished_tasks(tmp_path, capsys, monke
         (bytes(range(200, 256)) * 4, "is not a checkpoint written by this framework (a torch.save zip archive) (it "),
         (b"model weights\n", "is a text file (it starts with 'model weights\\n'), not a checkpoint"),
         (b"\x80\x04K\x01.", "is a Python pickle, not a checkpoint"),
-        (b"PK\x03\x04 truncated zip", "is truncated (an interrupted copy or write); copy it again, or delete it"),
+        (
+            b"PK\x03\x04 truncated zip",
+            "is corrupt or unreadable (truncated: an interrupted copy or write); copy it again",
+        ),
     ],
 )
 def test_a_file_that_is_not_a_checkpoint_is_named_for_what_it_is(tmp_path, capsys, content, expected):

@@ -116,8 +116,8 @@ def test_a_truncated_last_checkpoint_is_named_on_load_and_retrained_on_resume(tm
     with pytest.raises(CheckpointError) as info:
         TaskCheckpoint.load(out / "task_2.pt")
     assert str(info.value) == (
-        f"checkpoint {out / 'task_2.pt'} is truncated (an interrupted copy or write); copy it again, or delete it and "
-        "rerun that task (in its own run folder, --resume=true retrains it)"
+        f"checkpoint {out / 'task_2.pt'} is corrupt or unreadable (truncated: an interrupted copy or write); copy it "
+        "again, or delete it and rerun that task (in its own run folder, --resume=true retrains it)"
     )
     assert resume(out) == 0
     [aside] = out.glob("replaced-*")
