@@ -18,7 +18,7 @@ import contextlib
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +122,7 @@ class RunState:
     output_dir: Path
     logger: RunLogger
     run_hash: str = ""  # the run's identity (identity.run_hash)
+    code: dict[str, Any] = field(default_factory=dict)  # the commit and dirty flag this process runs (per task)
 
 
 # ----- one task ----------------------------------------------------------------------------------------------
@@ -185,6 +186,7 @@ def run_task(state: RunState, task: int) -> None:
         "seconds_after_task": done - trained,
         "history": training["history"],  # per epoch: lr, mean loss terms, monitored accuracy (history.csv)
         "data_access": ctx.access.counts(),  # real images of old classes that reached the method, per path
+        "code": dict(state.code),  # the commit (and dirty flag) this task ran with: a resume may use another
     }
     if rank_fingerprints:
         extra["rank_state_fingerprints"] = rank_fingerprints  # method state of each rank before the broadcast
@@ -292,6 +294,8 @@ def build_run(cfg: Config, device: torch.device) -> RunState:
 
 def continued_checkpoint(cfg: Config) -> tuple[Config, TaskCheckpoint | None]:
     """The checkpoint ``saved_model_address`` names (``best:<folder>`` resolved), checked against ``cfg``."""
+    if cfg.saved_model_address is not None:  # a name too long for the file system: one line, not an OSError
+        config.check_path_names("saved_model_address", Path(cfg.saved_model_address.removeprefix("best:")))
     cfg = resolve_saved_model_address(cfg)
     if cfg.saved_model_address is None:
         return cfg, None
@@ -312,10 +316,39 @@ def start_run(state: RunState, parent: TaskCheckpoint | None, main_process: bool
         ckpt = TaskCheckpoint.load(plan.restore)
         check_same_run(ckpt.config, cfg, str(plan.restore))
         restore(state, ckpt, plan.restore)
-        log.info("resuming %s after task %d", state.output_dir, ckpt.task)
+        if main_process:
+            for t in range(1, ckpt.task + 1):  # a task in progress saved just before its task_<t>.pt was written
+                partial_checkpoint_path(state.output_dir, t).unlink(missing_ok=True)
+            note_code_change(state, ckpt.task)
+        if plan.first > plan.last:
+            log.info("resuming %s: every task is trained; writing the run's outputs", state.output_dir)
+        else:
+            log.info("resuming %s after task %d", state.output_dir, ckpt.task)
     elif parent is not None:
         restore(state, parent, parent_path)
     return list(range(plan.first, plan.last + 1))
+
+
+def note_code_change(state: RunState, task: int) -> None:
+    """One line when a resumed run goes on with other code than its tasks so far ran (another commit, or
+    uncommitted changes); each task records its own in metrics.json (``tasks[i].code``)."""
+    before = state.metrics.extras[task - 1].get("code", {}) if len(state.metrics) >= task else {}
+    now = state.code
+    if before.get("commit") == now.get("commit") and not now.get("dirty") and not before.get("dirty"):
+        return
+    log.warning(
+        "resuming with other code than task %d ran with: %s now, %s then (each task's commit is recorded in "
+        "metrics.json)",
+        task,
+        _code_text(now),
+        _code_text(before) if before else "unrecorded",
+    )
+
+
+def _code_text(code: dict[str, Any]) -> str:
+    return f"commit {str(code.get('commit', 'unknown'))[:12]}" + (
+        " with uncommitted changes" if code.get("dirty") else ""
+    )
 
 
 def _run(cfg: Config, device: torch.device, main_process: bool) -> dict[str, Any]:
@@ -326,6 +359,7 @@ def _run(cfg: Config, device: torch.device, main_process: bool) -> dict[str, Any
     cfg = cfg.replace(output_dir=str(output_dir))
     state = build_run(cfg, device)
     state.run_hash = run_hash
+    state.code = provenance.git_commit()
     lock = RunFolder(output_dir).lock() if main_process else contextlib.nullcontext()
     with lock:
         tasks = start_run(state, parent, main_process)
@@ -360,15 +394,18 @@ def _run(cfg: Config, device: torch.device, main_process: bool) -> dict[str, Any
 
 
 def finish_run(state: RunState, main_process: bool) -> dict[str, Any]:
-    """The run's summary; rank 0 writes metrics.json/csv with the provenance, the plots and the logger's summary."""
+    """The run's summary; rank 0 writes history.csv, the plots, the logger's summary and, last (so that its presence
+    says the run's outputs are complete), metrics.json/csv with the provenance. A resume after the last task redoes
+    exactly this."""
     summary = state.metrics.summary()
     if main_process:
-        info = provenance.collect(state.cfg, state.device, state.run_hash)
-        state.metrics.write(state.output_dir, info)
-        state.logger.log_summary(summary)
+        state.metrics.write_history(state.output_dir)
         class_names = [state.splits.class_names[c] for c in state.scenario.class_order]
         title = run_title(state.cfg.dataset, state.cfg.method, state.cfg.protocol)
         for path in write_run_plots(state.output_dir, summary, class_names, title):
             if path.suffix == ".png":  # the .pdf twins stay in the run folder
                 state.logger.log_image(path.stem, path)
+        state.logger.log_summary(summary)
+        info = provenance.collect(state.cfg, state.device, state.run_hash)
+        state.metrics.write(state.output_dir, info)
     return summary

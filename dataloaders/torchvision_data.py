@@ -1,13 +1,15 @@
 """GTSRB and CIFAR-100, read from torchvision's on-disk layouts (``download: true`` fetches through torchvision).
 
-The files are read here rather than through the torchvision classes (CIFAR's MD5 checks would reject
-any other copy of the files). Neither set has a validation split: ``val_fraction`` of train is carved
+The files are read here rather than through the torchvision classes. CIFAR-100's files are Python pickles, and
+unpickling a file can run any code in it: each is first checked against torchvision's published MD5 checksums
+and refused (one line) when it differs. Neither set has a validation split: ``val_fraction`` of train is carved
 out, stratified, with the run's ``seed``.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 import pickle
 from pathlib import Path
@@ -28,6 +30,11 @@ log = logging.getLogger(__name__)
 GTSRB_CLASSES = 43
 CIFAR100_CLASSES = 100
 GTSRB_SIZE = 32
+# torchvision's published checksums of the CIFAR-100 files (its CIFAR100 class's attributes)
+_CIFAR = torchvision.datasets.CIFAR100
+CIFAR100_MD5 = {name: md5 for name, md5 in [*_CIFAR.train_list, *_CIFAR.test_list]} | {
+    _CIFAR.meta["filename"]: _CIFAR.meta["md5"]
+}
 
 
 def carve_val(train: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
@@ -50,7 +57,25 @@ def _fetch(name: str, fetch, root: Path) -> None:
 # ----- CIFAR-100 -------------------------------------------------------------------------------
 
 
+def _check_md5(path: Path) -> None:
+    """Refuse a CIFAR-100 file whose MD5 is not torchvision's: it would be unpickled, which can run code."""
+    digest = hashlib.md5(usedforsecurity=False)
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as err:
+        raise DataError(f"cifar100: cannot read {path} ({err.strerror})") from None
+    expected = CIFAR100_MD5.get(path.name)
+    if digest.hexdigest() != expected:
+        raise DataError(
+            f"cifar100: {path} is not torchvision's CIFAR-100 file (md5 {digest.hexdigest()}, expected {expected}); "
+            "it would be unpickled, which can run code: delete it and download again (--download=true)"
+        )
+
+
 def _unpickle(path: Path) -> dict:
+    _check_md5(path)
     try:
         with open(path, "rb") as f:
             return pickle.load(f, encoding="bytes")

@@ -1,4 +1,4 @@
-"""Checkpoints: the layout of each kind as a dataclass, written atomically (temp file, then rename), and loaded
+"""Checkpoints: the layout of each kind as a dataclass, written atomically (``files.atomic_file``), and loaded
 with one clear error when a file is missing, corrupt, of another kind or format, or lacks an entry.
 
 - ``TaskCheckpoint`` (``task_<t>.pt``): everything a later run needs to continue after task t.
@@ -8,10 +8,9 @@ with one clear error when a file is missing, corrupt, of another kind or format,
 
 from __future__ import annotations
 
-import os
 import random
 import re
-import tempfile
+import zipfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -19,7 +18,8 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 import torch
 
-from experiment.errors import CheckpointError, what_file_is, writing
+from experiment.errors import CheckpointError, what_file_is
+from experiment.files import atomic_file
 
 FORMAT_VERSION = 2
 _TASK_FILE = re.compile(r"^task_(\d+)\.pt$")
@@ -41,34 +41,43 @@ def partial_checkpoint_path(output_dir: str | Path, task: int) -> Path:
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename over ``path``.
+    """torch.save through ``files.atomic_file`` (temporary file, fsync, rename over ``path``).
 
-    A failed write (full disk, read-only folder) leaves ``path`` as it was and raises a one-line OutputError.
+    A failed write (full disk, file size limit, read-only folder) leaves ``path`` as it was and raises a one-line
+    OutputError, also when torch reports it as a RuntimeError.
     """
-    path = Path(path)
-    with writing(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(obj, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+    with atomic_file(path) as f:
+        torch.save(obj, f)
+
+
+def is_complete_archive(path: str | Path) -> bool:
+    """Whether ``path`` is a whole zip archive (its central directory, written last, is there): a truncated
+    checkpoint is not. Reads the end of the file only."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return bool(archive.namelist())
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint written by ``save_atomic``; a clear CheckpointError if it is missing or corrupt."""
     path = Path(path)
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except OSError as err:  # e.g. a name longer than the file system allows
+        raise CheckpointError(f"cannot read checkpoint {path}: {err.strerror}; check the path") from None
+    if not found:
         raise CheckpointError(f"checkpoint not found: {path}")
     with path.open("rb") as f:
         kind = what_file_is(f.read(64), "a checkpoint written by this framework (a torch.save zip archive)")
     if kind is not None:
         raise CheckpointError(f"checkpoint {path} {kind}; give a task_<t>.pt written by a run")
+    if not is_complete_archive(path):
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or unreadable (truncated: an interrupted copy or write); copy it again, or "
+            "delete it and rerun that task (in its own run folder, --resume=true retrains it)"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # any unpickling/zip error means the file is unusable

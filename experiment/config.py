@@ -30,7 +30,8 @@ import yaml
 
 from experiment import protocols
 from experiment.config_files import read_config_file
-from experiment.errors import ConfigError, writing
+from experiment.errors import ConfigError
+from experiment.files import write_text
 
 log = logging.getLogger(__name__)
 
@@ -304,9 +305,7 @@ class Config:
         return out
 
     def save(self, path: str | Path) -> None:
-        with writing(path):
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 def expand_path(key: str, raw: str) -> Path:
@@ -315,7 +314,24 @@ def expand_path(key: str, raw: str) -> Path:
     unset = re.search(r"\$(\w+|\{[^}]*\})", text)
     if unset:
         raise ConfigError(f"key '{key}': environment variable {unset.group(0)} is not set (in {raw!r})")
+    check_path_names(key, Path(text))
     return Path(text)
+
+
+NAME_MAX = 255  # bytes in one file or folder name on common file systems (ext4, xfs, btrfs, NFS)
+
+
+def check_path_names(key: str, path: Path) -> None:
+    """Refuse a path with a file or folder name longer than the file system allows (ENAMETOOLONG otherwise)."""
+    for part in path.parts:
+        size = len(os.fsencode(part))
+        if size > NAME_MAX:
+            shown = part if len(part) <= 40 else f"{part[:20]}...{part[-12:]}"
+            label = key if key.startswith("--") else f"key '{key}'"
+            raise ConfigError(
+                f"{label}: the name {shown!r} in it is {size} bytes long, more than the file system allows "
+                f"({NAME_MAX}); choose a shorter name"
+            )
 
 
 def defaults() -> dict[str, Any]:
@@ -422,6 +438,12 @@ def _check_placeholders(template: str) -> None:
         fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
     except ValueError as err:
         raise ConfigError(f"key 'output_dir': {err} in {template!r}; write {{{{ }}}} for a literal brace") from None
+    for _, field, spec, conversion in string.Formatter().parse(template):
+        if field is not None and (spec or conversion):
+            shown = f"{{{field}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}}"
+            raise ConfigError(
+                f"key 'output_dir': placeholder {shown[:40]} has a format spec or conversion; write plain {{{field}}}"
+            )
     for field in fields:
         if field not in OPTIONS and field not in RUN_PLACEHOLDERS:
             raise ConfigError(
@@ -438,6 +460,7 @@ def load_config(files: Sequence[str | Path] = (), overrides: dict[str, Any] | No
     for f in files:
         if not str(f).strip():
             raise ConfigError("--config needs a file name, got an empty one: --config configs/digits/ccsi.yaml")
+        check_path_names("--config", Path(f))
         file_values, file_tasks = read_config_file(Path(f), _check_key)
         values.update(file_values)
         explicit |= set(file_values)

@@ -36,18 +36,26 @@ class OutputError(UserError):
 _WRITE_ERRORS = {
     errno.ENOSPC: "no space left on the device",
     errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large (a file size limit of this process or file system)",
     errno.EROFS: "read-only file system",
     errno.EACCES: "permission denied",
     errno.EPERM: "operation not permitted",
 }
+_NAME_TOO_LONG = (
+    "a file or folder name in it is longer than the file system allows; choose a shorter --output_dir "
+    "(the files written before it are intact)"
+)
 
 
 @contextmanager
 def writing(path: str | Path) -> Iterator[None]:
-    """Turn a failed write of ``path`` (full disk, quota, read-only, no permission) into one OutputError line."""
+    """Turn a failed write of ``path`` (full disk, quota, file too large, read-only, no permission, a name too long)
+    into one OutputError line."""
     try:
         yield
     except OSError as err:
+        if err.errno == errno.ENAMETOOLONG:
+            raise OutputError(f"cannot write {path}: {_NAME_TOO_LONG}") from None
         if err.errno not in _WRITE_ERRORS:
             raise
         raise OutputError(

@@ -11,7 +11,6 @@ import csv
 import io
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from experiment.errors import writing
+from experiment.files import write_text
 
 __all__ = ["RunMetrics", "TaskEvaluation", "evaluate_predictions", "format_results_table"]
 
@@ -198,7 +197,7 @@ class RunMetrics:
                 ["" if row.get(n) is None else f"{row[n]:.6g}" if isinstance(row[n], float) else row[n] for n in header]
             )
         path = Path(output_dir) / "history.csv"
-        _atomic_write(path, text.getvalue())
+        write_text(path, text.getvalue())
         return path
 
     def write(self, output_dir: str | Path, provenance: dict[str, Any] | None = None) -> tuple[Path, Path]:
@@ -208,7 +207,7 @@ class RunMetrics:
         info = dict(provenance or {})
         doc = {**info, **self.summary(), "tasks": [{"task": i + 1, **x} for i, x in enumerate(self.extras)]}
         json_path = out / "metrics.json"
-        _atomic_write(json_path, json.dumps(doc, indent=2, default=_json_default) + "\n")
+        write_text(json_path, json.dumps(doc, indent=2, default=_json_default) + "\n")
 
         r = self.accuracy_matrix()
         lead = [info.get(k, "") for k in PROVENANCE_COLUMNS]
@@ -222,7 +221,7 @@ class RunMetrics:
             values = [e.accuracy, e.balanced_accuracy, e.old_accuracy, e.new_accuracy, val, *r[i]]
             writer.writerow([*lead, i + 1, e.n_seen, *("" if v is None else f"{v:.4f}" for v in values)])
         csv_path = out / "metrics.csv"
-        _atomic_write(csv_path, text.getvalue())
+        write_text(csv_path, text.getvalue())
         return json_path, csv_path
 
 
@@ -237,20 +236,6 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"metrics extra value {value!r} of type {type(value).__name__} is not JSON-serialisable")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file, then rename it over ``path``: a failed write leaves ``path`` intact."""
-    tmp = path.with_name(path.name + ".tmp")
-    with writing(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            with tmp.open("w", newline="") as f:
-                f.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
 
 
 def _cell(value: Any) -> str:

@@ -7,7 +7,6 @@ backend switch, never a window, safe to call from any process or thread. Every f
 
 from __future__ import annotations
 
-import os
 import re
 import textwrap
 from collections.abc import Mapping, Sequence
@@ -19,7 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 
-from experiment.errors import writing
+from experiment.files import atomic_file
 
 __all__ = [
     "PNG_DPI",
@@ -53,20 +52,13 @@ def run_title(dataset: str, method: str, protocol: str) -> str:
 
 
 def _save(fig: Figure, path: str | Path) -> list[Path]:
-    """Write ``<stem>.png`` and ``<stem>.pdf``, each through a temporary file (a failed write leaves an earlier
+    """Write ``<stem>.png`` and ``<stem>.pdf``, each through ``files.atomic_file`` (a failed write leaves an earlier
     file intact); return both paths, PNG first."""
     png = Path(path).with_suffix(".png")
     out = [png, png.with_suffix(".pdf")]
     for target in out:
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")  # one per process: no two writers share it
-        with writing(target):
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                fig.savefig(tmp, format=target.suffix[1:], dpi=PNG_DPI, bbox_inches="tight", pad_inches=0.05)
-                os.replace(tmp, target)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
+        with atomic_file(target) as f:
+            fig.savefig(f, format=target.suffix[1:], dpi=PNG_DPI, bbox_inches="tight", pad_inches=0.05)
     return out
 
 

@@ -42,6 +42,7 @@ def no_work(monkeypatch):
         (["sweep", "configs/bloodmnist/sweep_task_1.yaml", "-h"], "usage: python main.py sweep"),
         (["keys", "--help"], "usage: python main.py keys"),
         (["list", "-h"], "usage: python main.py list"),
+        (["unlock", "-h"], "usage: python main.py unlock FOLDER"),
     ],
 )
 def test_help_in_every_position_prints_instead_of_running(argv, expected, no_work, capsys):
@@ -55,8 +56,8 @@ def test_main_help_names_every_command(capsys):
     out = capsys.readouterr().out
     for command in ("--config FILE", "demo", "list", "keys", "sweep FILE", "best FOLDER", "COMMAND --help"):
         assert f"python main.py {command}" in out
-    assert "--threads N" in out and "PNG and PDF" in out
-    assert set(main.COMMANDS) == {"demo", "keys", "list", "sweep", "best"}
+    assert "--threads N" in out and "PNG and PDF" in out and "python main.py unlock FOLDER" in out
+    assert set(main.COMMANDS) == {"demo", "keys", "list", "sweep", "best", "unlock"}
 
 
 def test_list_prints_methods_data_sets_and_configs(capsys):

@@ -410,7 +410,7 @@ def test_failed_write_is_one_line_and_keeps_the_earlier_file(tmp_path, monkeypat
         "checkpoint_rename": (os, "replace"),
         "metrics": (os, "replace"),
         "plot": (Figure, "savefig"),
-        "config": (type(old), "write_text"),
+        "config": (os, "replace"),
     }[target]
     monkeypatch.setattr(*patch, _fail(code))
     with pytest.raises(OutputError) as info:
@@ -420,9 +420,8 @@ def test_failed_write_is_one_line_and_keeps_the_earlier_file(tmp_path, monkeypat
         f"cannot write {old}: {reason}; the files written before it are intact: free space or fix the permissions, "
         "then rerun with --resume=true (or choose another --output_dir)"
     )
-    if target != "config":  # config.yaml is rewritten whole from the run's configuration
-        assert old.read_bytes() == b"earlier contents"
-        assert sorted(p.name for p in tmp_path.iterdir()) == [old.name]  # no temporary file left behind
+    assert old.read_bytes() == b"earlier contents"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [old.name]  # no temporary file left behind
 
 
 def test_disk_full_during_a_run_keeps_the_finished_tasks(tmp_path, capsys, monkeypatch):
@@ -461,7 +460,10 @@ def test_disk_full_during_a_run_keeps_the_finished_tasks(tmp_path, capsys, monke
         (bytes(range(200, 256)) * 4, "is not a checkpoint written by this framework (a torch.save zip archive) (it "),
         (b"model weights\n", "is a text file (it starts with 'model weights\\n'), not a checkpoint"),
         (b"\x80\x04K\x01.", "is a Python pickle, not a checkpoint"),
-        (b"PK\x03\x04 truncated zip", "is corrupt or unreadable"),
+        (
+            b"PK\x03\x04 truncated zip",
+            "is corrupt or unreadable (truncated: an interrupted copy or write); copy it again",
+        ),
     ],
 )
 def test_a_file_that_is_not_a_checkpoint_is_named_for_what_it_is(tmp_path, capsys, content, expected):
@@ -490,3 +492,59 @@ def test_a_diverging_run_stops_with_one_line_whatever_the_head(tmp_path, capsys,
 def test_divergence_limit_zero_only_stops_non_finite_weights(tmp_path):
     write_npz(tmp_path / "d.npz")
     assert main.main(npz_args(tmp_path, "--head=cosine", "--lr=1e6", "--divergence_limit=0")) == 0
+
+
+# ----- names the file system cannot hold, placeholders that cannot be filled, the demo's scratch folders ----------
+
+LONG = "n" * 300  # one name of 300 bytes: more than the 255 a file system allows (ENAMETOOLONG)
+TOO_LONG = f"the name '{'n' * 20}...{'n' * 12}' in it is 300 bytes long, more than the file system allows (255)"
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--output_dir={tmp}/" + LONG + "/run"], f"key 'output_dir': {TOO_LONG}; choose a shorter name"),
+        (["--data_path={tmp}/" + LONG + "/d.npz"], f"key 'data_path': {TOO_LONG}; choose a shorter name"),
+        (["--task=2", "--saved_model_address={tmp}/" + LONG], f"key 'saved_model_address': {TOO_LONG}; choose a "),
+        (["--task=2", "--saved_model_address=best:{tmp}/" + LONG], f"key 'saved_model_address': {TOO_LONG}; choose"),
+        (["--config", "{tmp}/" + LONG + "/c.yaml"], f"--config: {TOO_LONG}; choose a shorter name"),
+    ],
+)
+def test_a_name_longer_than_the_file_system_allows_is_one_line(tmp_path, capsys, args, expected):
+    write_npz(tmp_path / "d.npz")
+    base = [a for a in npz_args(tmp_path) if not a.startswith("--output_dir") and not a.startswith("--data_path")]
+    data = [] if any(a.startswith("--data_path") for a in args) else [f"--data_path={tmp_path / 'd.npz'}"]
+    out = [] if any(a.startswith("--output_dir") for a in args) else [f"--output_dir={tmp_path / 'run'}"]
+    line = one_error_line([*base, *data, *out, *(a.format(tmp=tmp_path) for a in args)], capsys)
+    assert line.startswith("error: " + expected), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npz"]  # nothing written
+
+
+@pytest.mark.parametrize(
+    ("template", "shown"),
+    [("{dataset:d}", "{dataset:d}"), ("{seed!z}", "{seed!z}"), ("{seed:>99999999999}", "{seed:>99999999999}")],
+)
+def test_output_dir_placeholders_with_a_format_spec_are_refused_before_anything_is_written(
+    tmp_path, capsys, monkeypatch, template, shown
+):
+    monkeypatch.chdir(tmp_path)
+    line = one_error_line([f"--output_dir=runs/{template}", "--device=cpu"], capsys)
+    field = shown[1:].split(":")[0].split("!")[0]
+    assert (
+        line == f"error: key 'output_dir': placeholder {shown} has a format spec or conversion; write plain {{{field}}}"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_demo_checks_its_arguments_before_deleting_and_never_deletes_outside_the_named_folder(
+    tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    earlier = tmp_path / "runs/demo/finetune/notes.txt"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_text("an earlier demo run")
+    line = one_error_line(["demo", "--lr=-1", f"--output_dir={tmp_path / 'elsewhere'}"], capsys)
+    assert "lr" in line and earlier.read_text() == "an earlier demo run"
+    line = one_error_line(["demo", "--lr=-1"], capsys)  # the scratch folders too: nothing deleted before the check
+    assert "lr" in line and earlier.read_text() == "an earlier demo run"
+    assert not (tmp_path / "elsewhere").exists()

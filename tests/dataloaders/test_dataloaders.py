@@ -14,7 +14,7 @@ import torchvision
 from PIL import Image
 
 import dataloaders
-from dataloaders import digits, medmnist_data, registry
+from dataloaders import digits, medmnist_data, registry, torchvision_data
 from experiment import config, provenance
 from experiment.config import ConfigError
 from experiment.errors import DataError
@@ -320,8 +320,39 @@ def write_cifar100(root, per_class=(4, 1)):
     return out
 
 
-def test_cifar100_layout_and_val_carve(tmp_path):
+@pytest.fixture
+def trust_fake_cifar(monkeypatch):
+    """Accept the fake files below as if they had torchvision's checksums (what the real ones are checked against)."""
+    table = {}
+    monkeypatch.setattr(torchvision_data, "CIFAR100_MD5", table)
+
+    def trust(root):
+        for name in ("train", "test", "meta"):
+            table[name] = hashlib.md5((root / "cifar-100-python" / name).read_bytes()).hexdigest()
+
+    return trust
+
+
+def test_a_cifar_file_with_another_checksum_is_refused_before_it_is_unpickled(tmp_path, monkeypatch):
+    write_cifar100(tmp_path, per_class=(1, 1))
+    ran = tmp_path / "ran"
+    payload = b"cos\nsystem\n(V" + f"touch {ran}".encode() + b"\ntR."  # a pickle that runs a shell command
+    (tmp_path / "cifar-100-python" / "meta").write_bytes(payload)
+    with pytest.raises(DataError) as info:
+        dataloaders.load_dataset(default_cfg(dataset="cifar100", data_root=str(tmp_path)))
+    one_line_error(info)
+    meta = tmp_path / "cifar-100-python" / "meta"
+    assert str(info.value) == (
+        f"cifar100: {meta} is not torchvision's CIFAR-100 file (md5 {hashlib.md5(payload).hexdigest()}, expected "
+        "7973b15100ade9c7d40fb424638fde48); it would be unpickled, which can run code: delete it and download again "
+        "(--download=true)"
+    )
+    assert not ran.exists()  # never unpickled
+
+
+def test_cifar100_layout_and_val_carve(tmp_path, trust_fake_cifar):
     written = write_cifar100(tmp_path)
+    trust_fake_cifar(tmp_path)
     data = dataloaders.load_dataset(default_cfg(dataset="cifar100", data_root=str(tmp_path), val_fraction=0.25))
     assert data.num_classes == 100 and data.class_names[7] == "class7"
     assert (len(data.train), len(data.val), len(data.test)) == (300, 100, 100)
@@ -338,7 +369,7 @@ def test_cifar100_layout_and_val_carve(tmp_path):
     assert len(torch.cat([data.train.x, data.val.x]).flatten(1).unique(dim=0)) == 400
 
 
-def test_cifar100_missing_and_download(tmp_path, monkeypatch):
+def test_cifar100_missing_and_download(tmp_path, monkeypatch, trust_fake_cifar):
     with pytest.raises(DataError, match="cifar-100-python/train not found") as info:
         dataloaders.load_dataset(default_cfg(dataset="cifar100", data_root=str(tmp_path)))
     one_line_error(info)
@@ -348,6 +379,7 @@ def test_cifar100_missing_and_download(tmp_path, monkeypatch):
         def __init__(self, root, train, download):
             calls.append((root, train, download))
             write_cifar100(tmp_path, per_class=(2, 1))
+            trust_fake_cifar(tmp_path)
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR100", FakeCIFAR100)
     data = dataloaders.load_dataset(default_cfg(dataset="cifar100", data_root=str(tmp_path), download=True))
@@ -449,7 +481,7 @@ def test_prepare_remaps_labels_to_class_order(tmp_path):
 MEDMNIST_RGB = ("pathmnist", "dermamnist", "bloodmnist", "retinamnist")  # (N, 28, 28, 3); the others (N, 28, 28)
 
 
-def write_files_of(name: str, root) -> dict:
+def write_files_of(name: str, root, trust_fake_cifar) -> dict:
     """Files in ``name``'s real on-disk format under ``root``; returns the keys that point the loader at them."""
     if name == "digits":
         return {}  # shipped with scikit-learn
@@ -465,6 +497,7 @@ def write_files_of(name: str, root) -> dict:
         return {"data_root": str(root)}
     if name == "cifar100":
         write_cifar100(root, per_class=(2, 1))
+        trust_fake_cifar(root)  # the real files are checked against torchvision's checksums
         return {"data_root": str(root)}
     if name == "gtsrb":
         write_gtsrb(root, per_class=2)
@@ -473,8 +506,9 @@ def write_files_of(name: str, root) -> dict:
 
 
 @pytest.mark.parametrize("name", sorted(dataloaders.DATASETS))
-def test_every_registered_data_set_loads_from_files_in_its_real_format(name, tmp_path):
-    data = dataloaders.load_dataset(default_cfg(dataset=name, val_fraction=0.5, **write_files_of(name, tmp_path)))
+def test_every_registered_data_set_loads_from_files_in_its_real_format(name, tmp_path, trust_fake_cifar):
+    files = write_files_of(name, tmp_path, trust_fake_cifar)
+    data = dataloaders.load_dataset(default_cfg(dataset=name, val_fraction=0.5, **files))
     assert data.train.x.dtype == torch.uint8 and data.train.x.ndim == 4 and data.train.x.shape[-1] >= 28
     assert len(data.class_names) == data.num_classes
     for split in (data.train, data.val, data.test):

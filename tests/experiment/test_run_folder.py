@@ -2,7 +2,6 @@
 task sweeps choosing on validation accuracy, the local sweep runner with agent semantics, provenance, wandb summary."""
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -70,19 +69,27 @@ def test_npz_provenance_records_the_file_and_its_sha256(tmp_path, capsys):
 # ----- nothing lost, nothing mixed ---------------------------------------------------------------------------------
 
 
-def test_a_second_run_into_a_locked_folder_is_refused_and_a_stale_lock_is_taken_over(tmp_path, capsys):
+HOLD_LOCK = "import sys, time; from experiment.run_folder import RunFolder\nwith RunFolder(sys.argv[1]).lock():\n"
+
+
+def test_a_second_run_into_a_locked_folder_is_refused_and_a_killed_owners_lock_is_taken_over(tmp_path, capsys):
     out = tmp_path / "run"
-    out.mkdir()
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK + "    print('locked', flush=True); time.sleep(60)", str(out)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
-        lock = {"pid": sleeper.pid, "host": os.uname().nodename, "started": "now"}
-        (out / ".lock").write_text(json.dumps(lock))
+        assert holder.stdout.readline().strip() == "locked"
         code, err = run_main([f"--output_dir={out}"], capsys)
-        assert code == 2 and f"is in use by process {sleeper.pid}" in err and "Traceback" not in err
+        assert code == 2 and f"is in use by process {holder.pid} on " in err and "Traceback" not in err, err
+        assert len(err.strip().splitlines()) == 1 and json.loads((out / ".lock").read_text())["pid"] == holder.pid
     finally:
-        sleeper.kill()
-        sleeper.wait()
-    assert run_main([f"--output_dir={out}"], capsys)[0] == 0  # the owner is gone: a stale lock
+        holder.kill()  # SIGKILL: the kernel releases its lock; its record stays in .lock
+        holder.wait()
+    assert json.loads((out / ".lock").read_text())["pid"] == holder.pid
+    assert run_main([f"--output_dir={out}"], capsys)[0] == 0  # taken over from the dead owner
     assert not (out / ".lock").exists() and completed_tasks(out) == [1, 2, 3]
 
 
@@ -103,6 +110,39 @@ def test_overwrite_moves_the_old_run_aside_so_a_killed_rerun_never_adopts_its_ch
     assert completed_tasks(aside) == [1, 2, 3] and completed_tasks(out) == [1]  # seed 0's run, intact
     assert run_main([f"--output_dir={out}", "--seed=1", "--resume=true"])[0] == 0
     assert metrics(out)["accuracy_matrix"] == metrics(reference)["accuracy_matrix"]  # seed 1 only
+
+
+def test_a_resume_with_other_code_says_so_in_one_line_and_each_task_records_its_commit(tmp_path, monkeypatch, caplog):
+    from experiment import provenance
+
+    out = tmp_path / "run"
+    code = {"commit": "a" * 40, "dirty": False}
+    monkeypatch.setattr(provenance, "git_commit", lambda root=None: dict(code))
+
+    def stop(self, ctx, epoch):
+        if ctx.task == 2:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(Finetune, "on_epoch_start", stop)
+        assert run_main([f"--output_dir={out}"])[0] == 130
+    code.update(commit="b" * 40, dirty=True)  # a new commit, with uncommitted changes
+    caplog.clear()
+    assert run_main([f"--output_dir={out}", "--resume=true"])[0] == 0
+    lines = [r.getMessage() for r in caplog.records if "other code" in r.getMessage()]
+    assert lines == [
+        f"resuming with other code than task 1 ran with: commit {'b' * 12} with uncommitted changes now, commit "
+        f"{'a' * 12} then (each task's commit is recorded in metrics.json)"
+    ]
+    doc = metrics(out)
+    assert [t["code"] for t in doc["tasks"]] == [
+        {"commit": "a" * 40, "dirty": False},
+        {"commit": "b" * 40, "dirty": True},
+        {"commit": "b" * 40, "dirty": True},
+    ]
+    assert (doc["commit"], doc["dirty"]) == ("b" * 40, True)  # the code that finished the run
+    first = TaskCheckpoint.load(task_checkpoint_path(out, 1)).metrics["tasks"][0]["extra"]["code"]
+    assert first == {"commit": "a" * 40, "dirty": False}
 
 
 @pytest.mark.parametrize(
@@ -138,9 +178,12 @@ def test_resume_with_nothing_to_resume_and_stale_temporaries(tmp_path, capsys):
     assert code == 2 and "holds nothing to resume" in err
     out = tmp_path / "run"
     out.mkdir()
-    (out / ".task_1.pt.abc123.tmp").write_bytes(b"half a checkpoint")
+    (out / ".task_1.pt.4242.cilpart").write_bytes(b"half a checkpoint")  # of a killed write of this project
+    (out / ".notes.tmp").write_bytes(b"the user's")
+    (out / "mine.tmp").write_bytes(b"the user's")
     assert run_main([f"--output_dir={out}"], capsys)[0] == 0
-    assert not list(out.glob(".*.tmp")) and not list(out.glob("*.tmp"))
+    assert not list(out.glob("*.cilpart")) and not list(out.glob(".*.cilpart"))
+    assert (out / ".notes.tmp").read_bytes() == (out / "mine.tmp").read_bytes() == b"the user's"  # kept
 
 
 def test_a_chain_keeps_each_tasks_config_and_refuses_other_experiment_keys(tmp_path, capsys):

@@ -155,7 +155,7 @@ def test_write_json_and_csv(tmp_path):
     assert rows[1] == [*lead, "1", "2", "90.0000", "90.0000", "", "90.0000", "51.0000", "90.0000", "", ""]
     assert rows[3][6:8] == ["3", "6"] and [float(v) for v in rows[3][13:]] == pytest.approx([70.0, 50.0, 85.0])
     assert len(rows) == 4
-    assert not list(tmp_path.glob("run/*.tmp"))
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["metrics.csv", "metrics.json"]  # no temporary left
 
 
 def test_format_results_table():
