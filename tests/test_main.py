@@ -38,9 +38,9 @@ def no_work(monkeypatch):
         (["--config=configs/digits/ccsi.yaml", "--seed=1", "-h"], "python main.py keys"),
         (["demo", "--help"], "usage: python main.py demo"),
         (["sweep", "--help"], "python main.py sweep FILE [--dry-run] [--count=N]"),
-        (["best", "-h"], "usage: python main.py best FOLDER --task=T"),
+        (["best", "-h"], "usage: python main.py best FOLDER [--task=T]"),
         (["sweep", "configs/bloodmnist/sweep_task_1.yaml", "-h"], "usage: python main.py sweep"),
-        (["keys", "--help"], "usage: python main.py keys"),
+        (["keys", "--help"], "usage: python main.py keys [--method M]"),
         (["list", "-h"], "usage: python main.py list"),
     ],
 )
@@ -73,8 +73,9 @@ def test_list_prints_methods_data_sets_and_configs(capsys):
         assert any(ln.startswith(f"  {name} ") for ln in lines), name
     text = "\n".join(lines)
     assert "\n  bloodmnist    ccsi " in text and "sweep_task_4" in text and "_base" not in text
-    for folder in (ROOT / "configs").iterdir():
+    for folder in (p for p in (ROOT / "configs").iterdir() if p.is_dir()):
         assert f"\n  {folder.name} " in text
+    assert "search/task_1 search/task_2" in text  # the digits search space, listed as sweep files
 
 
 def test_keys_and_list_take_no_arguments(capsys):
