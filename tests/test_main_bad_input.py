@@ -22,6 +22,7 @@ from experiment.config import load_config
 from experiment.errors import OutputError
 from experiment.run_folder import resolve_output_dir
 from reporting import metrics, plots
+from tiny import ROOT
 
 
 def one_error_line(args: list[str], capsys) -> str:
@@ -491,3 +492,16 @@ def test_a_diverging_run_stops_with_one_line_whatever_the_head(tmp_path, capsys,
 def test_divergence_limit_zero_only_stops_non_finite_weights(tmp_path):
     write_npz(tmp_path / "d.npz")
     assert main.main(npz_args(tmp_path, "--head=cosine", "--lr=1e6", "--divergence_limit=0")) == 0
+
+
+def test_a_medmnist_config_runs_on_ones_own_data_with_another_split(tmp_path, caplog):
+    """The MedMNIST ccsi.yaml names per_task values for tasks 1-4; with --nb_cl_fg=5 --nb_cl=5 on a 10-class file
+    the run has 2 tasks: the entries of tasks 3 and 4 are a console note, not an error."""
+    write_npz(tmp_path / "d.npz", n=(40, 20, 20), classes=10)
+    tiny = ["--epochs=1", "--device=cpu", "--progress=false", "--nb_generation=1", "--syn_batch_size=4"]
+    tiny += ["--syn_iterations=2", "--syn_warmup=1", f"--output_dir={tmp_path / 'run'}", "--threads=1"]
+    args = ["--config", str(ROOT / "configs/bloodmnist/ccsi.yaml"), "--dataset=npz", f"--data_path={tmp_path}/d.npz"]
+    with caplog.at_level("WARNING"):
+        assert main.main([*args, "--nb_cl_fg=5", "--nb_cl=5", *tiny]) == 0
+    notes = [r.getMessage() for r in caplog.records if "per_task" in r.getMessage()]
+    assert notes == ["note: per_task entries for task(s) 3, 4 are not used: this run has 2 tasks (nb_cl_fg, nb_cl)"]
