@@ -529,7 +529,7 @@ def _note_unused_keys(values: dict[str, Any], explicit: set[str]) -> None:
         log.warning(
             "note: method %s does not use %s (keys of %s); they are ignored",
             values["method"],
-            few(unused, 8),
+            ", ".join(unused),
             ", ".join(owners),
         )
 
