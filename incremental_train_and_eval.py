@@ -18,6 +18,7 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,9 +71,41 @@ register_options(
         ),
         Option("progress", "bool", True, "show progress bars"),
         Option("eval_batch_size", "int", 500, "batch size for evaluation", min=1),
+        Option(
+            "threads",
+            "int",
+            0,
+            "CPU threads torch uses in this process (torch.set_num_threads, set before the run); 0: torch's default. "
+            "On a CPU shared with other work, 1 is often fastest",
+            min=0,
+        ),
     ],
     scope="run",
 )
+
+
+def load_run_config(
+    files: Sequence[str | Path] = (), overrides: dict[str, Any] | None = None, args: Sequence[str] = ()
+) -> Config:
+    """The one way every entry point (main.py and its commands, the sweep runner, bench scripts, tests) loads a
+    run's configuration: this module imports every module that declares keys (data, models, methods, training,
+    runtime, reporting, run folder), so the key set is the same however the program was started. ``args`` are
+    command-line overrides (``--key=value``, ``--key value``, a bare ``--flag`` of a bool key); ``overrides``
+    (a mapping) win over them."""
+    return config.load_config(files, {**config.parse_overrides(args), **(overrides or {})})
+
+
+def parse_run_overrides(args: Sequence[str]) -> dict[str, str]:
+    """Command-line overrides (``--key=value``, ``--key value``, a bare ``--flag`` of a bool key) checked against
+    every declared key, for scripts that merge them with values of their own before ``load_run_config``."""
+    return config.parse_overrides(args)
+
+
+def describe_keys(markdown: bool = False, **filters: str) -> str:
+    """Every declared key: the Markdown table of docs/config.md, or plain text (filters: method, group, protocol)."""
+    return config.reference_table() if markdown else config.keys_text(**filters)
+
+
 register_options(
     "train",
     [

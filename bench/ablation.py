@@ -92,7 +92,7 @@ def run_variant(
 
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING)
-    cfg = config.load_config([ROOT / config_file], {**values, "output_dir": str(folder), "overwrite": "true"})
+    cfg = engine.load_run_config([ROOT / config_file], {**values, "output_dir": str(folder), "overwrite": "true"})
     done = folder / "ablation.json"
     if not (done.is_file() and (folder / "config.yaml").is_file() and same_run(cfg, folder)):
         if collect:
@@ -146,7 +146,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Variant],
     parser.add_argument("--collect", action="store_true", help="run nothing: tabulate the finished runs only")
     args, extra = parser.parse_known_args(argv)
     try:
-        overrides = config.parse_overrides(extra)
+        import incremental_train_and_eval as engine
+
+        overrides = engine.parse_run_overrides(extra)
         custom = dict(parse_custom(text) for text in args.custom)
     except (config.ConfigError, ValueError) as err:
         parser.error(str(err))

@@ -67,7 +67,7 @@ def run_one(dataset: str, method: str, seed: int, runs: Path, overrides: dict[st
         values = {"progress": "false", **overrides, "seed": seed, "output_dir": str(folder)}
         if completed_tasks(folder) or partial_tasks(folder):
             values["resume"] = "true"  # continue the part already done
-        cfg = config.load_config([ROOT / "configs" / dataset / f"{method}.yaml"], values)
+        cfg = engine.load_run_config([ROOT / "configs" / dataset / f"{method}.yaml"], values)
         rec["protocol"] = cfg.protocol
         started = (folder / "metrics.json").is_file() or "resume" in values
         if started and (folder / "config.yaml").is_file() and not same_run(cfg, folder):
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"no configs/<dataset>/<method>.yaml for data set(s) {unknown}")
     try:
-        overrides = {**(QUICK_OVERRIDES if args.quick else {}), **config.parse_overrides(extra)}
+        overrides = {**(QUICK_OVERRIDES if args.quick else {}), **engine.parse_run_overrides(extra)}
     except config.ConfigError as err:
         parser.error(str(err))
     if {"task", "saved_model_address", "output_dir", "seed"} & set(overrides):

@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import incremental_train_and_eval as engine
 from bench.report import publish
 from bench.synthesis_speed import describe_machine
 from experiment import config
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help=f"sized for a 2-core CPU: {QUICK}")
     args, extra = parser.parse_known_args(argv)
     try:
-        overrides = {**(QUICK if args.quick else {}), **{k: str(v) for k, v in config.parse_overrides(extra).items()}}
+        overrides = {**(QUICK if args.quick else {}), **engine.parse_run_overrides(extra)}
     except config.ConfigError as err:
         parser.error(str(err))
     if any(n < 1 for n in args.nproc):

@@ -99,7 +99,7 @@ def run_accuracies(device: torch.device, switch: str, short: bool, work: Path, f
         values.update(nb_generation=1, syn_batch_size=8)
     folder = work / f"{device.type}_{switch}{'_fused' if fused else ''}"
     values.update(device=device.type, precision=switch, syn_fused_moments=fused, output_dir=str(folder))
-    cfg = config.load_config([ROOT / "configs" / "digits" / "ccsi.yaml"], {**values, "overwrite": True})
+    cfg = engine.load_run_config([ROOT / "configs" / "digits" / "ccsi.yaml"], {**values, "overwrite": True})
     return engine.run(cfg)["accuracy_per_task"]
 
 
@@ -148,7 +148,7 @@ def protocol(device: torch.device, fast: config.Config, short: bool, work: Path,
         if not done:
             return [f"stopped at the budget after {time.perf_counter() - start:.0f} s, before task 1 ended"]
         tasks = load_checkpoint(task_checkpoint_path(work / "run", done[-1]))["metrics"]["tasks"]
-        cfg = config.load_config([work / "run" / "config.yaml"])  # the run's own settings (epochs per task)
+        cfg = engine.load_run_config([work / "run" / "config.yaml"])  # the run's own settings (epochs per task)
         table, _ = protocol_timing.task_table(cfg, [{"task": t["task"], **t["extra"]} for t in tasks])
         return [f"stopped at the budget after {time.perf_counter() - start:.0f} s; tasks done: {done}", "", *table]
     return out.read_text().splitlines()[2:]  # without its title

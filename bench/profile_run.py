@@ -26,7 +26,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import incremental_train_and_eval as engine
-from experiment import config
 from models.network import IncrementalNet
 
 # (label, function (file suffix, name), caller (file suffix, name) or None = every caller)
@@ -105,7 +104,7 @@ def seconds(stats: dict, function: tuple[str, str], caller: tuple[str, str] | No
 
 def profile_one(files: list[str], overrides: dict[str, str]) -> list[tuple[str, float, int]]:
     """Run one config under cProfile; rows (stage, seconds, calls)."""
-    cfg = config.load_config(files, {"progress": "false", "overwrite": "true", **overrides})
+    cfg = engine.load_run_config(files, {"progress": "false", "overwrite": "true", **overrides})
     profiler = cProfile.Profile(time.thread_time)  # CPU time of this thread: robust to a busy machine
     profiler.runcall(engine.run, cfg)
     stats = pstats.Stats(profiler).stats
@@ -136,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default="/tmp/profile_run", help="run folders (<work>/<config stem>)")
     args, extra = parser.parse_known_args(argv)
     torch.set_num_threads(args.threads)
-    overrides = config.parse_overrides(extra)
+    overrides = engine.parse_run_overrides(extra)
     name_teacher_forwards()
     for path in args.config:
         start = time.process_time()

@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        overrides = config.parse_overrides(extra)
+        overrides = engine.parse_run_overrides(extra)
     except config.ConfigError as err:
         parser.error(str(err))
     work = Path(args.work)
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         data = {"dataset": "npz", "data_path": str(fake)}
         source = f"generated {fake} ({args.n_train} train images, BloodMNIST's shape; {real} not found)"
     values = {"progress": "false", **data, **overrides, "output_dir": str(work / "run"), "overwrite": "true"}
-    cfg = config.load_config([ROOT / "configs" / "bloodmnist" / "ccsi.yaml"], values)
+    cfg = engine.load_run_config([ROOT / "configs" / "bloodmnist" / "ccsi.yaml"], values)
     device = distributed.resolve_device(cfg.device)
 
     start = time.perf_counter()

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import continual_class_specific_impression as cs
 import dataloaders
-import incremental_train_and_eval  # noqa: F401  (declares every key)
+import incremental_train_and_eval as engine
 import models
 import synthesis_losses as sl
 from dataloaders.image_set import ImageSet, as_float
@@ -82,7 +82,7 @@ def load(path: Path, overrides: dict[str, str]):
     """The run's configuration (with ``overrides``), data splits and method restored from a task checkpoint."""
     ckpt = load_checkpoint(path)
     saved = {k: v for k, v in ckpt["config"].items() if k in config.OPTIONS}
-    cfg = config.load_config([], {**saved, **overrides, "progress": "false", "device": "cpu"})
+    cfg = engine.load_run_config([], {**saved, **overrides, "progress": "false", "device": "cpu"})
     splits, _ = dataloaders.prepare(cfg)
     net = models.build_net(cfg, splits.channels, splits.image_size)
     method = build_method(cfg, net, torch.device("cpu"))

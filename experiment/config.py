@@ -144,9 +144,45 @@ def preset_settings(key: str, value: Any) -> dict[str, PresetSetting]:
     return {**inherited, **own}
 
 
+# Names users write for keys that are spelled otherwise here (the original's spellings are kept: lamda, temprature).
+ALIASES = {
+    "learning_rate": "lr",
+    "lambda": "lamda",
+    "temperature": "temprature",
+    "num_epochs": "epochs",
+    "n_epochs": "epochs",
+    "epoch": "epochs",
+    "bs": "batch_size",
+    "seeds": "seed",
+    "data": "dataset",
+    "out_dir": "output_dir",
+    "output": "output_dir",
+    "num_threads": "threads",
+    "workers": "num_workers",
+}
+
+
+def closest_key(name: str) -> str | None:
+    """The declared key a mistyped ``name`` most likely means: an alias, a close spelling, or the key sharing
+    most of its ``_``-separated words; None when nothing is close."""
+    name = str(name).replace("-", "_")
+    if ALIASES.get(name) in OPTIONS:
+        return ALIASES[name]
+    match = difflib.get_close_matches(name, list(OPTIONS), n=1, cutoff=0.75)
+    if match:
+        return match[0]
+    words = set(name.lower().split("_")) - {""}
+    overlap = {key: len(words & set(key.lower().split("_"))) for key in OPTIONS}
+    best = max(overlap.values(), default=0)
+    if best and best * 2 >= len(words):
+        return min((k for k, n in overlap.items() if n == best), key=lambda k: (len(k), k))
+    match = difflib.get_close_matches(name, list(OPTIONS), n=1, cutoff=0.5)
+    return match[0] if match else None
+
+
 def _closest(name: str) -> str:
-    match = difflib.get_close_matches(str(name), list(OPTIONS), n=1, cutoff=0.5)
-    return f" (did you mean '{match[0]}'?)" if match else ""
+    match = closest_key(name)
+    return f" (did you mean '{match}'?)" if match else ""
 
 
 def _unknown_key(name: Any, where: str) -> ConfigError:
@@ -348,14 +384,17 @@ def _check_per_task_scopes(per_task: dict[int, dict[str, Any]]) -> None:
         )
 
 
-def check_per_task(cfg: Config, num_tasks: int) -> None:
-    """Refuse ``per_task`` entries for tasks the run does not have (known once the data set is loaded)."""
+def check_per_task(cfg: Config, num_tasks: int) -> list[int]:
+    """Name, in one console note, the ``per_task`` entries for tasks the run does not have (known once the data
+    set is loaded; e.g. a config written for 4 tasks run with another split): they are not used. Returns them."""
     beyond = sorted(t for t in cfg.per_task if t > num_tasks)
     if beyond:
-        raise ConfigError(
-            f"key 'per_task': entries for task(s) {few(beyond)}, but this run has {num_tasks} tasks; "
-            "remove those entries or change the task split (nb_cl_fg, nb_cl)"
+        log.warning(
+            "note: per_task entries for task(s) %s are not used: this run has %d tasks (nb_cl_fg, nb_cl)",
+            few(beyond),
+            num_tasks,
         )
+    return beyond
 
 
 def parse_overrides(args: Sequence[str]) -> dict[str, str]:
@@ -369,11 +408,15 @@ def parse_overrides(args: Sequence[str]) -> dict[str, str]:
         body = arg[2:]
         if "=" in body:
             name, value = body.split("=", 1)
-        else:
-            if i + 1 >= len(args) or args[i + 1].startswith("--"):
-                raise ConfigError(f"override '--{body}' has no value: write --{body}=VALUE")
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
             name, value = body, args[i + 1]
             i += 1
+        elif body.replace("-", "_") in OPTIONS and OPTIONS[body.replace("-", "_")].kind == "bool":
+            name, value = body, "true"  # a bare --flag of a bool key means --flag=true
+        else:
+            if body.replace("-", "_") not in OPTIONS:
+                raise _unknown_key(body.replace("-", "_"), "the command line")
+            raise ConfigError(f"override '--{body}' has no value: write --{body}=VALUE")
         name = name.replace("-", "_")
         if name not in OPTIONS:
             raise _unknown_key(name, "the command line")
@@ -456,6 +499,8 @@ def load_config(files: Sequence[str | Path] = (), overrides: dict[str, Any] | No
     """Build the validated config from defaults, YAML files (in order) and overrides."""
     values = defaults()
     per_task: dict[int, dict] = {}
+    for name in overrides or {}:
+        _check_key(name, "the overrides")
     explicit = set(overrides or {})  # keys the user set; presets do not touch them
     for f in files:
         if not str(f).strip():
@@ -472,7 +517,44 @@ def load_config(files: Sequence[str | Path] = (), overrides: dict[str, Any] | No
     per_task = {t: {n: coerce(OPTIONS[n], v) for n, v in vals.items()} for t, vals in per_task.items()}
     _check_per_task_scopes(per_task)
     _check_placeholders(str(values["output_dir"]))
+    _note_unused_keys(values, explicit | {n for vals in per_task.values() for n in vals})
     return Config(values, per_task, set(overrides or {}))
+
+
+# The rule for keys a method does not use: a key declared in a group named after a method (register_options("icarl",
+# ...)) is read by that method only, or by the methods listed here; "synthesis" (the impression synthesis) is read
+# by the methods that synthesise. Keys of other groups (train, data, memory, distillation...) are never flagged.
+GROUP_USERS: dict[str, tuple[str, ...]] = {"lucir": ("lucir", "ccsi"), "synthesis": ("ccsi", "deepinversion")}
+
+
+def group_users(group: str) -> tuple[str, ...] | None:
+    """The methods that read the keys of ``group``; None when every method may read them."""
+    methods = OPTIONS["method"].choices or () if "method" in OPTIONS else ()
+    return GROUP_USERS.get(group, (group,) if group in methods else None)
+
+
+def unused_keys(method: str, names: Iterable[str]) -> list[str]:
+    """The keys among ``names`` that the chosen ``method`` never reads (see GROUP_USERS)."""
+    return sorted(
+        n
+        for n in names
+        if n in OPTIONS and (users := group_users(OPTIONS[n].group)) is not None and method not in users
+    )
+
+
+def _note_unused_keys(values: dict[str, Any], explicit: set[str]) -> None:
+    """One console note naming the keys set (in a file or on the command line) that the chosen method ignores."""
+    if "method" not in values:
+        return
+    unused = unused_keys(values["method"], explicit)
+    if unused:
+        owners = sorted({OPTIONS[n].group for n in unused})
+        log.warning(
+            "note: method %s does not use %s (keys of %s); they are ignored",
+            values["method"],
+            ", ".join(unused),
+            ", ".join(owners),
+        )
 
 
 def reference_table() -> str:
@@ -509,6 +591,58 @@ def reference_table() -> str:
         lines += ["", "Presets (a key set explicitly, in a file or on the command line, wins over its preset):", ""]
         lines += preset_notes
     lines += ["", "## Protocols (configs/protocols.yaml)", "", protocols.table_markdown(protocols.load_table())]
+    return "\n".join(lines)
+
+
+def _allowed(opt: Option) -> str:
+    """'a | b' for choices, '[min, max]' for bounds, ', null' when nullable (as in docs/config.md)."""
+    allowed = ""
+    if opt.choices:
+        allowed = " | ".join(map(str, opt.choices))
+    elif opt.min is not None or opt.max is not None:
+        low = "(" if opt.min_exclusive else "["
+        allowed = f"{low}{'' if opt.min is None else opt.min}, {'' if opt.max is None else opt.max}]"
+    return (allowed + ", null").lstrip(", ") if opt.nullable else allowed
+
+
+def keys_text(
+    method: str | None = None, group: str | None = None, protocol: str | None = None, width: int = 100
+) -> str:
+    """The keys as plain text that fits ``width`` columns, grouped: type, default, what the chosen protocol (the
+    default one unless given) and method set, allowed values, scope, meaning. ``method``: only the keys that
+    method reads; ``group``: only that group."""
+    import textwrap
+
+    protocol = protocol or OPTIONS["protocol"].default
+    for key, value in (("protocol", protocol), ("method", method)):
+        if value is not None:
+            coerce(OPTIONS[key], value)  # a bad name is refused with the allowed ones
+    groups = sorted({o.group for o in OPTIONS.values()}, key=lambda g: (g != "run", g))
+    if group is not None and group not in groups:
+        raise ConfigError(f"--group {group!r} is not a group of keys; one of {', '.join(groups)}")
+    presets = [preset_settings("protocol", protocol)] + ([preset_settings("method", method)] if method else [])
+    title = (
+        f"Configuration keys (protocol {protocol}{f', method {method}' if method else ''}): name (type, scope) = "
+        "default -> the value a preset sets unless the key is set (by which preset), allowed values; meaning."
+    )
+    lines = textwrap.wrap(title, width)
+    for name in [g for g in groups if group in (None, g)]:
+        opts = sorted((o for o in OPTIONS.values() if o.group == name), key=lambda o: o.name)
+        if method is not None:
+            opts = [o for o in opts if not unused_keys(method, [o.name])]
+        if not opts:
+            continue
+        lines += ["", f"[{name}]"]
+        for opt in opts:
+            default = "null" if opt.default is None else opt.default
+            head = f"{opt.name} ({opt.kind}, {opt.scope}) = {default}"
+            for table in presets:
+                if opt.name in table:
+                    head += f" -> {table[opt.name].value} ({table[opt.name].owner})"
+            allowed = _allowed(opt)
+            head += f"  allowed: {allowed}" if allowed else ""
+            lines += textwrap.wrap(head, width, initial_indent="  ", subsequent_indent="      ")
+            lines += textwrap.wrap(opt.help, width, initial_indent="      ", subsequent_indent="      ")
     return "\n".join(lines)
 
 

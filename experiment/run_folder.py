@@ -224,6 +224,24 @@ class RunFolder:
         who = f"process {owner.get('pid')} on {owner.get('host')}" if owner.get("pid") else "an unknown process"
         return f"released the lock of {who} (since {owner.get('started', '?')}) in {self.path}"
 
+    def holder(self) -> str | None:
+        """Who holds the folder's lock while that run still runs ('process 12 on host'); None when the folder is not
+        locked or its owner is gone (read from the owner record, without touching the lock). A lock recorded by
+        another host counts as held: this machine cannot tell."""
+        try:
+            fd = os.open(self.path / self.LOCK, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            owner = _read_record(fd)
+        finally:
+            os.close(fd)
+        if not owner.get("pid"):
+            return None
+        if owner.get("host") == socket.gethostname() and not _same_process_alive(owner):
+            return None
+        return f"process {owner['pid']} on {owner.get('host')}"
+
     def remove_stale_temporaries(self) -> list[Path]:
         """Delete this project's temporary files (``.<name>.<pid>.cilpart``) left by a killed write (call while
         holding the lock); the user's own files, ``*.tmp`` included, are left alone."""

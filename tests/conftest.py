@@ -1,10 +1,13 @@
-"""Shared fixtures: small, fast configurations on the embedded digits data set."""
+"""Shared fixtures: small, fast configurations on the embedded digits data set.
+
+Configurations are built with the engine's ``load_run_config``, the one loader of every entry point (main.py and
+its commands, the sweep runner, bench scripts): tests see the key set the command line sees. What a fresh process
+started each way sees is checked in a subprocess (tests/test_main.py, tests/experiment/test_config.py)."""
 
 import pytest
 import torch
 
-import incremental_train_and_eval  # noqa: F401  (declares every key)
-from experiment import config
+from incremental_train_and_eval import load_run_config
 
 torch.set_num_threads(1)  # small models: one thread is as fast, and never oversubscribes
 
@@ -25,6 +28,6 @@ def make_cfg(tmp_path):
             "output_dir": str(tmp_path / "run"),
         }
         values.update(overrides)
-        return config.load_config(overrides=values)
+        return load_run_config(overrides=values)
 
     return make

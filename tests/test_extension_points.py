@@ -83,7 +83,7 @@ def test_a_new_method_and_data_set_touch_the_documented_files_and_are_picked_up(
         repo, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/experiment/test_config.py", "-k", "docs_config"
     )
     assert stale.returncode == 1 and "throwaway_weight" in stale.stdout  # the docs check sees the new key
-    keys = run(repo, "main.py", "keys")
+    keys = run(repo, "main.py", "keys", "--markdown")
     assert keys.returncode == 0
     (repo / "docs" / "config.md").write_text(keys.stdout)
     collected = run(

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -38,9 +39,9 @@ def no_work(monkeypatch):
         (["--config=configs/digits/ccsi.yaml", "--seed=1", "-h"], "python main.py keys"),
         (["demo", "--help"], "usage: python main.py demo"),
         (["sweep", "--help"], "python main.py sweep FILE [--dry-run] [--count=N]"),
-        (["best", "-h"], "usage: python main.py best FOLDER --task=T"),
+        (["best", "-h"], "usage: python main.py best FOLDER [--task=T]"),
         (["sweep", "configs/bloodmnist/sweep_task_1.yaml", "-h"], "usage: python main.py sweep"),
-        (["keys", "--help"], "usage: python main.py keys"),
+        (["keys", "--help"], "usage: python main.py keys [--method M]"),
         (["list", "-h"], "usage: python main.py list"),
         (["unlock", "-h"], "usage: python main.py unlock FOLDER"),
     ],
@@ -76,6 +77,7 @@ def test_list_prints_methods_data_sets_and_configs(capsys):
     assert "\n  bloodmnist    ccsi " in text and "sweep_task_4" in text and "_base" not in text
     for folder in (p for p in (ROOT / "configs").iterdir() if p.is_dir()):
         assert f"\n  {folder.name} " in text
+    assert "search/task_1 search/task_2" in text  # the digits search space, listed as sweep files
 
 
 def test_keys_and_list_take_no_arguments(capsys):
@@ -112,3 +114,102 @@ def test_closed_stdout_ends_quietly(command):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) in (0, 141)
     assert "BrokenPipe" not in err and "Traceback" not in err and "Exception ignored" not in err, err
+
+
+# ----- every documented command, in a fresh process as a user runs it ----------------------------------------------
+
+TINY_CCSI = ["--nb_cl_fg=8", "--nb_cl=2", "--epochs=1", "--batch_size=64", "--device=cpu", "--progress=false",
+             "--nb_generation=1", "--syn_batch_size=8", "--syn_iterations=2", "--syn_warmup=1"]  # fmt: skip
+NO_DATA = "(or --download=true)"  # the run got past its configuration to the data set's files
+
+
+def documented_commands(tmp: str) -> list[tuple[list[str], str, int, str]]:
+    """(arguments of main.py, working folder, exit code, text the output holds) for each command of the README and
+    of the --help texts, with tiny settings; MedMNIST ones run until they find no data (nothing is downloaded)."""
+    blood, digits = "configs/bloodmnist/ccsi.yaml", "configs/digits/ccsi.yaml"
+    root = str(ROOT)
+    return [
+        (["--help"], root, 0, "python main.py sweep FILE"),
+        (["list"], root, 0, "search/task_1"),
+        (["keys"], root, 0, "[synthesis]"),
+        (["keys", "--method", "ccsi", "--group=lucir"], root, 0, "lamda (float, task) = 5.0"),
+        (["keys", "--markdown"], root, 0, "| `lr` | float |"),
+        (["--config", digits, *TINY_CCSI, "--threads", "1", f"--output_dir={tmp}/digits"], root, 0, "ccsi"),
+        (
+            ["--config", digits, "--lrr=0.1"],
+            root,
+            2,
+            "error: unknown configuration key 'lrr' in the command line (did you mean 'lr'?)",
+        ),
+        (["--config", blood, "--seed=1", "--threads", "4", f"--data_root={tmp}", "--download=false"], root, 2, NO_DATA),
+        (["--config", blood, "--protocol=original", f"--data_root={tmp}", "--download=false"], root, 2, NO_DATA),
+        (
+            ["--config", f"{root}/{blood}", "--task=2", "--saved_model_address=runs/x/task_1.pt"],
+            tmp,
+            2,
+            "checkpoint not found: runs/x/task_1.pt",
+        ),
+        (
+            ["--config", f"{root}/{blood}", "--task=2", "--saved_model_address=best:runs/sweeps/t1"],
+            tmp,
+            2,
+            "runs/sweeps/t1 is not a folder",
+        ),
+        (["sweep", "configs/bloodmnist/sweep_task_1.yaml", "--dry-run"], root, 0, "[1/1] /usr/bin/env"),
+        (["sweep", "configs/bloodmnist/sweep_task_1.yaml", "--dry-run", "--epochs=1"], root, 0, "--epochs=1"),
+        (
+            ["sweep", "configs/bloodmnist/sweep_task_2.yaml", "--count=4", "--sweep-seed=0", "--dry-run"],
+            root,
+            0,
+            "--saved_model_address=best:runs/sweeps/bloodmnist/ccsi/task_1",
+        ),
+        (["sweep", "configs/digits/search/task_1.yaml", "--dry-run", "--epochs=2"], root, 0, "[4/4]"),
+        (
+            ["best", "runs/sweeps/bloodmnist/ccsi/task_1"],
+            tmp,
+            2,
+            "error: best: runs/sweeps/bloodmnist/ccsi/task_1 is not a folder",
+        ),
+        (["swep", "configs/digits/search/task_1.yaml"], root, 2, "did you mean 'sweep'?"),
+    ]
+
+
+def test_documented_commands_in_fresh_processes(tmp_path):
+    """Each command starts its own interpreter, so it sees only the keys its own imports declare."""
+
+    def run(argv: list[str], cwd: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, str(ROOT / "main.py"), *argv]
+        return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
+
+    commands = documented_commands(str(tmp_path))
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        results = list(pool.map(lambda c: run(c[0], c[1]), commands))
+    for (argv, _, code, expected), done in zip(commands, results, strict=True):
+        out = done.stdout + done.stderr
+        assert done.returncode == code and expected in out and "Traceback" not in out, (argv, out[-1500:])
+        if code == 2:
+            assert len(done.stderr.strip().splitlines()) >= 1 and done.stderr.strip().splitlines()[-1].startswith(
+                ("error:", "sweep:")
+            ), argv
+    keys_lines = results[2].stdout.splitlines()
+    assert max(map(len, keys_lines)) <= 100
+    assert results[4].stdout == (ROOT / "docs" / "config.md").read_text()
+
+
+def test_swep_and_learning_rate_get_a_suggestion(capsys):
+    assert main.main(["swep", "x.yaml"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: unknown command 'swep': did you mean 'sweep'? commands are "
+        f"{', '.join(main.COMMANDS)}; a run is python main.py --config FILE [--key=value ...]"
+    )
+    assert main.main(["--learning_rate=0.1"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: unknown configuration key 'learning_rate' in the command line (did you mean 'lr'?)"
+    )
+
+
+def test_keys_options_are_checked(capsys):
+    assert main.main(["keys", "--markdown", "--method=ccsi"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --markdown prints every key; leave out --method"
+    assert main.main(["keys", "--metod=ccsi"]) == 2
+    assert "'keys' does not take '--metod=ccsi'" in capsys.readouterr().err

@@ -22,6 +22,7 @@ from experiment.config import load_config
 from experiment.errors import OutputError
 from experiment.run_folder import resolve_output_dir
 from reporting import metrics, plots
+from tiny import ROOT
 
 
 def one_error_line(args: list[str], capsys) -> str:
@@ -112,15 +113,16 @@ def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
     assert cfg.per_task == {2: {"lr": 0.5, "epochs": 3}, 3: {"lr": 0.25, "epochs": 3}}
 
 
-def test_per_task_entries_for_tasks_the_run_does_not_have(tmp_path, capsys):
+def test_per_task_entries_for_tasks_the_run_does_not_have_are_a_note(tmp_path, capsys, caplog):
+    """A config written for more tasks (the MedMNIST ccsi.yaml on one's own data with another split) still runs:
+    the entries beyond the last task are named in one console note."""
     write_npz(tmp_path / "d.npz")  # 3 classes: tasks of 2 and 1 classes
     (tmp_path / "run.yaml").write_text("per_task:\n  2: {lr: 0.01}\n  4: {lr: 0.01}\n  9: {epochs: 1}\n")
-    line = one_error_line(["--config", str(tmp_path / "run.yaml"), *npz_args(tmp_path)], capsys)
-    assert line == (
-        "error: key 'per_task': entries for task(s) 4, 9, but this run has 2 tasks; remove those entries or "
-        "change the task split (nb_cl_fg, nb_cl)"
-    )
-    assert not (tmp_path / "run").exists()  # refused before training: nothing written
+    with caplog.at_level("WARNING"):
+        assert main.main(["--config", str(tmp_path / "run.yaml"), *npz_args(tmp_path)]) == 0
+    notes = [r.getMessage() for r in caplog.records if "per_task" in r.getMessage()]
+    assert notes == ["note: per_task entries for task(s) 4, 9 are not used: this run has 2 tasks (nb_cl_fg, nb_cl)"]
+    assert (tmp_path / "run" / "metrics.json").exists()
 
 
 @pytest.mark.parametrize(
@@ -548,3 +550,16 @@ def test_demo_checks_its_arguments_before_deleting_and_never_deletes_outside_the
     line = one_error_line(["demo", "--lr=-1"], capsys)  # the scratch folders too: nothing deleted before the check
     assert "lr" in line and earlier.read_text() == "an earlier demo run"
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_a_medmnist_config_runs_on_ones_own_data_with_another_split(tmp_path, caplog):
+    """The MedMNIST ccsi.yaml names per_task values for tasks 1-4; with --nb_cl_fg=5 --nb_cl=5 on a 10-class file
+    the run has 2 tasks: the entries of tasks 3 and 4 are a console note, not an error."""
+    write_npz(tmp_path / "d.npz", n=(40, 20, 20), classes=10)
+    tiny = ["--epochs=1", "--device=cpu", "--progress=false", "--nb_generation=1", "--syn_batch_size=4"]
+    tiny += ["--syn_iterations=2", "--syn_warmup=1", f"--output_dir={tmp_path / 'run'}", "--threads=1"]
+    args = ["--config", str(ROOT / "configs/bloodmnist/ccsi.yaml"), "--dataset=npz", f"--data_path={tmp_path}/d.npz"]
+    with caplog.at_level("WARNING"):
+        assert main.main([*args, "--nb_cl_fg=5", "--nb_cl=5", *tiny]) == 0
+    notes = [r.getMessage() for r in caplog.records if "per_task" in r.getMessage()]
+    assert notes == ["note: per_task entries for task(s) 3, 4 are not used: this run has 2 tasks (nb_cl_fg, nb_cl)"]

@@ -1,6 +1,6 @@
 """Run a wandb sweep file locally, with no wandb server, as a wandb agent would:
 
-    python main.py sweep FILE [--dry-run] [--count=N] [--sweep-seed=S] [--key=value ...]
+    python main.py sweep FILE [--dry-run] [--count=N] [--sweep-seed=S] [--resume] [--key=value ...]
 
 - ``method: grid``: every combination of the parameters' ``values`` (in file order), up to ``run_cap``;
   ``method: random``: ``run_cap`` (or ``--count``) points, each parameter drawn independently as wandb's random
@@ -8,18 +8,26 @@
   ``log_uniform``, ``q_uniform``, ``normal``, ``log_normal``), reproducibly from ``--sweep-seed``;
   ``method: bayes`` needs the wandb server (refused).
 - Each point runs the sweep's ``command`` (default ``${env} ${interpreter} ${program} ${args}``) with the macros
-  the agent uses: ``${env}`` = /usr/bin/env, ``${interpreter}`` = python (the first on PATH, as the agent does:
-  the shipped sweep files name the project's .venv/bin/python instead), ``${program}``, ``${args}`` =
+  the agent uses: ``${env}`` = /usr/bin/env, ``${interpreter}`` = the Python running this sweep (a wandb agent
+  uses the first ``python`` on PATH instead: the shipped sweep files name the project's .venv/bin/python, which
+  is checked once, before the first point, to import the project's requirements), ``${program}``, ``${args}`` =
   ``--key=value`` with Python's spelling of each value (True, [1, 2]), ``${args_no_hyphens}``,
   ``${args_no_boolean_flags}``, ``${envvar:NAME}``.
-- ``--key=value`` after the file applies to every point (e.g. ``--epochs=1`` for a smoke test); each point gets its
-  own run folder (the default ``output_dir`` names the run's config hash).
-A malformed file is refused in one line (exit 2) before anything runs.
+- ``--key=value`` or ``--key value`` after the file applies to every point (e.g. ``--epochs=1`` for a smoke test);
+  each point gets its own run folder (the default ``output_dir`` names the run's config hash).
+- Every point's configuration is checked before the first runs. A point whose result-changing keys equal an
+  earlier point's is skipped with a line (e.g. a grid over ``eval_batch_size``). A finished point (its folder
+  has metrics.json) or one running elsewhere (its lock is held) is skipped with a line, so an interrupted sweep
+  continues when run again; a point stopped part-way is continued with ``--resume`` (``--resume=true``), else
+  the sweep stops and says so.
+A malformed file or a bad override is refused in one line (exit 2) before anything runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import logging
 import math
 import os
 import random
@@ -27,13 +35,15 @@ import re
 import shlex
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from experiment.config import ConfigError, parse_overrides
+from experiment.config import Config, ConfigError
+from experiment.errors import UserError
+from experiment.identity import config_hash
 
 DEFAULT_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]
 SEARCHES = ("grid", "random", "bayes")
@@ -154,10 +164,10 @@ def points(sweep: dict[str, Any], count: int | None, seed: int) -> list[dict[str
 
 
 def agent_args(point: dict[str, Any]) -> dict[str, list[str]]:
-    """The argument macros as the wandb agent builds them (Python's str of each value)."""
+    """The argument macros as the wandb agent builds them (Python's str of each value; None: a bare flag)."""
     return {
-        "args": [f"--{k}={v}" for k, v in point.items()],
-        "args_no_hyphens": [f"{k}={v}" for k, v in point.items()],
+        "args": [f"--{k}" if v is None else f"--{k}={v}" for k, v in point.items()],
+        "args_no_hyphens": [f"{k}" if v is None else f"{k}={v}" for k, v in point.items()],
         "args_no_boolean_flags": [
             f"--{k}" if isinstance(v, bool) else f"--{k}={v}" for k, v in point.items() if v is not False
         ],
@@ -166,7 +176,8 @@ def agent_args(point: dict[str, Any]) -> dict[str, list[str]]:
 
 def build_command(sweep: dict[str, Any], point: dict[str, Any]) -> list[str]:
     """The command a wandb agent would run for one point."""
-    macros = {"env": ["/usr/bin/env"], "interpreter": ["python"], "program": [str(sweep["program"])]}
+    interpreter = sweep.get("_interpreter", "python")  # main() sets the Python that runs the sweep
+    macros = {"env": ["/usr/bin/env"], "interpreter": [interpreter], "program": [str(sweep["program"])]}
     macros.update(agent_args(point))
     out: list[str] = []
     for part in (str(p) for p in sweep.get("command", DEFAULT_COMMAND)):
@@ -184,34 +195,193 @@ def build_command(sweep: dict[str, Any], point: dict[str, Any]) -> list[str]:
 
 # ----- main ------------------------------------------------------------------------------------------------------
 
+USAGE = "usage: python main.py sweep SWEEP_FILE [--dry-run] [--count=N] [--sweep-seed=S] [--resume] [--key=value ...]"
+# What the project needs to import (requirements.txt); an interpreter named in the command is checked for them.
+REQUIRED_MODULES = ("torch", "torchvision", "numpy", "yaml", "tqdm")
+TRUE, FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
 
-def parse_args(argv: Sequence[str]) -> tuple[Path, bool, int | None, int, dict[str, str]]:
-    """FILE, --dry-run, --count=N, --sweep-seed=S, then --key=value overrides for every point."""
-    usage = "usage: python main.py sweep SWEEP_FILE [--dry-run] [--count=N] [--sweep-seed=S] [--key=value ...]"
-    files = [a for a in argv if not a.startswith("--")]
-    if len(files) != 1 or not argv or argv[0] != files[0]:
-        raise ConfigError(usage)
+
+def split_overrides(args: Sequence[str]) -> dict[str, str | None]:
+    """``--key=value`` and ``--key value`` as name -> value (later ones win); a bare ``--flag`` maps to None (the
+    run's own parsing makes it ``true`` for a bool key). Names are checked when each point's config is loaded."""
+    out: dict[str, str | None] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or arg == "--":
+            raise ConfigError(f"unexpected argument '{arg}'; {USAGE}")
+        name, eq, value = arg[2:].partition("=")
+        if not eq and i + 1 < len(args) and not args[i + 1].startswith("--"):
+            value, eq = args[i + 1], "="
+            i += 1
+        out[name.replace("-", "_")] = value if eq else None
+        i += 1
+    return out
+
+
+def parse_args(argv: Sequence[str]) -> tuple[Path, bool, int | None, int, dict[str, str | None]]:
+    """FILE, --dry-run, --count N, --sweep-seed S, then the overrides for every point (see split_overrides)."""
+    argv = list(argv)
+    if not argv or argv[0].startswith("--"):
+        raise ConfigError(USAGE)
     dry_run, count, seed, rest = False, None, 0, []
-    for arg in argv[1:]:
+    i = 1
+    while i < len(argv):
+        arg = argv[i]
+        name, eq, value = arg[2:].partition("=")
         if arg == "--dry-run":
             dry_run = True
-        elif arg.startswith(("--count=", "--sweep-seed=")):
-            name, value = arg[2:].split("=", 1)
+        elif arg.startswith("--") and name in ("count", "sweep-seed"):
+            if not eq and i + 1 < len(argv):
+                value, i = argv[i + 1], i + 1
             if not value.isdigit() or (name == "count" and int(value) < 1):
                 raise ConfigError(f"--{name} needs a {'positive ' if name == 'count' else ''}integer, got {value!r}")
             count, seed = (int(value), seed) if name == "count" else (count, int(value))
         else:
             rest.append(arg)
-    return Path(files[0]), dry_run, count, seed, parse_overrides(rest)
+        i += 1
+    return Path(argv[0]), dry_run, count, seed, split_overrides(rest)
 
 
-def main(argv: Sequence[str]) -> int:
+def as_bool(name: str, value: str | None) -> bool:
+    """A bool option of the sweep runner (bare: true)."""
+    if value is None or value.lower() in TRUE:
+        return True
+    if value.lower() in FALSE:
+        return False
+    raise ConfigError(f"--{name} is true or false, got {value!r}")
+
+
+def named_interpreter(sweep: dict[str, Any]) -> str | None:
+    """The interpreter a command names literally before ``${program}`` (e.g. .venv/bin/python); None for
+    ``${interpreter}`` or a command without one."""
+    parts = [str(p) for p in sweep.get("command", DEFAULT_COMMAND)]
+    before = parts[: parts.index("${program}")] if "${program}" in parts else []
+    named = [p for p in before if p not in ("${env}", "/usr/bin/env") and not p.startswith("${")]
+    return named[-1] if named else None
+
+
+def interpreter_problem(interpreter: str) -> str | None:
+    """Why ``interpreter`` cannot run the project (missing, or a requirement it cannot import); None when it can."""
+    probe = f"import {', '.join(REQUIRED_MODULES)}"
+    try:
+        done = subprocess.run([interpreter, "-c", probe], capture_output=True, text=True, timeout=300)
+    except OSError as err:
+        return err.strerror or str(err)
+    if done.returncode == 0:
+        return None
+    lines = done.stderr.strip().splitlines()
+    return lines[-1] if lines else f"exit code {done.returncode}"
+
+
+def program_args(command: list[str], program: str) -> list[str] | None:
+    """The arguments the command passes to ``program`` (main.py); None when it runs another program."""
+    if Path(program).name != "main.py" or program not in command:
+        return None
+    return command[command.index(program) + 1 :]
+
+
+def point_state(folder: Path | None) -> str:
+    """'finished' (metrics.json written, no live run), 'unfinished' (task checkpoints but no metrics.json),
+    'running' (its lock is held) or 'new'."""
+    from tuning.best import running_owner
+
+    if folder is None or not folder.is_dir():
+        return "new"
+    if running_owner(folder) is not None:
+        return "running"
+    if (folder / "metrics.json").exists():
+        return "finished"
+    if any(folder.glob("task_*.pt")):
+        return "unfinished"
+    return "new"
+
+
+def planned_folder(cfg: Config) -> Path | None:
+    """The run folder the point will write (as the engine names it), or None when it cannot be known yet (the
+    checkpoint it continues from does not exist: an earlier task's sweep has not run)."""
+    from experiment.checkpoint import TaskCheckpoint
+    from experiment.run_folder import resolve_output_dir
+    from tuning.best import resolve_saved_model_address
+
+    try:
+        parent_hash = None
+        if cfg.saved_model_address is not None:
+            with _quiet("tuning.best"):
+                cfg = resolve_saved_model_address(cfg)
+            parent_hash = TaskCheckpoint.load(cfg.saved_model_address).config_hash
+        return resolve_output_dir(cfg, parent_hash)[0]
+    except (UserError, OSError):
+        return None
+
+
+@contextlib.contextmanager
+def _quiet(name: str) -> Iterator[None]:
+    """Silence the info lines of logger ``name`` (the point's run prints them when it starts)."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def main(argv: Sequence[str], load: Callable[[Sequence[str]], Config] | None = None) -> int:
+    """Run the sweep ``argv`` names; ``load`` (main.py: the run's config from its arguments, every key declared)
+    checks each point's configuration before anything runs, finds points that would compute the same thing, and
+    names each point's folder (finished points are skipped; with --resume an unfinished one continues)."""
     path, dry_run, count, seed, overrides = parse_args(list(argv))
+    resume = as_bool("resume", overrides.pop("resume")) if "resume" in overrides else False
     sweep = read_sweep(path)
+    sweep["_interpreter"] = sys.executable
     commands = [build_command(sweep, {**point, **overrides}) for point in points(sweep, count, seed)]
+    configs = []
+    for i, cmd in enumerate(commands):
+        args = None if load is None else program_args(cmd, str(sweep["program"]))
+        with _quiet("experiment.config") if i else contextlib.nullcontext():  # the config's notes once
+            configs.append(None if args is None else load(args))
     print(f"sweep {path}: {len(commands)} run(s) ({sweep.get('method', 'grid')})", flush=True)
-    for i, cmd in enumerate(commands, 1):
-        print(f"[{i}/{len(commands)}] {shlex.join(cmd)}", flush=True)
+    interpreter = named_interpreter(sweep)
+    if not dry_run and interpreter is not None:
+        problem = interpreter_problem(interpreter)
+        if problem is not None:
+            print(
+                f"sweep: the command's interpreter {interpreter} cannot run the project ({problem}); install the "
+                f"requirements there (pip install -r requirements.txt) or write ${{interpreter}} in the command to "
+                f"use this one ({sys.executable})",
+                file=sys.stderr,
+            )
+            return 2
+    seen: dict[str, int] = {}
+    for i, (cmd, cfg) in enumerate(zip(commands, configs, strict=True), 1):
+        tag = f"[{i}/{len(commands)}]"
+        if cfg is not None:
+            key = config_hash(cfg.to_dict(), task=cfg.task, parent=cfg.saved_model_address)
+            if key in seen:
+                first = configs[seen[key] - 1].to_dict()
+                other = sorted(k for k, v in cfg.to_dict().items() if first.get(k) != v and k != "output_dir")
+                print(
+                    f"{tag} skipped: the same run as point {seen[key]} (every result-changing key equal"
+                    + (f"; differs only in {', '.join(other)})" if other else ")"),
+                    flush=True,
+                )
+                continue
+            seen[key] = i
+            state = point_state(planned_folder(cfg))
+            if state in ("finished", "running"):
+                print(f"{tag} skipped: {planned_folder(cfg)} is {state}", flush=True)
+                continue
+            if state == "unfinished":
+                if not resume:
+                    print(
+                        f"sweep: point {i} stopped part-way in {planned_folder(cfg)}; rerun the sweep with "
+                        "--resume=true to continue it (finished points are skipped)",
+                        file=sys.stderr,
+                    )
+                    return 2
+                cmd = [*cmd, "--resume=true"]
+        print(f"{tag} {shlex.join(cmd)}", flush=True)
         if dry_run:
             continue
         code = subprocess.call(cmd)

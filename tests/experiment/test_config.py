@@ -1,9 +1,11 @@
 """Configuration: parsing, typing, validation and the one-line errors main.py turns into exit code 2."""
 
+import subprocess
+import sys
+
 import pytest
 import yaml
 
-import incremental_train_and_eval  # noqa: F401  (declares every key)
 from experiment import config
 from experiment.config import ConfigError, Option, coerce, load_config, parse_overrides
 from tiny import ROOT
@@ -135,7 +137,93 @@ def test_docs_config_is_the_generated_reference():
 
     text = (ROOT / "docs" / "config.md").read_text()
     missing = [name for name in config.OPTIONS if f"`{name}`" not in text]
-    assert not missing, f"docs/config.md lacks keys (regenerate: python main.py keys > docs/config.md): {missing}"
+    regenerate = "regenerate: python main.py keys --markdown > docs/config.md"
+    assert not missing, f"docs/config.md lacks keys ({regenerate}): {missing}"
     assert text == main.KEYS_HEADER + config.reference_table() + "\n", (
-        "docs/config.md is stale: regenerate it with python main.py keys > docs/config.md"
+        "docs/config.md is stale: regenerate it with python main.py keys --markdown > docs/config.md"
     )
+
+
+# ----- one key set, closest keys, bare flags, notes ------------------------------------------------------------
+
+
+def test_load_config_names_an_undeclared_override_in_one_line():
+    with pytest.raises(
+        ConfigError, match=r"^unknown configuration key 'learning_rate' in the overrides \(did you mean 'lr'\?\)$"
+    ):
+        load_config(overrides={"learning_rate": 0.1})
+
+
+def test_a_fresh_process_sees_every_key_through_the_engine_and_none_through_config_alone():
+    """The key set does not depend on what else was imported: the engine's loader knows every key (threads too);
+    experiment.config alone refuses an undeclared one in one line, never a KeyError."""
+    probe = (
+        "import sys\n"
+        "from experiment import config\n"
+        "try:\n"
+        "    config.load_config(overrides={'threads': 1})\n"
+        "except config.ConfigError as err:\n"
+        "    print('refused:', err)\n"
+        "import incremental_train_and_eval as engine\n"
+        "cfg = engine.load_run_config(overrides={'threads': 1}, args=['--epochs', '2', '--resume'])\n"
+        "print(cfg.threads)\n"
+        "print(len(config.OPTIONS))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    refused, threads, count = done.stdout.strip().splitlines()
+    assert refused.startswith("refused: unknown configuration key 'threads' in the overrides")
+    assert threads == "1" and int(count) == len(config.OPTIONS)  # the same keys as this test process
+
+
+@pytest.mark.parametrize(
+    ("typed", "meant"),
+    [
+        ("learning_rate", "lr"),
+        ("lrr", "lr"),
+        ("epochz", "epochs"),
+        ("temperature", "temprature"),
+        ("batchsize", "batch_size"),
+    ],
+)
+def test_closest_key(typed, meant):
+    assert config.closest_key(typed) == meant
+
+
+def test_a_bare_flag_is_true_for_a_bool_key_only():
+    assert parse_overrides(["--resume", "--epochs", "3", "--progress"]) == {
+        "resume": "true",
+        "epochs": "3",
+        "progress": "true",
+    }
+    with pytest.raises(ConfigError, match=r"override '--epochs' has no value: write --epochs=VALUE"):
+        parse_overrides(["--epochs", "--resume"])
+
+
+def test_keys_the_method_does_not_read_are_named_in_one_note(caplog):
+    with caplog.at_level("WARNING"):
+        load_config([ROOT / "configs" / "digits" / "ccsi.yaml"], {"method": "icarl"})
+    [note] = [r.getMessage() for r in caplog.records if "does not use" in r.getMessage()]
+    assert note.startswith("note: method icarl does not use K, class_weights, da_coef, dist, do_flip, generation_lr")
+    assert "rs_ratio" in note and "lamda" in note and "more" not in note
+    assert note.endswith("(keys of ccsi, lucir, synthesis); they are ignored")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        load_config([ROOT / "configs" / "digits" / "ccsi.yaml"])  # CCSI reads its own, LUCIR's and synthesis keys
+    assert not [r for r in caplog.records if "does not use" in r.getMessage()]
+
+
+def test_keys_text_fits_100_columns_filters_and_shows_preset_values():
+    text = config.keys_text()
+    assert max(len(line) for line in text.splitlines()) <= 100
+    assert "\n[run]\n" in text and "\n  lr (float, task) = 0.1" in text
+    ccsi = config.keys_text(method="ccsi")
+    assert "\n  lamda (float, task)" in ccsi and "\n[wa]" not in ccsi and "\n[icarl]" not in ccsi
+    assert "  class_stats_update (str, task) = frozen -> refresh (protocol=improved)" in ccsi
+    assert "-> refresh" not in config.keys_text(group="ccsi", protocol="clean")
+    lucir = config.keys_text(group="model", method="lucir")
+    assert "head (str, experiment) = " in lucir and "(method=lucir)" in lucir
+    with pytest.raises(ConfigError, match="--group 'nope' is not a group of keys"):
+        config.keys_text(group="nope")
+    with pytest.raises(ConfigError, match="key 'method': expected str"):
+        config.keys_text(method="nope")

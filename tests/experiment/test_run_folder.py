@@ -295,9 +295,13 @@ def test_malformed_sweep_files_are_refused_in_one_line(tmp_path, capsys, text, m
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
-def test_sweep_runner_refuses_unknown_override_keys():
-    with pytest.raises(ConfigError, match="unknown configuration key 'lrr'"):
-        sweep.parse_args(["file.yaml", "--lrr=1"])
+def test_sweep_runner_refuses_unknown_override_keys(tmp_path, capsys):
+    path = write_sweep(tmp_path / "s.yaml", {"lr": {"values": [0.1]}})
+    assert main.main(["sweep", str(path), "--dry-run", "--lrr=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: unknown configuration key 'lrr' in the command line (did you mean 'lr'?)"
+    with pytest.raises(ConfigError, match="unexpected argument 'x'"):
+        sweep.parse_args(["file.yaml", "x"])
 
 
 # ----- wandb --------------------------------------------------------------------------------------------------------
