@@ -18,6 +18,7 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -167,7 +168,7 @@ def run_task(state: RunState, task: int) -> None:
     method.begin_task(ctx, cfg)
     distributed.prepare_model(method.net, cfg.sync_bn)
     prepared = time.perf_counter()
-    training = fit_task(method, ctx, cfg, state.splits, state.cfg)
+    training = fit_task(method, ctx, cfg, state.splits, state.cfg, on_epoch=history_writer(state))
     trained = time.perf_counter()
     method.end_task(ctx)
     ctx.access.record("memory", method.kept_real_labels())
@@ -193,6 +194,14 @@ def run_task(state: RunState, task: int) -> None:
         save_task(state, task, cfg)
         state.metrics.write_history(state.output_dir)
         log_task(state, task, evaluation, extra["val_accuracy"], training["selected_epoch"], done - start)
+
+
+def history_writer(state: RunState) -> Callable[[list[dict[str, float]]], None] | None:
+    """history.csv rewritten after every epoch (earlier tasks' rows, then the task in progress): a long task shows
+    its progress in the file; rank 0 only."""
+    if not distributed.is_main():
+        return None
+    return lambda epochs: state.metrics.write_history(state.output_dir, in_progress=epochs)
 
 
 def val_accuracy(state: RunState, n_seen: int, batch_size: int) -> float | None:
@@ -364,7 +373,7 @@ def finish_run(state: RunState, main_process: bool) -> dict[str, Any]:
     summary = state.metrics.summary()
     if main_process:
         info = provenance.collect(state.cfg, state.device, state.run_hash)
-        state.metrics.write(state.output_dir, info)
+        state.metrics.write(state.output_dir, info, state.cfg.to_dict())
         state.logger.log_summary(summary)
         class_names = [state.splits.class_names[c] for c in state.scenario.class_order]
         title = run_title(state.cfg.dataset, state.cfg.method, state.cfg.protocol)
