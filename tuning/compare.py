@@ -226,6 +226,31 @@ def compare(folders: Sequence[str | Path], by: Sequence[str] = (), out: str | Pa
     return f"{what}\n{format_table(rows)}\n(written to {target}/compare.csv, compare.md, compare.png)"
 
 
+def sweep_folders(commands: Sequence[Sequence[str]]) -> list[str]:
+    """The folders a sweep's points write below: the fixed part of each point's ``--output_dir=`` (up to its first
+    ``{placeholder}``), each once."""
+    folders = []
+    for command in commands:
+        given = [a.split("=", 1)[1] for a in command if a.startswith("--output_dir=")]
+        if given:
+            template = os.path.expandvars(os.path.expanduser(given[-1]))
+            fixed = template.split("{", 1)[0]
+            folders.append(fixed if "{" not in template or fixed.endswith("/") else os.path.dirname(fixed) or ".")
+    return list(dict.fromkeys(folders))
+
+
+def sweep_table(commands: Sequence[Sequence[str]]) -> str:
+    """The compare table over the runs of a sweep's points, written into their common folder; one line instead
+    when the points name no output_dir or none finished."""
+    folders = sweep_folders(commands)
+    if not folders:
+        return "sweep: the points name no --output_dir; compare their runs with: python main.py compare FOLDER"
+    try:
+        return compare(folders)
+    except ConfigError as err:
+        return f"sweep: no table ({err})"
+
+
 def parse_args(argv: Sequence[str]) -> tuple[list[str], list[str], str | None]:
     """FOLDER..., --by KEY[,KEY] (repeatable), --out DIR; both as --name=value or --name value."""
     folders, by, out = [], [], None

@@ -2,13 +2,17 @@
 the files it writes, and one-line errors."""
 
 import csv
+import sys
 
 import pytest
+import yaml
 
 from experiment import config
 from experiment.errors import ConfigError
 from reporting.metrics import RunMetrics, TaskEvaluation
-from tuning.compare import compare, find_runs, parse_args
+from tiny import ROOT, TWO_TASKS
+from tuning.compare import compare, find_runs, parse_args, sweep_folders, sweep_table
+from tuning.sweep import main as sweep_main
 
 
 def _evaluation(per_task: list[float], accuracy: float) -> TaskEvaluation:
@@ -91,3 +95,39 @@ def test_bad_input_is_one_line(sweep, tmp_path):
     with pytest.raises(ConfigError, match="unknown option '--bye'"):
         parse_args(["runs", "--bye=lr"])
     assert parse_args(["a", "--by", "lr,seed", "b", "--out=o"]) == (["a", "b"], ["lr", "seed"], "o")
+
+
+def test_sweep_folders_are_the_fixed_part_of_each_points_output_dir():
+    commands = [
+        ["python", "main.py", "--lr=0.1", "--output_dir=runs/sw/task_1/seed{seed}-{config_hash}"],
+        ["python", "main.py", "--lr=0.2", "--output_dir=runs/sw/task_1/seed{seed}-{config_hash}"],
+        ["python", "main.py", "--output_dir=runs/other/{config_hash}", "--output_dir=runs/last/{seed}"],
+        ["python", "main.py", "--output_dir=runs/plain"],
+        ["python", "main.py", "--lr=0.3"],
+    ]
+    assert sweep_folders(commands) == ["runs/sw/task_1", "runs/last/", "runs/plain"]
+    assert sweep_table([["python", "main.py"]]).startswith("sweep: the points name no --output_dir")
+
+
+def test_a_sweep_ends_with_the_table_of_its_points(tmp_path, monkeypatch, capsys):
+    """Two real tiny digits points (lr 0.1 and 0.01): the sweep prints one row per point and writes the files."""
+    monkeypatch.chdir(ROOT)
+    spec = {
+        "program": "main.py",
+        "method": "grid",
+        "command": [sys.executable, "${program}", "--config", "configs/digits/finetune.yaml", "${args}"],
+        "parameters": {
+            "lr": {"values": [0.1, 0.01]},
+            "output_dir": {"value": str(tmp_path / "sweep" / "seed{seed}-{config_hash}")},
+            **{a[2:].split("=")[0]: {"value": a.split("=")[1]} for a in TWO_TASKS},
+            "threads": {"value": 1},
+        },
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert sweep_main([str(path)]) == 0
+    out = capsys.readouterr().out
+    table = out.split("mean ± std over seeds)\n", 1)[1].splitlines()
+    assert table[0].split()[:2] == ["lr", "n"] and sorted(ln.split()[0] for ln in table[2:4]) == ["0.01", "0.1"]
+    rows = list(csv.DictReader((tmp_path / "sweep" / "compare.csv").open()))
+    assert sorted(r["lr"] for r in rows) == ["0.01", "0.1"] and all(r["n"] == "1" for r in rows)
