@@ -125,8 +125,13 @@ def group_runs(runs: Sequence[Run], by: Sequence[str] = ()) -> tuple[list[str], 
         ident = json.dumps({n: run.values.get(n) for n in same}, sort_keys=True, default=str)
         group = groups.setdefault(ident, Group({n: run.values.get(n) for n in shown}, []))
         group.runs.append(run)
-    ranked = sorted(groups.values(), key=lambda g: -(g.stats("average_incremental_accuracy")[0] or -math.inf))
-    return shown, ranked
+    return shown, sorted(groups.values(), key=_rank)
+
+
+def _rank(group: Group) -> float:
+    """Best average incremental accuracy first; groups without one last."""
+    mean = group.stats("average_incremental_accuracy")[0]
+    return math.inf if mean is None else -mean
 
 
 def _text(value: Any) -> str:
@@ -205,7 +210,9 @@ def label(group: Group, shown: list[str]) -> str:
 def write_figure(out: Path, shown: list[str], groups: list[Group]) -> list[Path]:
     """compare.png/.pdf: accuracy after each task, the mean of each group with a ±1 std band (16 groups at most)."""
     curves = {label(g, shown): [r.metrics.get("accuracy_per_task") or [] for r in g.runs] for g in groups[:MAX_CURVES]}
-    title = f"{len(groups)} group(s) compared" + (f"; the best {MAX_CURVES} drawn" if len(groups) > MAX_CURVES else "")
+    runs = [r for g in groups for r in g.runs]
+    what = " · ".join(", ".join(sorted({str(r.values.get(k)) for r in runs})) for k in ("dataset", "method"))
+    title = f"{what}: {len(groups)} group(s)" + (f", the best {MAX_CURVES} drawn" if len(groups) > MAX_CURVES else "")
     return plot_method_curves(out / "compare.png", curves, title)
 
 
