@@ -222,6 +222,8 @@ def compare(folders: Sequence[str | Path], by: Sequence[str] = (), out: str | Pa
     unknown = [k for k in by if k not in OPTIONS and k != "task"]
     if unknown:
         raise ConfigError(f"compare --by: unknown key {unknown[0]!r}; {USAGE}")
+    if "seed" not in OPTIONS:  # which keys change results is known only once every key is declared
+        raise ConfigError("the configuration keys are not declared in this process (the engine was not imported)")
     runs = find_runs(folders)
     shown, groups = group_runs(runs, by)
     rows = table_rows(shown, groups)
@@ -255,7 +257,7 @@ def sweep_table(commands: Sequence[Sequence[str]]) -> str:
     try:
         return compare(folders)
     except ConfigError as err:
-        return f"sweep: no table ({err})"
+        return f"sweep: no table ({err}); compare the points with: python main.py compare {' '.join(folders)}"
 
 
 def parse_args(argv: Sequence[str]) -> tuple[list[str], list[str], str | None]:

@@ -131,3 +131,12 @@ def test_a_sweep_ends_with_the_table_of_its_points(tmp_path, monkeypatch, capsys
     assert table[0].split()[:2] == ["lr", "n"] and sorted(ln.split()[0] for ln in table[2:4]) == ["0.01", "0.1"]
     rows = list(csv.DictReader((tmp_path / "sweep" / "compare.csv").open()))
     assert sorted(r["lr"] for r in rows) == ["0.01", "0.1"] and all(r["n"] == "1" for r in rows)
+
+
+def test_without_the_declared_keys_compare_refuses_and_a_sweep_says_how_to_compare(sweep, monkeypatch):
+    """Which keys change results is known only once they are declared: no table that lumps every point together."""
+    monkeypatch.delitem(config.OPTIONS, "seed")
+    with pytest.raises(ConfigError, match="keys are not declared"):
+        compare([sweep])
+    text = sweep_table([["python", "main.py", f"--output_dir={sweep}/{{config_hash}}"]])
+    assert text.startswith("sweep: no table") and text.endswith(f"python main.py compare {sweep}/")
