@@ -203,9 +203,11 @@ def dispatch(argv: list[str], rank: str) -> int:
         print(main_best(argv[1:]))
     elif argv[0] == "compare":
         print(compare_command(argv[1:]))
-    elif seed_list(argv)[0]:
-        run_seeds(*seed_list(argv), rank)
     else:
+        seeds, rest = seed_list(argv)
+        if seeds:
+            run_seeds(seeds, rest, rank)
+            return 0
         from reporting.metrics import format_results_table
 
         summary = run_from_args(argv)
