@@ -216,9 +216,11 @@ def write_figure(out: Path, shown: list[str], groups: list[Group]) -> list[Path]
     return plot_method_curves(out / "compare.png", curves, title)
 
 
-def compare(folders: Sequence[str | Path], by: Sequence[str] = (), out: str | Path | None = None) -> str:
-    """Find, group and tabulate the runs below ``folders``; write compare.csv/.md/.png/.pdf into ``out`` (default:
-    the first folder); return the table as text (with a line naming the files)."""
+def compare(
+    folders: Sequence[str | Path], by: Sequence[str] = (), out: str | Path | None = None, write: bool = True
+) -> str:
+    """Find, group and tabulate the runs below ``folders``; unless ``write`` is false, write compare.csv/.md/.png/.pdf
+    into ``out`` (default: the first folder); return the table as text (with a line naming the files)."""
     unknown = [k for k in by if k not in OPTIONS and k != "task"]
     if unknown:
         raise ConfigError(f"compare --by: unknown key {unknown[0]!r}; {USAGE}")
@@ -227,12 +229,14 @@ def compare(folders: Sequence[str | Path], by: Sequence[str] = (), out: str | Pa
     runs = find_runs(folders)
     shown, groups = group_runs(runs, by)
     rows = table_rows(shown, groups)
+    text = f"{len(runs)} run(s) in {len(groups)} group(s) (mean ± std over seeds)\n{format_table(rows)}"
+    if not write:
+        return text
     target = Path(out if out is not None else folders[0]).expanduser()
     write_text(target / "compare.csv", csv_text(shown, groups))
     write_text(target / "compare.md", markdown_table(rows))
     write_figure(target, shown, groups)
-    what = f"{len(runs)} run(s) in {len(groups)} group(s) (mean ± std over seeds)"
-    return f"{what}\n{format_table(rows)}\n(written to {target}/compare.csv, compare.md, compare.png)"
+    return f"{text}\n(written to {target}/compare.csv, compare.md, compare.png)"
 
 
 def sweep_folders(commands: Sequence[Sequence[str]]) -> list[str]:
@@ -249,13 +253,14 @@ def sweep_folders(commands: Sequence[Sequence[str]]) -> list[str]:
 
 
 def sweep_table(commands: Sequence[Sequence[str]]) -> str:
-    """The compare table over the runs of a sweep's points, written into their common folder; one line instead
-    when the points name no output_dir or none finished."""
+    """The compare table over the runs of a sweep's points (printed only: the sweep folder holds the points' run
+    folders alone); one line instead when the points name no output_dir or none finished."""
     folders = sweep_folders(commands)
     if not folders:
         return "sweep: the points name no --output_dir; compare their runs with: python main.py compare FOLDER"
     try:
-        return compare(folders)
+        table = compare(folders, write=False)
+        return f"{table}\n(as CSV, Markdown and a figure: python main.py compare {' '.join(folders)} --out DIR)"
     except ConfigError as err:
         return f"sweep: no table ({err}); compare the points with: python main.py compare {' '.join(folders)}"
 

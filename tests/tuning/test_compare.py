@@ -129,8 +129,9 @@ def test_a_sweep_ends_with_the_table_of_its_points(tmp_path, monkeypatch, capsys
     out = capsys.readouterr().out
     table = out.split("mean ± std over seeds)\n", 1)[1].splitlines()
     assert table[0].split()[:2] == ["lr", "n"] and sorted(ln.split()[0] for ln in table[2:4]) == ["0.01", "0.1"]
-    rows = list(csv.DictReader((tmp_path / "sweep" / "compare.csv").open()))
-    assert sorted(r["lr"] for r in rows) == ["0.01", "0.1"] and all(r["n"] == "1" for r in rows)
+    assert [ln.split()[1] for ln in table[2:4]] == ["1", "1"]
+    assert table[4] == f"(as CSV, Markdown and a figure: python main.py compare {tmp_path / 'sweep'} --out DIR)"
+    assert sorted(p.name[:5] for p in (tmp_path / "sweep").iterdir()) == ["seed0", "seed0"]  # the two points alone
 
 
 def test_without_the_declared_keys_compare_refuses_and_a_sweep_says_how_to_compare(sweep, monkeypatch):
