@@ -18,7 +18,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -201,7 +201,7 @@ def run_task(state: RunState, task: int) -> None:
     method.begin_task(ctx, cfg)
     distributed.prepare_model(method.net, cfg.sync_bn)
     prepared = time.perf_counter()
-    training = fit_task(method, ctx, cfg, state.splits, state.cfg)
+    training = fit_task(method, ctx, cfg, state.splits, state.cfg, on_epoch=history_writer(state))
     trained = time.perf_counter()
     method.end_task(ctx)
     ctx.access.record("memory", method.kept_real_labels())
@@ -228,6 +228,14 @@ def run_task(state: RunState, task: int) -> None:
         save_task(state, task, cfg)
         state.metrics.write_history(state.output_dir)
         log_task(state, task, evaluation, extra["val_accuracy"], training["selected_epoch"], done - start)
+
+
+def history_writer(state: RunState) -> Callable[[list[dict[str, float]]], None] | None:
+    """history.csv rewritten after every epoch (earlier tasks' rows, then the task in progress): a long task shows
+    its progress in the file; rank 0 only."""
+    if not distributed.is_main():
+        return None
+    return lambda epochs: state.metrics.write_history(state.output_dir, in_progress=epochs)
 
 
 def val_accuracy(state: RunState, n_seen: int, batch_size: int) -> float | None:
@@ -440,5 +448,5 @@ def finish_run(state: RunState, main_process: bool) -> dict[str, Any]:
                 state.logger.log_image(path.stem, path)
         state.logger.log_summary(summary)
         info = provenance.collect(state.cfg, state.device, state.run_hash)
-        state.metrics.write(state.output_dir, info)
+        state.metrics.write(state.output_dir, info, state.cfg.to_dict())
     return summary

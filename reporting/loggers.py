@@ -9,6 +9,7 @@ each task (accuracies, or the final summary), ``log_image`` for plots, and ``fin
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import netrc
 import os
@@ -17,11 +18,13 @@ from types import ModuleType
 from typing import Any
 from urllib.parse import urlsplit
 
-from experiment.config import Config, ConfigError, Option, register_options
+from experiment.config import OPTIONS, Config, ConfigError, Option, register_options
+from experiment.identity import config_hash, identity_values
 
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "MultiLogger",
     "RunLogger",
     "TensorBoardLogger",
     "WandbLogger",
@@ -33,13 +36,15 @@ __all__ = [
 register_options(
     "logging",
     [
-        Option("logger", "str", "none", "experiment tracker: none; wandb (offline when no API key); tensorboard "
-               "(event files in <output_dir>/tensorboard: tensorboard --logdir runs)",
-               choices=("none", "wandb", "tensorboard")),
+        Option("logger", "str", "none", "experiment trackers, comma-separated (wandb,tensorboard): none; wandb "
+               "(offline when no API key; group: data set, method, protocol and config hash without the seed); "
+               "tensorboard (event files in <output_dir>/tensorboard, hparams with the final metrics: tensorboard "
+               "--logdir runs)", choices=("none", "wandb", "tensorboard", "wandb,tensorboard", "tensorboard,wandb")),
         Option("wandb_project", "str", "ccsi-cil", "wandb project name"),
         Option("wandb_entity", "str", None, "wandb entity (user or team); null: the account's default",
                nullable=True),
-        Option("wandb_run_name", "str", None, "wandb run name; null: <dataset>-<method>-seed<seed>", nullable=True),
+        Option("wandb_run_name", "str", None, "wandb run name; null: the result-changing keys set on the command line "
+               "(a sweep point's values) and the seed, else <dataset>-<method>-seed<seed>", nullable=True),
     ],
     scope="run",
 )  # fmt: skip
@@ -126,6 +131,7 @@ class WandbLogger(RunLogger):
         entity: str | None,
         run_name: str | None,
         output_dir: str | Path,
+        group: str | None = None,
     ):
         wandb = import_optional("wandb", "wandb")
         self._wandb = wandb
@@ -136,6 +142,7 @@ class WandbLogger(RunLogger):
             project=project,
             entity=entity,
             name=run_name,
+            group=group,
             config=dict(cfg_dict),
             dir=str(out),
             mode="offline" if offline else None,
@@ -195,10 +202,12 @@ class TensorBoardLogger(RunLogger):
         tensorboard = import_optional("torch.utils.tensorboard", "tensorboard")
         self.writer: Any = tensorboard.SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
         self._step = 0
+        self.hparams: dict[str, Any] = {}  # set by log_config; written with the final metrics by log_summary
 
     def log_config(self, config: dict[str, Any]) -> None:
         rows = "\n".join(f"| {k} | {v} |" for k, v in sorted(config.items()))
         self.writer.add_text("config", "| key | value |\n|---|---|\n" + rows)
+        self.hparams = tensorboard_hparams(config)
 
     def log_scalars(self, scalars: dict[str, float], step: int | None = None) -> None:
         self._step = self._step + 1 if step is None else int(step)
@@ -223,6 +232,7 @@ class TensorBoardLogger(RunLogger):
         for key in SUMMARY_KEYS:
             if _is_scalar(summary.get(key)):
                 self.writer.add_scalar(f"final/{key}", summary[key], 0)
+        add_hparams(self.writer, self.hparams, summary)
 
     def finish(self) -> None:
         if self.writer is not None:
@@ -231,10 +241,17 @@ class TensorBoardLogger(RunLogger):
 
 
 def default_run_name(cfg: Config) -> str | None:
-    """``wandb_run_name``, else <dataset>-<method>-seed<seed> from whichever of those keys the config has."""
+    """``wandb_run_name``; else the result-changing keys set on the command line and the seed ("lamda=3 lr=0.05
+    seed1": by name, at most 128 characters); else <dataset>-<method>-seed<seed> from whichever of those keys the
+    config has."""
     if cfg.wandb_run_name is not None:
         return cfg.wandb_run_name
     values = cfg.to_dict()
+    keys = command_line_keys(cfg)
+    if keys:
+        text = " ".join(f"{k}={_short(v)}" for k, v in keys.items())
+        seed = f" seed{values['seed']}" if values.get("seed") is not None else ""
+        return (text if len(text) + len(seed) <= 128 else text[: 127 - len(seed)] + "…") + seed
     parts = [str(values[k]) for k in ("dataset", "method") if values.get(k) is not None]
     if values.get("seed") is not None:
         parts.append(f"seed{values['seed']}")
@@ -242,11 +259,107 @@ def default_run_name(cfg: Config) -> str | None:
 
 
 def build_logger(cfg: Config, output_dir: str | Path) -> RunLogger:
-    """The logger chosen by the ``logger`` key (none: a RunLogger that records nothing)."""
-    if cfg.logger == "none":
+    """The loggers named by the ``logger`` key (none: a RunLogger that records nothing; several: all of them)."""
+    built: list[RunLogger] = []
+    for name in logger_names(cfg.logger):
+        if name == "wandb":
+            built.append(
+                WandbLogger(
+                    cfg.to_dict(), cfg.wandb_project, cfg.wandb_entity, default_run_name(cfg), output_dir,
+                    group=wandb_group(cfg.to_dict()),
+                )
+            )  # fmt: skip
+        elif name == "tensorboard":
+            built.append(TensorBoardLogger(output_dir))
+    if not built:
         return RunLogger()
-    if cfg.logger == "wandb":
-        return WandbLogger(cfg.to_dict(), cfg.wandb_project, cfg.wandb_entity, default_run_name(cfg), output_dir)
-    if cfg.logger == "tensorboard":
-        return TensorBoardLogger(output_dir)
-    raise ValueError(f"unknown logger {cfg.logger!r}; choose none, wandb or tensorboard")
+    return built[0] if len(built) == 1 else MultiLogger(built)
+
+
+# ----- several loggers, wandb's group and name, TensorBoard's hparams ----------------------------------------------
+
+LOGGERS = ("none", "wandb", "tensorboard")
+GROUP_KEYS = ("dataset", "method", "protocol")  # in the wandb group; left out of the run name
+
+
+def logger_names(value: str) -> list[str]:
+    """The loggers of a ``logger`` value ("wandb,tensorboard"), in order, each once, "none" dropped; a ConfigError
+    naming an unknown one."""
+    names = [n.strip() for n in str(value).split(",") if n.strip()]
+    unknown = [n for n in names if n not in LOGGERS]
+    if unknown:
+        raise ConfigError(f"key 'logger': unknown logger {unknown[0]!r}; choose none, wandb, tensorboard or a "
+                          "comma-separated list of them (wandb,tensorboard)")  # fmt: skip
+    return [n for n in dict.fromkeys(names) if n != "none"]
+
+
+class MultiLogger(RunLogger):
+    """Hands every call to each of several loggers, in order."""
+
+    def __init__(self, loggers: list[RunLogger]):
+        self.loggers = list(loggers)
+
+    def log_config(self, config: dict[str, Any]) -> None:
+        for logger in self.loggers:
+            logger.log_config(config)
+
+    def log_scalars(self, scalars: dict[str, float], step: int | None = None) -> None:
+        for logger in self.loggers:
+            logger.log_scalars(scalars, step)
+
+    def log_task(self, task: int, summary_or_row: dict[str, Any]) -> None:
+        for logger in self.loggers:
+            logger.log_task(task, summary_or_row)
+
+    def log_image(self, name: str, path: str | Path) -> None:
+        for logger in self.loggers:
+            logger.log_image(name, path)
+
+    def log_summary(self, summary: dict[str, Any]) -> None:
+        for logger in self.loggers:
+            logger.log_summary(summary)
+
+    def finish(self) -> None:
+        for logger in self.loggers:
+            logger.finish()
+
+
+def wandb_group(values: dict[str, Any]) -> str:
+    """The experiment a run belongs to: <dataset>-<method>-<protocol>-<config hash without the seed>; the runs of
+    one configuration with different seeds share it."""
+    parts = [str(values[k]) for k in GROUP_KEYS if values.get(k) is not None]
+    return "-".join([*parts, config_hash({k: v for k, v in values.items() if k != "seed"})])
+
+
+def command_line_keys(cfg: Config) -> dict[str, Any]:
+    """The result-changing keys set on the command line (a sweep point's parameters), by name; not the group's
+    keys, nor the seed."""
+    pinned = cfg.__getstate__()["pinned"]  # the keys given as overrides (Config keeps them to win over per_task)
+    values = cfg.to_dict()
+    return {
+        k: values[k]
+        for k in sorted(pinned)
+        if k in values and k in OPTIONS and OPTIONS[k].scope != "run" and k not in (*GROUP_KEYS, "seed")
+    }
+
+
+def _short(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def tensorboard_hparams(config: dict[str, Any]) -> dict[str, Any]:
+    """What TensorBoard's hparams view shows of a run: data set, method, protocol, seed and the result-changing keys
+    that differ from the defaults (lists and tables as text, as add_hparams takes only scalars and strings)."""
+    shown = {k: config.get(k) for k in (*GROUP_KEYS, "seed")}
+    defaults = identity_values({})
+    shown.update({k: v for k, v in identity_values(config).items() if v != defaults[k]})
+    return {
+        k: v if isinstance(v, int | float | str | bool) else json.dumps(v, sort_keys=True) for k, v in shown.items()
+    }
+
+
+def add_hparams(writer: Any, hparams: dict[str, Any], summary: dict[str, Any]) -> None:
+    """The run's hparams with its final metrics (``hparam/<key>``), in ``<tensorboard>/hparams``."""
+    metrics = {f"hparam/{k}": float(summary[k]) for k in SUMMARY_KEYS if _is_scalar(summary.get(k))}
+    if hparams and metrics:
+        writer.add_hparams(hparams, metrics, run_name="hparams")

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from experiment.files import write_text
+from experiment.identity import identity_values
 
 __all__ = ["RunMetrics", "TaskEvaluation", "evaluate_predictions", "format_results_table"]
 
@@ -181,10 +182,12 @@ class RunMetrics:
             out.add(int(item["task"]), TaskEvaluation(**item["evaluation"]), item["extra"])
         return out
 
-    def write_history(self, output_dir: str | Path) -> Path:
+    def write_history(self, output_dir: str | Path, in_progress: list[dict[str, Any]] | None = None) -> Path:
         """history.csv: one row per epoch of every task so far (task, epoch, lr, the mean of each loss term,
-        monitor_accuracy); a term a task does not have is left empty."""
+        monitor_accuracy), then the epochs done of the task in progress (``in_progress``, after each epoch); a term
+        a task does not have is left empty. Rewritten whole through a temporary file: never half-written."""
         rows = [{"task": i + 1, **r} for i, x in enumerate(self.extras) for r in x.get("history", [])]
+        rows += [{"task": len(self.extras) + 1, **r} for r in in_progress or []]
         names = {name for row in rows for name in row}
         tail = ["monitor_accuracy"] if "monitor_accuracy" in names else []
         header = [n for n in HISTORY_FIRST if n in names or n in ("task", "epoch")]
@@ -200,32 +203,56 @@ class RunMetrics:
         write_text(path, text.getvalue())
         return path
 
-    def write(self, output_dir: str | Path, provenance: dict[str, Any] | None = None) -> tuple[Path, Path]:
-        """Write metrics.json (provenance, summary, per-task extras) and metrics.csv (one row per task, each starting
-        with the provenance columns method, dataset, protocol, seed, config_hash, commit); return both paths."""
+    def write(
+        self, output_dir: str | Path, provenance: dict[str, Any] | None = None, config: dict[str, Any] | None = None
+    ) -> tuple[Path, Path]:
+        """Write metrics.json (provenance, summary, per-task extras) and metrics.csv (one row per task: the provenance
+        columns method, dataset, protocol, seed, config_hash, commit; the result-changing keys of ``config`` that
+        differ from the defaults; the task's accuracies; the run's final average incremental / last accuracy and
+        forgetting, the same on every row); return both paths."""
         out = Path(output_dir)
         info = dict(provenance or {})
-        doc = {**info, **self.summary(), "tasks": [{"task": i + 1, **x} for i, x in enumerate(self.extras)]}
+        summary = self.summary()
+        doc = {**info, **summary, "tasks": [{"task": i + 1, **x} for i, x in enumerate(self.extras)]}
         json_path = out / "metrics.json"
         write_text(json_path, json.dumps(doc, indent=2, default=_json_default) + "\n")
 
         r = self.accuracy_matrix()
-        lead = [info.get(k, "") for k in PROVENANCE_COLUMNS]
-        header = [*PROVENANCE_COLUMNS, "task", "n_seen", "accuracy", "balanced_accuracy", "old_accuracy"]
-        header += ["new_accuracy", "val_accuracy", *(f"R_task{j + 1}" for j in range(len(r)))]
+        keys = {k: v for k, v in changed_keys(config or {}).items() if k not in PROVENANCE_COLUMNS}
+        lead = [info.get(k, "") for k in PROVENANCE_COLUMNS] + [_key_cell(v) for v in keys.values()]
+        final = ["" if summary[k] is None else f"{summary[k]:.4f}" for k in FINAL_COLUMNS]
+        header = [*PROVENANCE_COLUMNS, *keys, "task", "n_seen", "accuracy", "balanced_accuracy", "old_accuracy"]
+        header += ["new_accuracy", "val_accuracy", *(f"R_task{j + 1}" for j in range(len(r))), *FINAL_COLUMNS]
         text = io.StringIO()
         writer = csv.writer(text)
         writer.writerow(header)
         for i, e in enumerate(self.evaluations):
             val = self.extras[i].get("val_accuracy")
             values = [e.accuracy, e.balanced_accuracy, e.old_accuracy, e.new_accuracy, val, *r[i]]
-            writer.writerow([*lead, i + 1, e.n_seen, *("" if v is None else f"{v:.4f}" for v in values)])
+            writer.writerow([*lead, i + 1, e.n_seen, *("" if v is None else f"{v:.4f}" for v in values), *final])
         csv_path = out / "metrics.csv"
         write_text(csv_path, text.getvalue())
         return json_path, csv_path
 
 
 PROVENANCE_COLUMNS = ("method", "dataset", "protocol", "seed", "config_hash", "commit")
+FINAL_COLUMNS = ("average_incremental_accuracy", "last_accuracy", "forgetting")  # of the whole run, in metrics.csv
+
+
+def changed_keys(config: dict[str, Any]) -> dict[str, Any]:
+    """The result-changing keys (``identity.identity_values``) of a ``Config.to_dict()`` whose value differs from
+    the key's declared default, sorted by name; ``per_task`` when the config has a per-task table."""
+    values, defaults = identity_values(config), identity_values({})
+    return {k: v for k, v in values.items() if v != defaults[k]}
+
+
+def _key_cell(value: Any) -> str:
+    """A key's value in a CSV cell: lists and tables as compact JSON, None empty."""
+    if value is None:
+        return ""
+    return json.dumps(value, separators=(",", ":"), sort_keys=True) if isinstance(value, list | dict) else str(value)
+
+
 HISTORY_FIRST = ("task", "epoch", "lr", "loss")  # then the other loss terms (sorted), then monitor_accuracy
 
 

@@ -2,11 +2,19 @@
 last epoch's loss terms in the room the terminal leaves (the bar itself keeps a fixed width).
 
     task 2 ep 3/10:  27%|██▋       | 81/300 [00:05<00:13], loss=0.412 acc=91.3 ce=0.3 kd=0.0123
+
+Without a terminal (output redirected to a file, a batch job) or with ``progress: false`` there is no bar: each
+epoch logs one plain line instead (``epoch_line``):
+
+    12:29:13 task 2 epoch 3/10: lr=0.1 loss=0.4123 acc=91.25 ce=0.3 kd=0.0123 (2.8s)
 """
 
 from __future__ import annotations
 
+import logging
 import shutil
+import sys
+import time
 from collections.abc import Mapping, Sized
 from typing import Any
 
@@ -16,6 +24,20 @@ BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar:10}| {n_fmt}/{total_fmt} [{elapsed
 SHORT_NAMES = {"monitor_accuracy": "acc"}
 FIRST = ("loss", "monitor_accuracy")  # shown first; the other terms follow in their order
 MIN_REFRESH_SECONDS = 0.5  # redraw at most twice a second
+
+log = logging.getLogger(__name__)
+
+
+def _watched() -> bool:
+    """Whether a person watches: stdout and stderr (where the bar draws) are both terminals."""
+    return sys.stdout.isatty() and sys.stderr.isatty()
+
+
+def epoch_line(task: int, epochs: int, record: Mapping[str, Any], seconds: float) -> str:
+    """One epoch as plain text: task, epoch, lr, the loss terms (loss first), the monitored accuracy, seconds."""
+    names = [n for n in ("lr", *FIRST) if n in record] + [n for n in record if n not in ("epoch", "lr", *FIRST)]
+    values = " ".join(f"{SHORT_NAMES.get(n, n)}={record[n]:.4g}" for n in names if isinstance(record[n], float | int))
+    return f"task {task} epoch {record.get('epoch', '?')}/{epochs}: {values} ({seconds:.1f}s)"
 
 
 def postfix_text(record: Mapping[str, Any], room: int) -> str:
@@ -42,17 +64,27 @@ def meter_width(desc: str, n: int, total: int | None) -> int:
 
 
 class TaskProgress:
-    """One task's bar: ``start_epoch`` with the epoch's batches, ``step`` per batch, ``end_epoch`` with its record."""
+    """One task's bar: ``start_epoch`` with the epoch's batches, ``step`` per batch, ``end_epoch`` with its record.
+    Without a bar (``enabled`` false, or no terminal: ``interactive`` None detects it) each epoch logs one line."""
 
     def __init__(
-        self, task: int, epochs: int, first_epoch: int, enabled: bool, columns: int | None = None, file: Any = None
+        self,
+        task: int,
+        epochs: int,
+        first_epoch: int,
+        enabled: bool,
+        columns: int | None = None,
+        file: Any = None,
+        interactive: bool | None = None,
     ):
         self.task, self.epochs, self.first_epoch = task, epochs, first_epoch
         self.columns = columns or shutil.get_terminal_size((120, 24)).columns
         self.record: Mapping[str, Any] = {}
+        self.shown = enabled and (_watched() if interactive is None else interactive)
+        self.started = time.perf_counter()  # the epoch's start: the end of the previous one
         self.bar = tqdm(
             total=None,
-            disable=not enabled,
+            disable=not self.shown,
             unit="batch",
             leave=False,
             bar_format=BAR_FORMAT,
@@ -74,8 +106,14 @@ class TaskProgress:
         self.bar.update(1)
 
     def end_epoch(self, record: Mapping[str, Any]) -> None:
+        """Show the epoch's record beside the bar, or log it as one line when there is no bar."""
+        now = time.perf_counter()
+        seconds, self.started = now - self.started, now
         self.record = record
-        self._set_postfix()
+        if self.shown:
+            self._set_postfix()
+        else:
+            log.info(epoch_line(self.task, self.epochs, record, seconds))
 
     def _set_postfix(self) -> None:
         room = self.columns - meter_width(self.bar.desc, self.bar.n, self.bar.total) - 1  # tqdm's last column

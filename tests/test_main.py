@@ -1,5 +1,7 @@
 """The command line: help in every position, `list`, `--threads`, and a quiet end on a closed stdout."""
 
+import csv
+import json
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -12,7 +14,7 @@ import main
 from dataloaders import DATASETS
 from experiment import config
 from methods import METHODS
-from tiny import ROOT
+from tiny import ROOT, TWO_TASKS
 
 
 @pytest.fixture
@@ -44,6 +46,8 @@ def no_work(monkeypatch):
         (["keys", "--help"], "usage: python main.py keys [--method M]"),
         (["list", "-h"], "usage: python main.py list"),
         (["unlock", "-h"], "usage: python main.py unlock FOLDER"),
+        (["compare", "runs", "--help"], "usage: python main.py compare FOLDER... [--by KEY[,KEY]]"),
+        (["--seed=0,1", "--help"], "--seed=0,1,2"),
     ],
 )
 def test_help_in_every_position_prints_instead_of_running(argv, expected, no_work, capsys):
@@ -55,10 +59,19 @@ def test_help_in_every_position_prints_instead_of_running(argv, expected, no_wor
 def test_main_help_names_every_command(capsys):
     assert main.main(["--help"]) == 0
     out = capsys.readouterr().out
-    for command in ("--config FILE", "demo", "list", "keys", "sweep FILE", "best FOLDER", "COMMAND --help"):
+    for command in (
+        "--config FILE",
+        "demo",
+        "list",
+        "keys",
+        "sweep FILE",
+        "best FOLDER",
+        "compare FOLDER",
+        "COMMAND --help",
+    ):
         assert f"python main.py {command}" in out
     assert "--threads N" in out and "PNG and PDF" in out and "python main.py unlock FOLDER" in out
-    assert set(main.COMMANDS) == {"demo", "keys", "list", "sweep", "best", "unlock"}
+    assert set(main.COMMANDS) == {"demo", "keys", "list", "sweep", "best", "unlock", "compare"}
 
 
 def test_list_prints_methods_data_sets_and_configs(capsys):
@@ -213,3 +226,55 @@ def test_keys_options_are_checked(capsys):
     assert capsys.readouterr().err.strip() == "error: --markdown prints every key; leave out --method"
     assert main.main(["keys", "--metod=ccsi"]) == 2
     assert "'keys' does not take '--metod=ccsi'" in capsys.readouterr().err
+
+
+def test_seed_list_runs_each_seed_in_its_own_folder_and_ends_with_the_compare_table(tmp_path):
+    """--seed=0,1: two real digits runs one after the other, then the table; `compare` reads the same folders."""
+    main_py = [sys.executable, str(ROOT / "main.py")]
+    argv = ["--config", str(ROOT / "configs/digits/finetune.yaml"), *TWO_TASKS, "--threads=1"]
+    out = tmp_path / "seeds"
+    proc = subprocess.run(
+        [*main_py, *argv, "--seed", "0,1", f"--output_dir={out}/s{{seed}}"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = [json.loads((out / f"s{seed}" / "metrics.json").read_text()) for seed in (0, 1)]
+    assert [r["seed"] for r in runs] == [0, 1] and runs[0]["accuracy_matrix"] != runs[1]["accuracy_matrix"]
+    assert proc.stdout.index("=== seed 0 (1/2) ===") < proc.stdout.index("=== seed 1 (2/2) ===")
+    table = proc.stdout.split("mean ± std over seeds)\n", 1)[1].splitlines()
+    assert table[0].split() == [
+        "dataset",
+        "method",
+        "protocol",
+        "n",
+        "avg_inc_acc",
+        "last_acc",
+        "forgetting",
+        "val_acc",
+    ]
+    mean = sum(r["average_incremental_accuracy"] for r in runs) / 2
+    std = abs(runs[0]["average_incremental_accuracy"] - runs[1]["average_incremental_accuracy"]) / 2**0.5
+    assert table[2].split()[:7] == ["digits", "finetune", "improved", "2", f"{mean:.2f}", "±", f"{std:.2f}"]
+    assert (out / "compare.csv").is_file() and (out / "compare.png").is_file()
+
+    # the same runs through `main.py compare`, one group per seed
+    proc = subprocess.run([*main_py, "compare", str(out), "--by", "seed"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = list(csv.DictReader((out / "compare.csv").open()))
+    assert sorted((r["seed"], r["n"]) for r in rows) == [("0", "1"), ("1", "1")]
+    for r in rows:
+        expected = runs[int(r["seed"])]
+        assert float(r["last_accuracy_mean"]) == pytest.approx(expected["last_accuracy"], abs=1e-4)
+        assert float(r["forgetting_mean"]) == pytest.approx(expected["forgetting"], abs=1e-4)
+        assert r["last_accuracy_std"] == ""
+
+
+def test_seed_list_refuses_an_output_dir_shared_by_the_seeds(tmp_path, capsys):
+    argv = ["--config", str(ROOT / "configs/digits/finetune.yaml"), "--seed=0,1", f"--output_dir={tmp_path}/one"]
+    assert main.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --seed=0,1 runs one folder per seed, but output_dir") and "{seed}" in err
+    assert main.main(["--config", str(ROOT / "configs/digits/finetune.yaml"), "--seed=0,0"]) == 2
+    assert "names a seed twice" in capsys.readouterr().err
+    assert main.main(["--config", str(ROOT / "configs/digits/finetune.yaml"), "--seed=0,-1"]) == 2
+    assert "key 'seed'" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -275,11 +275,19 @@ def save_partial(method: Method, ctx: TaskContext, training: TaskTraining, epoch
     ).save(partial_checkpoint_path(ctx.output_dir, ctx.task))
 
 
-def fit_task(method: Method, ctx: TaskContext, cfg: Config, splits: DataSplits, run_cfg: Config) -> dict[str, Any]:
+def fit_task(
+    method: Method,
+    ctx: TaskContext,
+    cfg: Config,
+    splits: DataSplits,
+    run_cfg: Config,
+    on_epoch: Callable[[list[dict[str, float]]], None] | None = None,
+) -> dict[str, Any]:
     """The epochs of one task with per-epoch model selection; returns a record of the training.
 
     ``cfg``: the task's configuration (per_task applied); ``splits``: the held-out images model selection and the
-    lr monitor read; ``run_cfg``: the whole run's configuration, saved with a task in progress."""
+    lr monitor read; ``run_cfg``: the whole run's configuration, saved with a task in progress; ``on_epoch``: called
+    with the task's epoch records so far after each epoch (the engine writes history.csv)."""
     training = start_training(method, ctx, cfg, run_cfg)
     monitors = monitored_splits(splits, ctx, cfg)
     progress = TaskProgress(ctx.task, cfg.epochs, training.first_epoch, cfg.progress)
@@ -299,6 +307,8 @@ def fit_task(method: Method, ctx: TaskContext, cfg: Config, splits: DataSplits, 
         training.history.append(record)
         ctx.log.log_scalars({f"task{ctx.task}/{k}": v for k, v in record.items() if k != "epoch"}, step=None)
         progress.end_epoch(record)
+        if on_epoch is not None:
+            on_epoch(training.history)
         k = cfg.save_every_epochs
         if k and (epoch + 1) % k == 0 and epoch + 1 < cfg.epochs and distributed.is_main():
             save_partial(method, ctx, training, epoch + 1, run_cfg)

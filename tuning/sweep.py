@@ -388,4 +388,8 @@ def main(argv: Sequence[str], load: Callable[[Sequence[str]], Config] | None = N
         if code != 0:
             print(f"sweep: run {i} exited with code {code}; stopping", file=sys.stderr)
             return code
+    if not dry_run:
+        from tuning.compare import sweep_table  # the points side by side: keys that differ, mean ± std over seeds
+
+        print("\n" + sweep_table(commands), flush=True)
     return 0

@@ -174,5 +174,7 @@ def test_sweep_dry_run_prints_one_command_per_grid_point(tmp_path, capsys):
     assert sweep.main([str(sweep_file), "--dry-run"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 3 and lines[0].endswith("grid.yaml: 2 run(s) (grid)")
-    assert lines[1].startswith(f"[1/2] /usr/bin/env {sys.executable} main.py") and lines[1].endswith("--lr=0.1 --seed=3")
+    assert lines[1].startswith(f"[1/2] /usr/bin/env {sys.executable} main.py") and lines[1].endswith(
+        "--lr=0.1 --seed=3"
+    )
     assert lines[2].endswith("--lr=0.01 --seed=3")

@@ -7,6 +7,7 @@ import pytest
 
 from experiment import config
 from experiment.config import Config
+from experiment.identity import config_hash
 from reporting import loggers
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -132,7 +133,9 @@ def test_wandb_without_key_goes_offline_and_says_so(wandb_env, caplog):
 def test_default_run_name_from_a_loaded_config(make_cfg):
     cfg = make_cfg()
     assert cfg.logger == "none"
-    assert loggers.default_run_name(cfg) == f"digits-{cfg.method}-seed{cfg.seed}"
+    # make_cfg sets these result-changing keys as overrides (dataset goes to the group; device, output_dir... change
+    # no result)
+    assert loggers.default_run_name(cfg) == "batch_size=32 epochs=2 lr=0.05 select_on=last seed0"
 
 
 def test_tensorboard_logs_the_scalars_and_figures_wandb_gets(make_cfg, tmp_path):
@@ -167,3 +170,66 @@ def test_a_logger_whose_package_is_missing_ends_the_run_in_one_line(logger, modu
     assert main.main([*argv, f"--output_dir={tmp_path / 'out'}"]) == 2
     err = capsys.readouterr().err
     assert err.strip().splitlines() == [f"error: {message}"]  # one line, no traceback
+
+
+def test_logger_takes_several_and_refuses_an_unknown_one_when_the_config_loads():
+    assert loggers.logger_names("wandb,tensorboard") == ["wandb", "tensorboard"]
+    assert loggers.logger_names("none") == [] and loggers.logger_names("tensorboard,wandb")[0] == "tensorboard"
+    assert config.load_config(overrides={"logger": "wandb,tensorboard"}).logger == "wandb,tensorboard"
+    with pytest.raises(config.ConfigError, match="key 'logger'"):
+        config.load_config(overrides={"logger": "wandb,tensorbord"})
+    with pytest.raises(config.ConfigError, match="unknown logger 'mlflow'"):
+        loggers.logger_names("wandb,mlflow")
+
+
+def _run_cfg(tmp_path, **overrides) -> Config:
+    values = {"dataset": "digits", "method": "finetune", "output_dir": str(tmp_path / "run"), **overrides}
+    return config.load_config(overrides=values)
+
+
+def test_wandb_group_is_the_experiment_without_the_seed_and_the_name_its_command_line_keys(tmp_path):
+    seed0, seed1 = (_run_cfg(tmp_path, lr=0.05, lamda=3, seed=s).to_dict() for s in (0, 1))
+    group = loggers.wandb_group(seed0)
+    expected_hash = config_hash({k: v for k, v in seed0.items() if k != "seed"})
+    assert group == f"digits-finetune-improved-{expected_hash}" == loggers.wandb_group(seed1)
+    assert loggers.wandb_group(_run_cfg(tmp_path, lr=0.1, seed=0).to_dict()) != group  # another experiment
+    # the name: result-changing keys set on the command line (not dataset/method/output_dir/logger), then the seed
+    assert (
+        loggers.default_run_name(_run_cfg(tmp_path, lr=0.05, lamda=3, seed=1, logger="wandb"))
+        == "lamda=3 lr=0.05 seed1"
+    )
+    assert loggers.default_run_name(_run_cfg(tmp_path, seed=2)) == "digits-finetune-seed2"
+    long = loggers.default_run_name(_run_cfg(tmp_path, class_order=list(range(100)), seed=4))
+    assert len(long) == 128 and long.endswith("… seed4")
+
+
+def test_wandb_and_tensorboard_at_once_offline_with_group_name_and_hparams(wandb_env, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = _run_cfg(wandb_env, lr=0.05, seed=1, logger="wandb,tensorboard")
+    logger = loggers.build_logger(cfg, wandb_env / "run")
+    assert isinstance(logger, loggers.MultiLogger)
+    wandb_logger, tb_logger = logger.loggers
+    assert isinstance(wandb_logger, loggers.WandbLogger) and isinstance(tb_logger, loggers.TensorBoardLogger)
+    assert wandb_logger.run.group == loggers.wandb_group(cfg.to_dict()) and wandb_logger.run.name == "lr=0.05 seed1"
+    assert wandb_logger.run.settings.mode == "offline"
+    logger.log_config(cfg.to_dict())
+    logger.log_scalars({"task1/loss": 1.5})
+    summary = {"average_incremental_accuracy": 70.0, "last_accuracy": 60.0, "forgetting": 12.5, "num_tasks": 2}
+    logger.log_summary(summary)
+    assert wandb_logger.run.summary["final/last_accuracy"] == 60.0
+    logger.finish()
+    assert list((wandb_env / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
+
+    events = EventAccumulator(str(wandb_env / "run" / "tensorboard" / "hparams")).Reload()
+    assert events.Scalars("hparam/last_accuracy")[0].value == 60.0
+    assert events.Scalars("hparam/forgetting")[0].value == 12.5
+    content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    hparams = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
+    assert hparams["lr"].number_value == 0.05 and hparams["seed"].number_value == 1
+    assert hparams["dataset"].string_value == "digits" and hparams["method"].string_value == "finetune"
+    assert "batch_size" not in hparams and "output_dir" not in hparams  # default value; not result-changing
+    assert "task1/loss" not in events.Tags()["scalars"]  # training scalars stay in the run's own event file
+    assert len(EventAccumulator(str(wandb_env / "run" / "tensorboard")).Reload().Scalars("task1/loss")) == 1

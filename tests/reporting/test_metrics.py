@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from experiment import config
 from reporting.metrics import RunMetrics, TaskEvaluation, evaluate_predictions, format_results_table
 
 
@@ -130,7 +131,8 @@ def test_write_json_and_csv(tmp_path):
     m = _three_tasks()
     m.extras[0]["epoch_seconds"] = torch.tensor([1.5, 2.5])  # tensors in extras are written as lists
     info = {"method": "ccsi", "dataset": "digits", "protocol": "clean", "seed": 3, "config_hash": "0a1b2c3d"}
-    json_path, csv_path = m.write(tmp_path / "run", {**info, "commit": "abc"})
+    cfg = {**config.defaults(), "lr": 0.05, "seed": 3, "output_dir": "elsewhere", "per_task": {2: {"lr": 0.01}}}
+    json_path, csv_path = m.write(tmp_path / "run", {**info, "commit": "abc"}, cfg)
     doc = json.loads(json_path.read_text())
     for key in (
         "accuracy_matrix",
@@ -146,15 +148,18 @@ def test_write_json_and_csv(tmp_path):
     assert doc["accuracy_matrix"][0] == [90.0, None, None]
     assert doc["tasks"][0] == {"task": 1, "val_accuracy": 51.0, "protocol": "ccsi", "epoch_seconds": [1.5, 2.5]}
     rows = list(csv.reader(csv_path.open()))
+    # the result-changing keys that differ from the defaults (seed is a provenance column; output_dir changes
+    # nothing), then the task's numbers, then the run's final numbers on every row
     assert rows[0] == [
-        "method", "dataset", "protocol", "seed", "config_hash", "commit",
+        "method", "dataset", "protocol", "seed", "config_hash", "commit", "lr", "per_task",
         "task", "n_seen", "accuracy", "balanced_accuracy", "old_accuracy", "new_accuracy", "val_accuracy",
-        "R_task1", "R_task2", "R_task3",
+        "R_task1", "R_task2", "R_task3", "average_incremental_accuracy", "last_accuracy", "forgetting",
     ]  # fmt: skip
-    lead = ["ccsi", "digits", "clean", "3", "0a1b2c3d", "abc"]
-    assert rows[1] == [*lead, "1", "2", "90.0000", "90.0000", "", "90.0000", "51.0000", "90.0000", "", ""]
-    assert rows[3][6:8] == ["3", "6"] and [float(v) for v in rows[3][13:]] == pytest.approx([70.0, 50.0, 85.0])
-    assert len(rows) == 4
+    lead = ["ccsi", "digits", "clean", "3", "0a1b2c3d", "abc", "0.05", '{"2":{"lr":0.01}}']
+    final = ["81.9444", "68.3333", "27.5000"]  # mean of 90, 87.5, 68.33; the last; forgetting by hand above
+    assert rows[1] == [*lead, "1", "2", "90.0000", "90.0000", "", "90.0000", "51.0000", "90.0000", "", "", *final]
+    assert rows[3][8:10] == ["3", "6"] and [float(v) for v in rows[3][15:18]] == pytest.approx([70.0, 50.0, 85.0])
+    assert rows[3][-3:] == final and len(rows) == 4
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["metrics.csv", "metrics.json"]  # no temporary left
 
 
@@ -211,3 +216,28 @@ def test_history_csv_one_row_per_epoch_with_each_tasks_terms(tmp_path):
         ["1", "2", "0.01", "1.25", "1.25", "", ""],
         ["2", "1", "0.1", "3", "2", "1", "75.5"],
     ]
+    m.extras[2]["history"] = []
+    m.write_history(tmp_path, in_progress=[{"epoch": 1, "lr": 0.1, "loss": 0.5, "ewc": 0.5}])  # during task 4
+    rows = list(csv.reader(path.open()))
+    assert rows[0] == ["task", "epoch", "lr", "loss", "ce", "ewc", "kd", "monitor_accuracy"]
+    assert rows[-1] == ["4", "1", "0.1", "0.5", "", "0.5", "", ""] and len(rows) == 5
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_history_csv_has_a_row_after_epoch_1_of_a_2_epoch_task(make_cfg, tmp_path, monkeypatch):
+    """The run stops (a non-finite loss) in epoch 2 of task 1: history.csv already holds epoch 1."""
+    from experiment.errors import TrainingError
+    from incremental_train_and_eval import run
+    from training import task_training
+
+    def stop_in_epoch_2(means, task, epoch, cfg, output_dir):
+        if epoch == 2:
+            raise TrainingError("stopped in epoch 2")
+
+    monkeypatch.setattr(task_training, "check_finite", stop_in_epoch_2)
+    with pytest.raises(TrainingError, match="stopped in epoch 2"):
+        run(make_cfg(method="finetune", epochs=2, nb_cl_fg=2, nb_cl=2, output_dir=str(tmp_path / "run")))
+    rows = list(csv.DictReader((tmp_path / "run" / "history.csv").open()))
+    assert [(r["task"], r["epoch"]) for r in rows] == [("1", "1")]
+    assert float(rows[0]["lr"]) == 0.05 and float(rows[0]["loss"]) > 0
+    assert not list((tmp_path / "run").glob("*.tmp"))
