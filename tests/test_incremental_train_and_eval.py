@@ -21,6 +21,7 @@ def read_metrics(folder):
     return json.loads((folder / "metrics.json").read_text())
 
 
+@pytest.mark.e2e
 def test_finetune_forgets_and_joint_does_not(make_cfg, tmp_path):
     common = {"epochs": 6, "lr": 0.1, "nb_cl_fg": 2, "nb_cl": 2}
     ft = run(make_cfg(method="finetune", output_dir=str(tmp_path / "ft"), **common))
@@ -35,6 +36,7 @@ def test_finetune_forgets_and_joint_does_not(make_cfg, tmp_path):
         assert (tmp_path / "ft" / f"{stem}.png").is_file() and (tmp_path / "ft" / f"{stem}.pdf").is_file()
 
 
+@pytest.mark.e2e
 def test_per_task_runs_equal_one_uninterrupted_run(make_cfg, tmp_path):
     full = run(make_cfg(output_dir=str(tmp_path / "full"), **THREE_TASKS))
     step = tmp_path / "steps"
@@ -48,6 +50,7 @@ def test_per_task_runs_equal_one_uninterrupted_run(make_cfg, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.e2e
 def test_resume_continues_from_the_last_complete_task(make_cfg, tmp_path):
     full = run(make_cfg(output_dir=str(tmp_path / "full"), **THREE_TASKS))
     part = tmp_path / "part"
@@ -65,6 +68,7 @@ RESUMABLE = {
 }  # fmt: skip
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("method", sorted(RESUMABLE))
 def test_resume_inside_a_task_equals_the_uninterrupted_run(make_cfg, tmp_path, monkeypatch, method):
     """Stopped in task 2 after its 2nd epoch, resumed from task_2_partial.pt: bit-identical results."""
@@ -94,6 +98,7 @@ def test_resume_inside_a_task_equals_the_uninterrupted_run(make_cfg, tmp_path, m
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.e2e
 def test_a_partial_task_of_another_configuration_is_refused_and_one_of_other_run_keys_resumes(
     make_cfg, tmp_path, monkeypatch
 ):
@@ -116,6 +121,7 @@ def test_a_partial_task_of_another_configuration_is_refused_and_one_of_other_run
     assert resumed["num_tasks"] == 3
 
 
+@pytest.mark.e2e
 def test_existing_run_is_not_overwritten_silently(make_cfg, tmp_path):
     cfg = make_cfg(task=1, **THREE_TASKS)
     run(cfg)
@@ -123,6 +129,7 @@ def test_existing_run_is_not_overwritten_silently(make_cfg, tmp_path):
         run(make_cfg(**THREE_TASKS))
 
 
+@pytest.mark.e2e
 def test_task_needs_the_previous_checkpoint(make_cfg, tmp_path):
     with pytest.raises(ConfigError, match="task 2 needs --saved_model_address"):
         run(make_cfg(task=2, **THREE_TASKS))
@@ -132,6 +139,7 @@ def test_task_needs_the_previous_checkpoint(make_cfg, tmp_path):
         run(make_cfg(task=3, saved_model_address=first, overwrite=True, **THREE_TASKS))
 
 
+@pytest.mark.e2e
 def test_corrupt_checkpoint_gives_one_line_error(make_cfg, tmp_path, capsys):
     bad = tmp_path / "task_1.pt"
     bad.write_bytes(b"PK\x03\x04 not a whole zip archive")
@@ -150,6 +158,7 @@ def test_corrupt_checkpoint_gives_one_line_error(make_cfg, tmp_path, capsys):
     assert code == 2 and len(err) == 1 and err[0].startswith("error: checkpoint")
 
 
+@pytest.mark.e2e
 def test_checkpoint_of_another_split_is_refused(make_cfg, tmp_path):
     run(make_cfg(task=1, **THREE_TASKS))
     first = str(task_checkpoint_path(tmp_path / "run", 1))
@@ -157,6 +166,7 @@ def test_checkpoint_of_another_split_is_refused(make_cfg, tmp_path):
         run(make_cfg(task=2, saved_model_address=first, overwrite=True, nb_cl_fg=2, nb_cl=2))
 
 
+@pytest.mark.e2e
 def test_nan_loss_stops_with_a_clear_error(make_cfg, monkeypatch):
     def nan_step(self, batch):
         loss = self.net(batch.x)["logits"].sum() * math.nan
@@ -167,6 +177,7 @@ def test_nan_loss_stops_with_a_clear_error(make_cfg, monkeypatch):
         run(make_cfg(**THREE_TASKS))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
@@ -180,11 +191,13 @@ def test_main_reports_bad_input_in_one_line(args, expected, capsys):
     assert capsys.readouterr().err.strip() == expected
 
 
+@pytest.mark.e2e
 def test_selection_on_val_keeps_the_best_epoch(make_cfg):
     summary = run(make_cfg(select_on="val", epochs=3, **THREE_TASKS))
     assert len(summary["accuracy_per_task"]) == 3
 
 
+@pytest.mark.e2e
 def test_after_step_follows_every_optimiser_step(make_cfg, monkeypatch):
     events = []
     step = torch.optim.SGD.step

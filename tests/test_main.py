@@ -32,6 +32,7 @@ def no_work(monkeypatch):
     monkeypatch.setattr(sweep, "main", refuse)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
@@ -56,6 +57,7 @@ def test_help_in_every_position_prints_instead_of_running(argv, expected, no_wor
     assert expected in out
 
 
+@pytest.mark.e2e
 def test_main_help_names_every_command(capsys):
     assert main.main(["--help"]) == 0
     out = capsys.readouterr().out
@@ -74,6 +76,7 @@ def test_main_help_names_every_command(capsys):
     assert set(main.COMMANDS) == {"demo", "keys", "list", "sweep", "best", "unlock", "compare"}
 
 
+@pytest.mark.e2e
 def test_list_prints_methods_data_sets_and_configs(capsys):
     assert main.main(["list"]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -93,6 +96,7 @@ def test_list_prints_methods_data_sets_and_configs(capsys):
     assert "search/task_1 search/task_2" in text  # the digits search space, listed as sweep files
 
 
+@pytest.mark.e2e
 def test_keys_and_list_take_no_arguments(capsys):
     assert main.main(["list", "extra"]) == 2
     assert capsys.readouterr().err.strip() == "error: 'list' takes no arguments, got: extra"
@@ -117,6 +121,7 @@ def test_threads_is_applied_before_the_run(monkeypatch, restore_threads):
         main.run_from_args(["--threads=-1"])
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("command", ["keys", "list", "--help"])
 def test_closed_stdout_ends_quietly(command):
     """As `main.py keys | head -1` when head has gone: stdout's reader closed before anything was written."""
@@ -187,6 +192,7 @@ def documented_commands(tmp: str) -> list[tuple[list[str], str, int, str]]:
     ]
 
 
+@pytest.mark.e2e
 def test_documented_commands_in_fresh_processes(tmp_path):
     """Each command starts its own interpreter, so it sees only the keys its own imports declare."""
 
@@ -209,6 +215,7 @@ def test_documented_commands_in_fresh_processes(tmp_path):
     assert results[4].stdout == (ROOT / "docs" / "config.md").read_text()
 
 
+@pytest.mark.e2e
 def test_swep_and_learning_rate_get_a_suggestion(capsys):
     assert main.main(["swep", "x.yaml"]) == 2
     assert capsys.readouterr().err.strip() == (
@@ -221,6 +228,7 @@ def test_swep_and_learning_rate_get_a_suggestion(capsys):
     )
 
 
+@pytest.mark.e2e
 def test_keys_options_are_checked(capsys):
     assert main.main(["keys", "--markdown", "--method=ccsi"]) == 2
     assert capsys.readouterr().err.strip() == "error: --markdown prints every key; leave out --method"
@@ -228,6 +236,7 @@ def test_keys_options_are_checked(capsys):
     assert "'keys' does not take '--metod=ccsi'" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_seed_list_runs_each_seed_in_its_own_folder_and_ends_with_the_compare_table(tmp_path):
     """--seed=0,1: two real digits runs one after the other, then the table; `compare` reads the same folders."""
     main_py = [sys.executable, str(ROOT / "main.py")]
@@ -268,6 +277,7 @@ def test_seed_list_runs_each_seed_in_its_own_folder_and_ends_with_the_compare_ta
         assert r["last_accuracy_std"] == ""
 
 
+@pytest.mark.e2e
 def test_seed_list_refuses_an_output_dir_shared_by_the_seeds(tmp_path, capsys):
     argv = ["--config", str(ROOT / "configs/digits/finetune.yaml"), "--seed=0,1", f"--output_dir={tmp_path}/one"]
     assert main.main(argv) == 2

@@ -63,6 +63,7 @@ def npz_args(tmp_path, *extra: str) -> list[str]:
 # ----- configuration files -----------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("content", "phrases"),
     [
@@ -89,6 +90,7 @@ def test_config_file_that_is_not_a_usable_yaml_mapping(tmp_path, capsys, content
     assert str(path) in line and all(p in line for p in phrases), line
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
@@ -113,6 +115,7 @@ def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
     assert cfg.per_task == {2: {"lr": 0.5, "epochs": 3}, 3: {"lr": 0.25, "epochs": 3}}
 
 
+@pytest.mark.e2e
 def test_per_task_entries_for_tasks_the_run_does_not_have_are_a_note(tmp_path, capsys, caplog):
     """A config written for more tasks (the MedMNIST ccsi.yaml on one's own data with another split) still runs:
     the entries beyond the last task are named in one console note."""
@@ -125,6 +128,7 @@ def test_per_task_entries_for_tasks_the_run_does_not_have_are_a_note(tmp_path, c
     assert (tmp_path / "run" / "metrics.json").exists()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
@@ -184,6 +188,7 @@ def _truncated_npz_bytes(tmp_path) -> bytes:
     return (tmp_path / "full.npz").read_bytes()[:300]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("make", "phrase"),
     [
@@ -206,6 +211,7 @@ def test_npz_file_that_is_not_a_medmnist_npz(tmp_path, capsys, make, phrase):
         )
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(("hw", "shown"), [((8, 8), "8x8"), ((12, 12), "12x12"), ((40, 12), "40x12")])
 def test_images_smaller_than_the_pooling_window(tmp_path, capsys, hw, shown):
     write_npz(tmp_path / "d.npz", hw=hw)
@@ -228,6 +234,7 @@ def test_images_just_large_enough_and_non_square_images_build_a_working_net():
     assert net.backbone(torch.rand(2, 1, 8, 8)).shape == (2, 64)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("n", "extra", "phrases"),
     [
@@ -280,6 +287,7 @@ def test_val_without_the_first_tasks_classes_is_refused_and_an_empty_val_is_fine
     dataloaders.check_run_splits(cfg, data, scenario)  # nothing reads val
 
 
+@pytest.mark.e2e
 def test_class_absent_from_the_test_split(tmp_path, capsys):
     write_npz(tmp_path / "d.npz", test_labels=np.array([[0], [1], [0], [1], [0], [1]]))
     line = one_error_line(npz_args(tmp_path), capsys)
@@ -290,6 +298,7 @@ def test_class_absent_from_the_test_split(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("split", "labels", "shown"),
     [
@@ -314,6 +323,7 @@ def test_val_or_test_label_outside_the_training_classes(tmp_path, capsys, split,
 # ----- output folder -----------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [
@@ -331,6 +341,7 @@ def test_output_dir_that_names_no_usable_folder(tmp_path, capsys, monkeypatch, r
     assert line.startswith("error: " + expected.format(tmp=tmp_path)), line
 
 
+@pytest.mark.e2e
 def test_output_dir_that_is_not_writable(tmp_path, capsys, monkeypatch):
     """os.access is patched: it reports no write permission here whoever runs the tests (root included)."""
     monkeypatch.setattr(os, "access", lambda path, mode: False)
@@ -341,6 +352,7 @@ def test_output_dir_that_is_not_writable(tmp_path, capsys, monkeypatch):
     )
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write into read-only folders; see the patched test above")
 def test_output_dir_in_a_read_only_folder(tmp_path, capsys):
     folder = tmp_path / "ro"
@@ -353,6 +365,7 @@ def test_output_dir_in_a_read_only_folder(tmp_path, capsys):
     assert f"its existing parent {folder} is not writable" in line
 
 
+@pytest.mark.e2e
 def test_output_dir_expands_the_home_folder_and_environment_variables(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("RUNS_X", str(tmp_path / "runs"))
@@ -426,6 +439,7 @@ def test_failed_write_is_one_line_and_keeps_the_earlier_file(tmp_path, monkeypat
     assert sorted(p.name for p in tmp_path.iterdir()) == [old.name]  # no temporary file left behind
 
 
+@pytest.mark.e2e
 def test_disk_full_during_a_run_keeps_the_finished_tasks(tmp_path, capsys, monkeypatch):
     write_npz(tmp_path / "d.npz")
     save = torch.save
@@ -455,6 +469,7 @@ def test_disk_full_during_a_run_keeps_the_finished_tasks(tmp_path, capsys, monke
 # ----- checkpoints ---------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("content", "expected"),
     [
@@ -480,6 +495,7 @@ def test_a_file_that_is_not_a_checkpoint_is_named_for_what_it_is(tmp_path, capsy
 # ----- diverging training ---------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("head", ["cosine", "linear"])
 def test_a_diverging_run_stops_with_one_line_whatever_the_head(tmp_path, capsys, head):
     """lr 1e6: the cosine head's bounded logits never give a NaN loss, but the weights explode (measured on digits:
@@ -491,6 +507,7 @@ def test_a_diverging_run_stops_with_one_line_whatever_the_head(tmp_path, capsys,
     assert not (tmp_path / "run" / "task_1.pt").exists()
 
 
+@pytest.mark.e2e
 def test_divergence_limit_zero_only_stops_non_finite_weights(tmp_path):
     write_npz(tmp_path / "d.npz")
     assert main.main(npz_args(tmp_path, "--head=cosine", "--lr=1e6", "--divergence_limit=0")) == 0
@@ -502,6 +519,7 @@ LONG = "n" * 300  # one name of 300 bytes: more than the 255 a file system allow
 TOO_LONG = f"the name '{'n' * 20}...{'n' * 12}' in it is 300 bytes long, more than the file system allows (255)"
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
@@ -522,6 +540,7 @@ def test_a_name_longer_than_the_file_system_allows_is_one_line(tmp_path, capsys,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npz"]  # nothing written
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("template", "shown"),
     [("{dataset:d}", "{dataset:d}"), ("{seed!z}", "{seed!z}"), ("{seed:>99999999999}", "{seed:>99999999999}")],
@@ -538,6 +557,7 @@ def test_output_dir_placeholders_with_a_format_spec_are_refused_before_anything_
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.e2e
 def test_demo_checks_its_arguments_before_deleting_and_never_deletes_outside_the_named_folder(
     tmp_path, capsys, monkeypatch
 ):
@@ -552,6 +572,7 @@ def test_demo_checks_its_arguments_before_deleting_and_never_deletes_outside_the
     assert not (tmp_path / "elsewhere").exists()
 
 
+@pytest.mark.e2e
 def test_a_medmnist_config_runs_on_ones_own_data_with_another_split(tmp_path, caplog):
     """The MedMNIST ccsi.yaml names per_task values for tasks 1-4; with --nb_cl_fg=5 --nb_cl=5 on a 10-class file
     the run has 2 tasks: the entries of tasks 3 and 4 are a console note, not an error."""

@@ -45,6 +45,7 @@ def test_mean_std_is_the_sample_std_and_drops_none():
     assert accuracy.mean_std([None]) is None
 
 
+@pytest.mark.e2e
 def test_accuracy_grid_writes_results_skips_resumes_and_records_failures(tmp_path, capsys):
     out, runs = tmp_path / "out", tmp_path / "runs"
     argv = ["--datasets", "digits", "--methods", "finetune", "--seeds", "0", "--out", str(out), "--runs", str(runs)]
@@ -84,6 +85,7 @@ def test_accuracy_grid_writes_results_skips_resumes_and_records_failures(tmp_pat
     assert "another configuration" in (out / "results.md").read_text()
 
 
+@pytest.mark.e2e
 def test_speed_prints_reference_today_and_fastest_with_ratios(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(precision, "BACKEND", "eager")  # --fast_compile true without code generation: fast
     out = tmp_path / "speed.md"
@@ -111,6 +113,7 @@ def test_generated_bloodmnist_has_the_real_shape(tmp_path):
     assert tuple(data.train.x.shape[1:]) == (3, 32, 32) and data.num_classes == 8
 
 
+@pytest.mark.e2e
 def test_protocol_timing_prints_the_per_stage_table(tmp_path, capsys):
     argv = ["--threads", "1", "--n_train", "64", "--data_root", str(tmp_path / "none"), "--work", str(tmp_path / "w")]
     argv += ["--out", str(tmp_path / "t.md"), "--epochs=1", "--syn_iterations=2", "--nb_generation=1"]
@@ -124,6 +127,7 @@ def test_protocol_timing_prints_the_per_stage_table(tmp_path, capsys):
     assert (tmp_path / "w" / "run" / "impressions_task_4.png").is_file()
 
 
+@pytest.mark.e2e
 def test_ddp_speed_launches_each_process_count_and_prints_the_speed_up(tmp_path, capsys):
     argv = ["--nproc", "1", "2", "--config", "configs/digits/finetune.yaml", "--work", str(tmp_path / "w")]
     argv += ["--out", str(tmp_path / "d.md"), "--epochs=1", "--nb_cl_fg=5", "--nb_cl=5", "--device=cpu"]
@@ -136,6 +140,7 @@ def test_ddp_speed_launches_each_process_count_and_prints_the_speed_up(tmp_path,
     assert (tmp_path / "w" / "n2" / "task_2.pt").is_file() and "speed-up" in (tmp_path / "d.md").read_text()
 
 
+@pytest.mark.e2e
 def test_ddp_speed_refuses_bad_process_counts(capsys):
     with pytest.raises(SystemExit):
         ddp_speed.main(["--nproc", "0"])
@@ -156,6 +161,7 @@ sys.meta_path.insert(0, Absent())
 """
 
 
+@pytest.mark.e2e
 def test_gpu_check_shortened_runs_without_medmnist_wandb_tensorboard_and_opens_with_the_verdicts(tmp_path):
     site = tmp_path / "site"
     site.mkdir()
@@ -269,6 +275,7 @@ def test_every_ablation_and_protocol_variant_is_a_valid_configuration():
     assert config.load_config([ablation.ROOT / ablation.CCSI], ablation.REFRESH).class_stats_update == "refresh"
 
 
+@pytest.mark.e2e
 def test_ablation_runs_a_variant_writes_the_table_and_reuses_the_finished_run(tmp_path, capsys):
     out, runs = tmp_path / "out", tmp_path / "runs"
     argv = ["--variants", "--custom", "it2:syn_iterations=2,syn_warmup=1", "--seeds", "0", "--reference", "it2"]
@@ -289,6 +296,7 @@ def test_ablation_runs_a_variant_writes_the_table_and_reuses_the_finished_run(tm
     capsys.readouterr()
 
 
+@pytest.mark.e2e
 def test_hard_digits_are_deterministic_stratified_and_in_medmnist_format(tmp_path):
     a = make_hard_digits.make(seed=0, copies=2, strength=1.0, noise=0.1)
     b = make_hard_digits.make(seed=0, copies=2, strength=1.0, noise=0.1)

@@ -16,6 +16,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.mark.e2e
 def test_quick_comparison_writes_the_table_with_data_access_and_skips_finished_runs(tmp_path):
     out, runs = tmp_path / "out", tmp_path / "runs"
     argv = ["--quick", "--sets", "digits", "--entries", "finetune", "abd", "--seeds", "0", "--batch_size=64"]
@@ -33,6 +34,7 @@ def test_quick_comparison_writes_the_table_with_data_access_and_skips_finished_r
     assert (runs / "digits" / "abd" / "seed0" / "metrics.json").stat().st_mtime_ns == stamp
 
 
+@pytest.mark.e2e
 def test_keys_set_per_run_are_refused(capsys):
     with pytest.raises(SystemExit) as err:
         compare_methods.main(["--quick", "--sets", "digits", "--dataset=npz"])

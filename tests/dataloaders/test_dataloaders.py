@@ -215,6 +215,7 @@ def test_medmnist_names_class_names_and_urls_match_medmnist_info():
             assert medmnist_data.URL.format(file=medmnist_data.file_name(flag, size)) == url, (flag, size)
 
 
+@pytest.mark.e2e
 def test_medmnist_is_imported_only_to_download(tmp_path, monkeypatch):
     code = "import sys, dataloaders; print('medmnist' in sys.modules, 'bloodmnist' in dataloaders.DATASETS)"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)

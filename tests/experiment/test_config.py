@@ -154,6 +154,7 @@ def test_load_config_names_an_undeclared_override_in_one_line():
         load_config(overrides={"learning_rate": 0.1})
 
 
+@pytest.mark.e2e
 def test_a_fresh_process_sees_every_key_through_the_engine_and_none_through_config_alone():
     """The key set does not depend on what else was imported: the engine's loader knows every key (threads too);
     experiment.config alone refuses an undeclared one in one line, never a KeyError."""

@@ -89,6 +89,7 @@ def reference(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("fault", "left", "absent"),
     [
@@ -108,6 +109,7 @@ def test_a_run_killed_at_each_phase_resumes_to_the_uninterrupted_result(tmp_path
     assert_same_result(out, reference)
 
 
+@pytest.mark.e2e
 def test_a_truncated_last_checkpoint_is_named_on_load_and_retrained_on_resume(tmp_path, reference, capsys):
     out = tmp_path / "run"
     shutil.copytree(reference, out)
@@ -125,6 +127,7 @@ def test_a_truncated_last_checkpoint_is_named_on_load_and_retrained_on_resume(tm
     assert_same_result(out, reference)
 
 
+@pytest.mark.e2e
 def test_a_file_size_limit_while_a_checkpoint_is_written_is_one_line_and_the_run_resumes(tmp_path, reference):
     first, second = ((reference / f"task_{t}.pt").stat().st_size for t in (1, 2))
     assert second - first > 2000  # a limit between them lets task_1.pt through and stops task_2.pt
@@ -161,6 +164,7 @@ except UserError as err:
 """
 
 
+@pytest.mark.e2e
 def test_two_processes_taking_over_a_stale_lock_at_once_one_wins_and_the_loser_leaves_its_lock(tmp_path):
     out, go = tmp_path / "run", tmp_path / "go"
     out.mkdir()
@@ -182,6 +186,7 @@ def test_two_processes_taking_over_a_stale_lock_at_once_one_wins_and_the_loser_l
     assert not (out / ".lock").exists()  # removed by its owner, once
 
 
+@pytest.mark.e2e
 def test_unlock_releases_a_lock_of_another_host_but_not_one_of_a_live_run_here(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from experiment.checkpoint import load_checkpoint, save_atomic
@@ -60,6 +61,7 @@ except UserError as err:
 """
 
 
+@pytest.mark.e2e
 def test_a_real_failed_checkpoint_write_is_one_line_and_keeps_the_earlier_file(tmp_path):
     target = tmp_path / "task_1.pt"
     save_atomic({"format_version": 2, "a": torch.ones(3)}, target)

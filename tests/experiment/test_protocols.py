@@ -95,11 +95,13 @@ def audit(method: str, tmp_path: Path, *overrides: str) -> dict[str, int]:
     return tasks[1]["data_access"]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("method", ["ccsi", "lwf", "deepinversion", "ewc", "finetune"])
 def test_data_free_methods_see_no_old_class_image_under_the_default_protocol(method, tmp_path):
     assert audit(method, tmp_path) == dict.fromkeys([*PATHS, "total"], 0)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("protocol", ["clean", "improved"])
 def test_ccsi_sees_no_old_class_image_under_either_data_free_protocol(protocol, tmp_path):
     assert audit("ccsi", tmp_path, f"--protocol={protocol}") == dict.fromkeys([*PATHS, "total"], 0)
@@ -109,6 +111,7 @@ def test_ccsi_sees_no_old_class_image_under_either_data_free_protocol(protocol, 
 TINY_GENERATOR = ["--gen_iterations=2", "--gen_batch_size=8", "--gen_width=8", "--gen_z_dim=16", "--rdfcil_ft_epochs=1"]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("protocol", ["clean", "improved"])
 @pytest.mark.parametrize("method", ["abd", "rdfcil", "pass"])
 def test_new_data_free_methods_see_no_old_class_image_under_either_protocol(method, protocol, tmp_path):
@@ -116,6 +119,7 @@ def test_new_data_free_methods_see_no_old_class_image_under_either_protocol(meth
     assert counts == dict.fromkeys([*PATHS, "total"], 0)
 
 
+@pytest.mark.e2e
 def test_the_audit_counts_the_released_protocol_and_rehearsal(tmp_path):
     original = audit("ccsi", tmp_path, "--protocol=original")
     old_test = 433  # digits' test split holds 433 images of classes 0-7
@@ -129,6 +133,7 @@ def test_the_audit_counts_the_released_protocol_and_rehearsal(tmp_path):
     assert icarl["context"] == icarl["idc"] == icarl["selection"] == 0
 
 
+@pytest.mark.e2e
 def test_selection_on_all_val_classes_is_counted_and_val_new_is_not(tmp_path):
     assert audit("finetune", tmp_path, "--select_on=val")["selection"] > 0
     assert audit("finetune", tmp_path / "new", "--select_on=val_new")["total"] == 0

@@ -33,6 +33,7 @@ def metrics(folder):
 # ----- one folder per run, provenance ----------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_default_folder_names_data_method_protocol_and_config_hash(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert run_main(["--output_dir=runs/{dataset}/{method}/{protocol}/seed{seed}-{config_hash}"])[0] == 0
@@ -50,6 +51,7 @@ def test_default_folder_names_data_method_protocol_and_config_hash(tmp_path, mon
         assert header[:6] == ["method", "dataset", "protocol", "seed", "config_hash", "commit"]
 
 
+@pytest.mark.e2e
 def test_npz_provenance_records_the_file_and_its_sha256(tmp_path, capsys):
     import hashlib
 
@@ -72,6 +74,7 @@ def test_npz_provenance_records_the_file_and_its_sha256(tmp_path, capsys):
 HOLD_LOCK = "import sys, time; from experiment.run_folder import RunFolder\nwith RunFolder(sys.argv[1]).lock():\n"
 
 
+@pytest.mark.e2e
 def test_a_second_run_into_a_locked_folder_is_refused_and_a_killed_owners_lock_is_taken_over(tmp_path, capsys):
     out = tmp_path / "run"
     holder = subprocess.Popen(
@@ -93,6 +96,7 @@ def test_a_second_run_into_a_locked_folder_is_refused_and_a_killed_owners_lock_i
     assert not (out / ".lock").exists() and completed_tasks(out) == [1, 2, 3]
 
 
+@pytest.mark.e2e
 def test_overwrite_moves_the_old_run_aside_so_a_killed_rerun_never_adopts_its_checkpoints(tmp_path, monkeypatch):
     out = tmp_path / "run"
     assert run_main([f"--output_dir={out}", "--seed=0"])[0] == 0
@@ -112,6 +116,7 @@ def test_overwrite_moves_the_old_run_aside_so_a_killed_rerun_never_adopts_its_ch
     assert metrics(out)["accuracy_matrix"] == metrics(reference)["accuracy_matrix"]  # seed 1 only
 
 
+@pytest.mark.e2e
 def test_a_resume_with_other_code_says_so_in_one_line_and_each_task_records_its_commit(tmp_path, monkeypatch, caplog):
     from experiment import provenance
 
@@ -145,6 +150,7 @@ def test_a_resume_with_other_code_says_so_in_one_line_and_each_task_records_its_
     assert first == {"commit": "a" * 40, "dirty": False}
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("first", "args", "message"),
     [
@@ -163,6 +169,7 @@ def test_reruns_into_a_run_folder_are_refused_in_one_line_and_write_nothing(tmp_
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # nothing written
 
 
+@pytest.mark.e2e
 def test_continuing_into_a_folder_of_another_run_is_refused(tmp_path, capsys):
     finished, other = tmp_path / "finished", tmp_path / "other"
     assert run_main([f"--output_dir={finished}"], capsys)[0] == 0
@@ -173,6 +180,7 @@ def test_continuing_into_a_folder_of_another_run_is_refused(tmp_path, capsys):
     assert code == 2 and "already holds checkpoints of tasks [1, 2, 3]" in err
 
 
+@pytest.mark.e2e
 def test_resume_with_nothing_to_resume_and_stale_temporaries(tmp_path, capsys):
     code, err = run_main([f"--output_dir={tmp_path / 'empty'}", "--resume=true"], capsys)
     assert code == 2 and "holds nothing to resume" in err
@@ -186,6 +194,7 @@ def test_resume_with_nothing_to_resume_and_stale_temporaries(tmp_path, capsys):
     assert (out / ".notes.tmp").read_bytes() == (out / "mine.tmp").read_bytes() == b"the user's"  # kept
 
 
+@pytest.mark.e2e
 def test_a_chain_keeps_each_tasks_config_and_refuses_other_experiment_keys(tmp_path, capsys):
     out = tmp_path / "chain"
     assert run_main([f"--output_dir={out}", "--task=1"], capsys)[0] == 0
@@ -214,6 +223,7 @@ def write_sweep(path, parameters, config_file="configs/digits/finetune.yaml", me
     return path
 
 
+@pytest.mark.e2e
 def test_a_two_point_task_sweep_chains_to_the_better_point_on_val(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     sweeps = tmp_path / "sweeps"
@@ -250,6 +260,7 @@ def test_a_two_point_task_sweep_chains_to_the_better_point_on_val(tmp_path, monk
 # ----- the local runner has the agent's semantics ----------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_runner_passes_values_as_the_agent_does_and_applies_overrides(tmp_path, capsys):
     params = {"do_flip": {"value": True}, "class_order": {"value": [1, 0]}, "lr": {"values": [0.1, 0.2]}}
     path = write_sweep(tmp_path / "s.yaml", params, run_cap=1)
@@ -275,6 +286,7 @@ def test_random_search_draws_run_cap_points_reproducibly():
     assert len(sweep.points(spec, 2, seed=7)) == 2  # --count
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -295,6 +307,7 @@ def test_malformed_sweep_files_are_refused_in_one_line(tmp_path, capsys, text, m
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.e2e
 def test_sweep_runner_refuses_unknown_override_keys(tmp_path, capsys):
     path = write_sweep(tmp_path / "s.yaml", {"lr": {"values": [0.1]}})
     assert main.main(["sweep", str(path), "--dry-run", "--lrr=1"]) == 2
@@ -307,6 +320,7 @@ def test_sweep_runner_refuses_unknown_override_keys(tmp_path, capsys):
 # ----- wandb --------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_wandb_offline_run_records_val_test_and_the_final_summary(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")

@@ -186,6 +186,7 @@ def test_der_adds_one_extractor_per_task_and_freezes_the_old_ones():
     assert torch.equal(rebuilt(x)["logits"], net(x)["logits"])
 
 
+@pytest.mark.e2e
 def test_der_needs_a_linear_head(make_cfg):
     with pytest.raises(ConfigError, match="head"):
         run(make_cfg(method="der", head="cosine", **TWO_TASKS))
@@ -194,6 +195,7 @@ def test_der_needs_a_linear_head(make_cfg):
 # ----- end to end on digits: sane metrics and resume equivalence -------------------------------------------------
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("method", "extra"),
     [
@@ -219,6 +221,7 @@ def test_two_tasks_run_and_resume_from_the_first_checkpoint(method, extra, make_
     assert metrics(resumed)["accuracy_matrix"] == full["accuracy_matrix"]
 
 
+@pytest.mark.e2e
 def test_deepinversion_never_sees_old_real_images(make_cfg, tmp_path, monkeypatch):
     seen: list[tuple[int, torch.Tensor, torch.Tensor]] = []
     original_before, original_step = DeepInversion.before_task, DeepInversion.training_step
@@ -244,6 +247,7 @@ def test_deepinversion_never_sees_old_real_images(make_cfg, tmp_path, monkeypatc
     assert set(state) == {"net", "head_layout", "n_seen"}  # nothing about old classes is kept
 
 
+@pytest.mark.e2e
 def test_deepinversion_refuses_class_statistics(make_cfg):
     with pytest.raises(ConfigError, match="syn_init: noise"):
         run(make_cfg(method="deepinversion", **TWO_TASKS, **{**DI, "syn_init": "mean"}))

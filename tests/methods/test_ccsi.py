@@ -16,6 +16,7 @@ from tuning import sweep
 TINY_SYNTHESIS = {"nb_generation": 1, "syn_batch_size": 8, "syn_iterations": 3, "syn_warmup": 1, "progress": False}
 
 
+@pytest.mark.e2e
 def test_ccsi_never_sees_real_images_of_old_classes(make_cfg, monkeypatch):
     """Every real image the method is handed or trains on belongs to the current task's classes."""
     seen_real, seen_synthetic, handed = [], [], []
@@ -45,6 +46,7 @@ def test_ccsi_never_sees_real_images_of_old_classes(make_cfg, monkeypatch):
         assert all(y < n_old for y in labels)
 
 
+@pytest.mark.e2e
 def test_ccsi_checkpoint_holds_no_real_images(make_cfg, tmp_path):
     run(make_cfg(method="ccsi", nb_cl_fg=4, nb_cl=3, epochs=1, idc_source="train", task=1, **TINY_SYNTHESIS))
     state = load_checkpoint(task_checkpoint_path(tmp_path / "run", 1))["method"]
@@ -55,6 +57,7 @@ def test_ccsi_checkpoint_holds_no_real_images(make_cfg, tmp_path):
     assert all(m.shape[0] == 4 for m in memory["layer_means"] + memory["layer_vars"]), "per-class moments only"
 
 
+@pytest.mark.e2e
 def test_ccsi_resume_equals_uninterrupted(make_cfg, tmp_path):
     common = {"method": "ccsi", "nb_cl_fg": 4, "nb_cl": 3, "epochs": 1, "idc_source": "val", **TINY_SYNTHESIS}
     full = run(make_cfg(output_dir=str(tmp_path / "full"), **common))
@@ -84,6 +87,7 @@ def test_protocol_presets_and_explicit_keys():
     assert mixed.select_on == "val" and mixed.idc_source == "test"
 
 
+@pytest.mark.e2e
 def test_clean_protocol_never_hands_test_images(make_cfg, monkeypatch):
     contexts = []
     original_before = CCSI.before_task
@@ -97,6 +101,7 @@ def test_clean_protocol_never_hands_test_images(make_cfg, monkeypatch):
     assert contexts == [None, None]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("dataset", "n_classes", "channels", "n_tasks"),
     [("bloodmnist", 8, 3, 4), ("pathmnist", 9, 3, 4), ("organamnist", 11, 1, 4), ("tissuemnist", 8, 1, 4)],
@@ -125,6 +130,7 @@ def test_medmnist_ccsi_configs_run_end_to_end(tmp_path, dataset, n_classes, chan
     assert all(sum(t["extra"]["data_access"].values()) == 0 for t in tasks)  # data-free on every path, every task
 
 
+@pytest.mark.e2e
 def test_sweep_files_chain_task_1_to_2_on_digits(tmp_path):
     out = tmp_path / "run"
     common = {
@@ -166,6 +172,7 @@ def test_sweep_files_chain_task_1_to_2_on_digits(tmp_path):
     assert load_checkpoint(task_checkpoint_path(out, 2))["task"] == 2
 
 
+@pytest.mark.e2e
 def test_sweep_dry_run_prints_one_command_per_grid_point(tmp_path, capsys):
     sweep_file = tmp_path / "grid.yaml"
     sweep_file.write_text(

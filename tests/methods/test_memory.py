@@ -144,6 +144,7 @@ def test_replay_batches_join_or_balance_the_memory(make_cfg):
     assert bool((y[syn] < 2).all()) and bool((y[~syn] >= 2).all())  # memory rows are the flagged ones
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("keys", "quota"),
     [({"memory_size": 30}, lambda n: 30 // n), ({"memory_per_class": 4}, lambda n: 4)],

@@ -16,6 +16,7 @@ GENERATOR = ["--gen_iterations=2", "--gen_batch_size=8", "--gen_width=8", "--gen
 TINY = {"abd": GENERATOR, "rdfcil": [*GENERATOR, "--rdfcil_ft_epochs=1"]}
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_method_runs_from_the_base_config_and_chains_per_task(name, tmp_path, capsys):
     base = ["--config", str(ROOT / "configs/digits/finetune.yaml"), f"--method={name}", *TWO_TASKS, *TINY.get(name, [])]

@@ -190,6 +190,7 @@ METHOD_KEYS = {
 }
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("method", sorted(METHOD_KEYS))
 def test_two_tasks_on_digits_and_resume_from_the_first_checkpoint(make_cfg, tmp_path, method):
     keys = {"method": method, "epochs": 1, "batch_size": 64, "nb_cl_fg": 8, "nb_cl": 2, **METHOD_KEYS[method]}

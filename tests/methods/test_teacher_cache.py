@@ -1,5 +1,6 @@
 """TeacherCache: the teacher's outputs of unchanged training images, computed once, equal per-batch forwards."""
 
+import pytest
 import torch
 
 import models
@@ -56,6 +57,7 @@ def test_a_one_image_chunk_is_computed_as_in_a_larger_batch(make_cfg):
     assert torch.equal(teacher_outputs(teacher, three, "features", batch_size=2), expected)  # chunks of 2 and 1
 
 
+@pytest.mark.e2e
 def test_ccsi_run_with_the_cache_equals_the_run_without(make_cfg, tmp_path, monkeypatch):
     data = write_fake_bloodmnist(tmp_path / "blood.npz", n_train=96)  # 8 tinted classes, 12 training images each
     common = {"dataset": "npz", "data_path": str(data), "method": "ccsi", "nb_cl_fg": 4, "nb_cl": 4, "epochs": 2}

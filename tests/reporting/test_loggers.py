@@ -138,6 +138,7 @@ def test_default_run_name_from_a_loaded_config(make_cfg):
     assert loggers.default_run_name(cfg) == "batch_size=32 epochs=2 lr=0.05 select_on=last seed0"
 
 
+@pytest.mark.e2e
 def test_tensorboard_logs_the_scalars_and_figures_wandb_gets(make_cfg, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -155,6 +156,7 @@ def test_tensorboard_logs_the_scalars_and_figures_wandb_gets(make_cfg, tmp_path)
     assert "config/text_summary" in tags["tensors"]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("logger, module", [("wandb", "wandb"), ("tensorboard", "torch.utils.tensorboard")])
 def test_a_logger_whose_package_is_missing_ends_the_run_in_one_line(logger, module, tmp_path, monkeypatch, capsys):
     import main

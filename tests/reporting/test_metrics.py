@@ -224,6 +224,7 @@ def test_history_csv_one_row_per_epoch_with_each_tasks_terms(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+@pytest.mark.e2e
 def test_history_csv_has_a_row_after_epoch_1_of_a_2_epoch_task(make_cfg, tmp_path, monkeypatch):
     """The run stops (a non-finite loss) in epoch 2 of task 1: history.csv already holds epoch 1."""
     from experiment.errors import TrainingError

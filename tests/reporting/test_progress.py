@@ -71,6 +71,7 @@ def test_epoch_line_by_hand():
     assert line == "task 2 epoch 7/100: lr=0.01 loss=1.5 acc=80 ce=0.25 (3.2s)"
 
 
+@pytest.mark.e2e
 def test_a_run_whose_output_is_not_a_terminal_logs_one_line_per_epoch_and_no_bar(tmp_path):
     """main.py with stdout and stderr to pipes (a batch job) and progress on: plain epoch lines, no bar fragments."""
     argv = ["--config", str(ROOT / "configs/digits/finetune.yaml"), *TWO_TASKS, "--epochs=2", "--progress=true"]

@@ -26,6 +26,7 @@ TIMEOUT = 240  # seconds a group of ranks may take before the test fails instead
 
 
 # ----- helpers without a process group -----------------------------------------------------------
+@pytest.mark.e2e
 def test_launch_info_reads_torchrun_environment():
     assert distributed.launch_info({}) == distributed.LaunchInfo(0, 1, 0)
     assert distributed.launch_info({"WORLD_SIZE": "1"}) == distributed.LaunchInfo(0, 1, 0)
@@ -33,6 +34,7 @@ def test_launch_info_reads_torchrun_environment():
     assert distributed.launch_info(env) == distributed.LaunchInfo(2, 4, 0)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "env, message",
     [
@@ -78,6 +80,7 @@ def test_per_row_draws_of_shards_equal_the_whole_batch_draws():
     assert torch.equal(batch.draw_rows(50, torch.Generator().manual_seed(3)), whole)
 
 
+@pytest.mark.e2e
 def test_single_process_helpers_are_no_ops():
     net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4))
     batch = Batch(torch.zeros(3, 1, 4, 4), torch.zeros(3), torch.zeros(3))
@@ -180,6 +183,7 @@ def _sharded_step(rank):
     return {"world": info.world_size, "rows": len(local), "grad_diff": grad_diff, "stats_diff": stats_diff}
 
 
+@pytest.mark.e2e
 def test_sharded_step_with_synced_norm_equals_the_whole_batch_step():
     results = run_ranks(_sharded_step)
     assert [r["rows"] for r in results] == [5, 4] and results[0]["world"] == 2
@@ -225,6 +229,7 @@ def _ccsi_losses_steps(rank):
     return {"loss_diff": loss_diff, "grad_diff": grad_diff}
 
 
+@pytest.mark.e2e
 def test_ccsi_batch_coupled_losses_on_shards_equal_the_whole_batch():
     for r in run_ranks(_ccsi_losses_steps):
         assert r["loss_diff"] < 1e-5 and r["grad_diff"] < 1e-5, r  # every rank computes the global batch's loss
@@ -268,6 +273,7 @@ def _collectives(rank, marker):
     }
 
 
+@pytest.mark.e2e
 def test_collectives_gather_average_broadcast_and_order(tmp_path):
     r0, r1 = run_ranks(_collectives, str(tmp_path / "downloaded"))
     assert r0["found"] and r1["found"]
@@ -313,6 +319,7 @@ CCSI_SMALL = {
 }
 
 
+@pytest.mark.e2e
 def test_ccsi_on_two_ranks_writes_from_rank_0_only_and_agrees_with_one_process(tmp_path):
     import incremental_train_and_eval as engine
 
@@ -340,6 +347,7 @@ def assert_agrees(ddp: dict, single: dict) -> None:
     assert first <= 2.0 and average <= 6.0, (ddp["accuracy_per_task"], single["accuracy_per_task"])
 
 
+@pytest.mark.e2e
 def test_torchrun_finetune_matches_one_process(tmp_path, make_cfg):
     import incremental_train_and_eval as engine
 
@@ -356,6 +364,7 @@ def test_torchrun_finetune_matches_one_process(tmp_path, make_cfg):
     assert_agrees(ddp, single)
 
 
+@pytest.mark.e2e
 def test_subcommands_refuse_torchrun(monkeypatch, capsys):
     import main
 
@@ -430,6 +439,7 @@ METHOD_STEP = {
 }
 
 
+@pytest.mark.e2e
 def test_every_method_step_on_shards_equals_the_whole_batch_step():
     from methods import METHODS
 

@@ -149,12 +149,14 @@ def fp32_accuracy(tmp_path_factory, digits_01) -> float:
     return run_task_one(digits_01, tmp_path_factory.mktemp("fp32"))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", ["bf16", "fp16"])
 def test_low_precision_trains_to_the_fp32_accuracy_within_tolerance(tmp_path, digits_01, fp32_accuracy, name):
     accuracy = run_task_one(digits_01, tmp_path, precision=name)
     assert fp32_accuracy > 90 and abs(accuracy - fp32_accuracy) <= 3.0  # points (100 test images)
 
 
+@pytest.mark.e2e
 def test_a_compiled_run_equals_the_fp32_run(tmp_path, digits_01, fp32_accuracy, monkeypatch):
     monkeypatch.setattr(precision, "BACKEND", "eager")  # the same operations, traced by dynamo
     assert run_task_one(digits_01, tmp_path, compile=True) == fp32_accuracy

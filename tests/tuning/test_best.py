@@ -52,12 +52,14 @@ def lock(folder: Path, pid: int, host: str | None = None) -> None:
     (folder / ".lock").write_text(json.dumps(owner))
 
 
+@pytest.mark.e2e
 def test_replaced_copies_are_never_candidates(trained, tmp_path):
     a = place(trained, tmp_path / "a" / "task_1.pt", val=50.0)
     place(trained, tmp_path / "a" / "replaced-20261206-102845" / "task_1.pt", val=90.0)  # moved aside: same score
     assert best.best_checkpoint(tmp_path, 1, None).path == a
 
 
+@pytest.mark.e2e
 def test_a_run_still_going_on_is_skipped_with_a_line_and_a_stale_lock_is_not(trained, tmp_path, caplog):
     a = place(trained, tmp_path / "a" / "task_1.pt", val=64.4)
     running = place(trained, tmp_path / "b" / "task_1.pt", val=98.9)
@@ -74,6 +76,7 @@ def test_a_run_still_going_on_is_skipped_with_a_line_and_a_stale_lock_is_not(tra
     assert best.best_checkpoint(tmp_path, 1, None).path == a
 
 
+@pytest.mark.e2e
 def test_unreadable_files_are_skipped_with_a_line_each(trained, tmp_path, caplog, monkeypatch):
     a = place(trained, tmp_path / "a" / "task_1.pt", val=40.0)
     corrupt = tmp_path / "b" / "task_1.pt"
@@ -96,6 +99,7 @@ def test_unreadable_files_are_skipped_with_a_line_each(trained, tmp_path, caplog
     assert lines[1] == f"best: skipping {denied}: cannot be read (Permission denied)"
 
 
+@pytest.mark.e2e
 def test_no_usable_run_is_refused_in_one_line(trained, tmp_path, capsys):
     running = place(trained, tmp_path / "b" / "task_1.pt", val=98.9)
     lock(running.parent, os.getpid())
@@ -107,6 +111,7 @@ def test_no_usable_run_is_refused_in_one_line(trained, tmp_path, capsys):
     )
 
 
+@pytest.mark.e2e
 def test_equal_scores_go_to_the_newest_run(trained, tmp_path):
     old = place(trained, tmp_path / "a" / "task_1.pt", val=80.0)
     new = place(trained, tmp_path / "b" / "task_1.pt", val=80.0)
@@ -117,6 +122,7 @@ def test_equal_scores_go_to_the_newest_run(trained, tmp_path):
     assert best.best_checkpoint(tmp_path, 1, None).path == new
 
 
+@pytest.mark.e2e
 def test_metric_test_only_for_protocol_original(trained, tmp_path, capsys):
     place(trained, tmp_path / "a" / "task_1.pt", val=80.0, test=60.0)  # protocol improved (the default)
     assert main.main(["best", str(tmp_path), "--task=1", "--metric=test"]) == 2
@@ -131,6 +137,7 @@ def test_metric_test_only_for_protocol_original(trained, tmp_path, capsys):
     assert capsys.readouterr().out.strip() == str(low_val)
 
 
+@pytest.mark.e2e
 def test_best_without_task_picks_the_highest_task_present(trained, tmp_path, capsys, caplog):
     place(trained, tmp_path / "t1" / "a" / "task_1.pt", val=80.0)
     two = place(trained, tmp_path / "t2" / "a" / "task_2.pt", val=70.0, task=2)
@@ -147,6 +154,7 @@ def test_best_without_task_picks_the_highest_task_present(trained, tmp_path, cap
     )
 
 
+@pytest.mark.e2e
 def test_best_usage_errors_are_one_line(capsys):
     for argv in (["best"], ["best", "a", "b"], ["best", "a", "--task=x"], ["best", "a", "--tsk=1"]):
         assert main.main(argv) == 2

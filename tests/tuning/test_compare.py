@@ -46,6 +46,7 @@ def sweep(tmp_path):
     return root
 
 
+@pytest.mark.e2e
 def test_groups_over_seeds_with_mean_std_and_n_by_hand(sweep, tmp_path):
     text = compare([sweep])
     lines = text.splitlines()
@@ -109,6 +110,7 @@ def test_sweep_folders_are_the_fixed_part_of_each_points_output_dir():
     assert sweep_table([["python", "main.py"]]).startswith("sweep: the points name no --output_dir")
 
 
+@pytest.mark.e2e
 def test_a_sweep_ends_with_the_table_of_its_points(tmp_path, monkeypatch, capsys):
     """Two real tiny digits points (lr 0.1 and 0.01): the sweep prints one row per point and writes the files."""
     monkeypatch.chdir(ROOT)

@@ -31,6 +31,7 @@ def point_lines(out: str) -> list[str]:
     return [line for line in out.splitlines() if line.startswith("[")]
 
 
+@pytest.mark.e2e
 def test_overrides_in_both_forms_and_bare_flags_apply_to_every_point(tmp_path, capsys):
     path = write_sweep(tmp_path / "s.yaml", {"lr": {"values": [0.1, 0.2]}})
     argv = ["sweep", str(path), "--dry-run", "--epochs=1", "--threads", "1", "--count", "2", "--progress"]
@@ -42,6 +43,7 @@ def test_overrides_in_both_forms_and_bare_flags_apply_to_every_point(tmp_path, c
         assert f"{sys.executable} main.py --config" in line  # ${interpreter}: the Python running the sweep
 
 
+@pytest.mark.e2e
 def test_a_bad_override_is_refused_in_one_line_before_any_point(tmp_path, capsys):
     path = write_sweep(tmp_path / "s.yaml", {"lr": {"values": [0.1, 0.2]}})
     assert main.main(["sweep", str(path), "--learning_rate=0.1"]) == 2
@@ -54,6 +56,7 @@ def test_a_bad_override_is_refused_in_one_line_before_any_point(tmp_path, capsys
     assert capsys.readouterr().err.strip() == "error: key 'epochs': must be >= 0, got -1"
 
 
+@pytest.mark.e2e
 def test_points_that_compute_the_same_run_are_skipped_with_a_line(tmp_path, capsys):
     path = write_sweep(tmp_path / "s.yaml", {"eval_batch_size": {"values": [100, 200]}, "lr": {"values": [0.1, 0.2]}})
     assert main.main(["sweep", str(path), "--dry-run"]) == 0
@@ -66,6 +69,7 @@ def test_points_that_compute_the_same_run_are_skipped_with_a_line(tmp_path, caps
     assert lines[3].startswith("[4/4] skipped: the same run as point 2")
 
 
+@pytest.mark.e2e
 def test_an_interrupted_sweep_continues(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     params = {k: {"value": v} for k, v in TWO_TASKS.items()}
@@ -103,6 +107,7 @@ def sorted_by_point(lines: list[str], folders: list[Path]) -> list[Path]:
     return [next(f for f in folders if str(f) in line) for line in lines]
 
 
+@pytest.mark.e2e
 def test_a_named_interpreter_without_the_requirements_is_said_in_one_line(tmp_path, capsys):
     fake = tmp_path / "python"
     fake.write_text("#!/bin/sh\necho \"ModuleNotFoundError: No module named 'tqdm'\" >&2\nexit 1\n")
@@ -119,6 +124,7 @@ def test_a_named_interpreter_without_the_requirements_is_said_in_one_line(tmp_pa
     assert sweep.interpreter_problem(sys.executable) is None
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("path", SEARCH_FILES, ids=lambda p: f"{p.parent.parent.name}/{p.name}")
 def test_shipped_search_spaces_expand_and_every_point_validates(path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
@@ -136,6 +142,7 @@ def test_shipped_search_spaces_expand_and_every_point_validates(path, monkeypatc
         assert spec["method"] == "random" and len(lines) == spec["run_cap"]
 
 
+@pytest.mark.e2e
 def test_the_documented_sweep_command_works_in_a_fresh_process():
     """The README's example: in a fresh process (no test imported the engine), the overrides are known keys."""
     done = subprocess.run(
