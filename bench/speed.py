@@ -163,17 +163,19 @@ def measure_training(args: argparse.Namespace, device: torch.device, fast: confi
     with tempfile.TemporaryDirectory() as tmp:
         plain = ccsi_at_task_2(make_config(**common, progress=False), args, device, Path(tmp))
         fastest = plain if same else ccsi_at_task_2(fast.replace(**common, progress=False), args, device, Path(tmp))
-    epochs = iter(range(10**6))
-    runs = {
-        "reference": lambda: reference_epoch(plain[0], plain[1], plain[2], args.workers),
-        "today": lambda: train_epoch(*plain[:2], next(epochs), plain[2]),
+    epoch = {
+        "reference": lambda e: reference_epoch(plain[0], plain[1], plain[2], args.workers),
+        "today": lambda e: train_epoch(plain[0], plain[1], e, plain[2]),
     }
     if not same:
-        runs["fastest"] = lambda: train_epoch(*fastest[:2], next(epochs), fastest[2])
-    out = interleaved(runs, runs, args.repeats, device)  # warm-up: one epoch (compiles every batch shape)
+        epoch["fastest"] = lambda e: train_epoch(fastest[0], fastest[1], e, fastest[2])
+    counter = iter(range(10**9))  # train_epoch's epoch argument (CCSI reads none of it)
+    runs = {name: (lambda fn=fn: [fn(next(counter)) for _ in range(args.epochs)]) for name, fn in epoch.items()}
+    warmups = {name: (lambda fn=fn: fn(next(counter))) for name, fn in epoch.items()}  # compiles every batch shape
+    out = interleaved(runs, warmups, args.repeats, device)
     if same:
         out["fastest"] = out["today"]
-    images = round(args.n / (1.0 - plain[0].cfg.rs_ratio))
+    images = args.epochs * round(args.n / (1.0 - plain[0].cfg.rs_ratio))
     for r in out.values():
         r["work"] = float(images)
     return out
@@ -205,8 +207,9 @@ def measure_synthesis(args: argparse.Namespace, device: torch.device, variants: 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--n", type=int, default=2990, help="real images of task 2's new classes (BloodMNIST: ~2990)")
-    parser.add_argument("--n_old", type=int, default=600, help="images of task 1 (its class statistics only)")
-    parser.add_argument("--syn_images", type=int, default=1600, help="impressions replayed in task 2")
+    parser.add_argument("--n_old", type=int, default=None, help="images of task 1 (its statistics only; default n/5)")
+    parser.add_argument("--syn_images", type=int, default=None, help="impressions in task 2 (default: n/2, >= 12)")
+    parser.add_argument("--epochs", type=int, default=1, help="training epochs per timed repeat")
     parser.add_argument("--batch", type=int, default=40, help="training batch size (paper: 40)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes of the reference")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved timed rounds (min and median over them)")
@@ -226,8 +229,10 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--repeats must be >= 3 (min and median of at least three), got {args.repeats}")
     if args.quick:
         args.n, args.n_old, args.syn_images, args.workers = 136, 60, 80, 0  # 400 rows: 10 steps an epoch
-        args.syn_groups, args.syn_batch, args.syn_iterations = 4, 40, 4
+        args.epochs, args.syn_groups, args.syn_batch, args.syn_iterations = 1, 4, 40, 4
         args.threads = args.threads or 1  # a shared 2-core CPU: 2 OpenMP threads (or workers) stall each other
+    args.n_old = args.n_old or max(12, args.n // 5)
+    args.syn_images = args.syn_images or max(12, args.n // 2)
     return args
 
 
@@ -293,7 +298,7 @@ def report(
         f"- command: `python bench/speed.py {shlex.join(sys.argv[1:] if argv is None else argv)}`",
         f"- training: CCSI task 2, {OLD} old classes as {args.syn_images} impressions + {args.n} real images of "
         f"{CLASSES - OLD} new classes (generated 3x32x32), rs_ratio 0.66: {epoch} rows an epoch, batch {args.batch}, "
-        "CCSI ResNet + CN + cosine head, SGD; one epoch per repeat",
+        f"CCSI ResNet + CN + cosine head, SGD; {args.epochs} epoch(s) per repeat",
         f"- synthesis: {args.syn_groups} batches x {args.syn_batch} images x {args.syn_iterations} iterations a repeat",
         f"- {args.repeats} interleaved repeats per pipeline after a warm-up each; throughput from the min",
         f"- fastest switches: {switches}, syn_fused_moments (synthesis)",
