@@ -273,6 +273,7 @@ class CCSI(Method):
         return loader
 
     def on_epoch_start(self, ctx: TaskContext, epoch: int) -> None:
+        self.idc_draws = None  # the last epoch's draws are spent; this epoch's come with its train_batches
         if self.idc is not None:
             self.idc.reset()  # the authors reset the IdC centroids every epoch
 
