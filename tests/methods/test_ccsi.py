@@ -180,7 +180,15 @@ def test_sweep_dry_run_prints_one_command_per_grid_point(tmp_path, capsys):
     assert lines[2].endswith("--lr=0.01 --seed=3")
 
 
-FORBIDDEN = [(torch.Tensor, "__bool__"), (torch.Tensor, "__int__"), (torch.Tensor, "__float__"), (torch.Tensor, "item"), (torch.Tensor, "tolist"), (torch.Tensor, "nonzero"), (torch, "nonzero")]
+FORBIDDEN = [
+    (torch.Tensor, "__bool__"),
+    (torch.Tensor, "__int__"),
+    (torch.Tensor, "__float__"),
+    (torch.Tensor, "item"),
+    (torch.Tensor, "tolist"),
+    (torch.Tensor, "nonzero"),
+    (torch, "nonzero"),
+]
 
 
 @contextlib.contextmanager
