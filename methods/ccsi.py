@@ -14,14 +14,14 @@ draws, initial images, moment targets, ranks, the impression grid, logging), whi
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 import continual_class_specific_impression as synthesis
-from dataloaders.batches import Batch
+from dataloaders.batches import Batch, BatchLoader, RowDraws
 from dataloaders.image_set import ImageSet, as_float
 from experiment.config import Config, ConfigError, Option, register_options
 from methods import losses
@@ -209,7 +209,8 @@ class CCSI(Method):
         self.class_weights: Tensor | None = None
         self.lamda_t = 0.0
         self.idc: losses.IntraDomainContrastive | None = None
-        self.idc_pool: ImageSet | None = None
+        self.idc_pool: ImageSet | None = None  # on the training device
+        self.idc_draws: RowDraws | None = None  # the epoch's IdC rows, drawn by the loader when the epoch starts
         self.generator: torch.Generator | None = None
         self.teacher_cache: TeacherCache | None = None  # the teacher's features of this task's real + synthetic rows
         self.access: DataAccess | None = None
@@ -247,9 +248,10 @@ class CCSI(Method):
             self.lamda_t = less_forget_weight(cfg, ctx.n_old, ctx.n_new)
             if cfg.da_coef > 0:
                 self.idc = losses.IntraDomainContrastive(cfg.ro, cfg.temprature)
-                self.idc_pool = {"test": ctx.test, "val": ctx.val, "train": ctx.train}[cfg.idc_source]
-                if self.idc_pool is None or len(self.idc_pool) == 0:
+                pool = {"test": ctx.test, "val": ctx.val, "train": ctx.train}[cfg.idc_source]
+                if pool is None or len(pool) == 0:
                     raise ValueError(f"idc_source '{cfg.idc_source}' holds no image for task {ctx.task}")
+                self.idc_pool = pool.to(self.device)  # once per task: a step's gather copies nothing
         if self.teacher is not None:
             self.teacher_cache = TeacherCache(self.teacher, "features", ctx.train, self.synthetic, cfg.eval_batch_size)
         weights = class_weights(ctx.train.y, self.synthetic, ctx.n_seen, cfg)
@@ -258,7 +260,20 @@ class CCSI(Method):
     def replay(self, ctx: TaskContext) -> tuple[ImageSet | None, float]:
         return self.synthetic, self.cfg.rs_ratio
 
+    def train_batches(self, ctx: TaskContext, epoch: int) -> Iterable[Batch]:
+        """The base batches, with the epoch's augmentation and IdC rows drawn when the epoch starts (in the order
+        per-step draws would make them: nothing else draws from ``ctx.generator`` during the epoch)."""
+        loader = super().train_batches(ctx, epoch)
+        assert isinstance(loader, BatchLoader)
+        self.idc_draws = None
+        if self.idc is not None:
+            assert self.idc_pool is not None
+            self.idc_draws = RowDraws(len(self.idc_pool), self.device, min_rows=distributed.world_size())
+        loader.epoch_draws, loader.row_draws = True, self.idc_draws
+        return loader
+
     def on_epoch_start(self, ctx: TaskContext, epoch: int) -> None:
+        self.idc_draws = None  # the last epoch's draws are spent; this epoch's come with its train_batches
         if self.idc is not None:
             self.idc.reset()  # the authors reset the IdC centroids every epoch
 
@@ -279,10 +294,13 @@ class CCSI(Method):
         loss = terms["ce"] + terms["distill"] + self.cfg.lw_mr * terms["margin"]
         if self.idc is not None:
             assert self.idc_pool is not None
-            idx = batch.draw_rows(len(self.idc_pool), self.generator).to(self.idc_pool.x.device)  # (B,)
+            if self.idc_draws is not None:  # drawn for the epoch by train_batches' loader
+                idx = self.idc_draws.take(batch)  # (B,) on the device
+            else:  # a batch from elsewhere: draw now (a host draw and a copy)
+                idx = batch.draw_rows(len(self.idc_pool), self.generator).to(self.idc_pool.x.device)
             if self.access is not None:
                 self.access.record("idc", self.idc_pool.y[idx])
-            target = as_float(self.idc_pool.x[idx]).to(self.device)
+            target = as_float(self.idc_pool.x[idx])  # (B, C, H, W)
             terms["idc"] = self.idc(out["scores"], batch.y, self.net(target)["scores"], batch.shard)
             loss = loss + self.cfg.da_coef * terms["idc"]
         return {"loss": loss, **terms}
@@ -296,3 +314,4 @@ class CCSI(Method):
         ctx.access.record("statistics", ctx.train.y)
         self.memory.add_task(self.net, ctx.train, batch_size=self.cfg.eval_batch_size, device=self.device)
         self.synthetic, self.idc, self.idc_pool, self.teacher_cache = None, None, None, None
+        self.idc_draws = None

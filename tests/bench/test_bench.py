@@ -87,21 +87,42 @@ def test_accuracy_grid_writes_results_skips_resumes_and_records_failures(tmp_pat
 
 @pytest.mark.e2e
 def test_speed_prints_reference_today_and_fastest_with_ratios(tmp_path, capsys, monkeypatch):
+    """CCSI's step and synthesis, three pipelines each, min and median of 3 interleaved repeats: the table's rows,
+    ratios that follow from its times, and the summary lines that repeat the fastest and today ratios."""
     monkeypatch.setattr(precision, "BACKEND", "eager")  # --fast_compile true without code generation: fast
     out = tmp_path / "speed.md"
-    argv = ["--threads", "1", "--n", "80", "--epochs", "1", "--workers", "1", "--syn_groups", "2", "--syn_batch", "4"]
-    argv += ["--syn_iterations", "2", "--device", "cpu", "--fast_compile", "true", "--out", str(out)]
+    argv = ["--threads", "1", "--n", "20", "--n_old", "12", "--syn_images", "12", "--batch", "8", "--workers", "0"]
+    argv += ["--syn_groups", "2", "--syn_batch", "4", "--syn_iterations", "2", "--device", "cpu"]
+    argv += ["--fast_compile", "true", "--out", str(out)]
     assert speed.main(argv) == 0
     text = capsys.readouterr().out
-    rows = [line.split("|") for line in text.splitlines() if re.match(r"\| (training|synthesis) \|", line)]
-    assert [(r[1].strip(), r[2].split(":")[0].strip()) for r in rows] == [
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in text.splitlines()]
+    rows = [r for r in rows if r and r[0] in ("training", "synthesis")]
+    assert [(r[0], r[1].split(":")[0]) for r in rows] == [
         (stage, name) for stage in ("training", "synthesis") for name in ("reference", "today", "fastest")
     ]
-    assert all(r[6].strip() == "1.00x" for r in rows if r[2].startswith(" reference"))
-    assert all(float(r[3]) > 0 and "MiB peak RSS" in r[7] for r in rows)
-    assert "compile true" in rows[2][2] and "fp32" in rows[1][2] and "syn_fused_moments" in rows[5][2]
-    assert re.search(r"training speed-up \(fastest / reference\): \d+\.\d+x \(target on a GPU: >= 5x\)", text)
-    assert re.search(r"synthesis speed-up \(fastest / reference\): \d+\.\d+x \(target on a GPU: >= 10x\)", text)
+    ratios = {}
+    for stage in ("training", "synthesis"):
+        part = [r for r in rows if r[0] == stage]
+        ref = part[0]
+        for r in part:
+            low, mid = float(r[2]), float(r[3])
+            assert 0 < low <= mid and float(r[4]) > 0 and "MiB peak RSS" in r[8]
+            for col, ref_t, t in ((6, float(ref[2]), low), (7, float(ref[3]), mid)):
+                ratio = float(r[col].rstrip("x"))  # the times are printed to 1 ms, the ratios to 0.01
+                assert (ref_t - 5e-4) / (t + 5e-4) - 5e-3 <= ratio <= (ref_t + 5e-4) / (t - 5e-4) + 5e-3, (r, col)
+            ratios[stage, r[1].split(":")[0]] = (r[6], r[7])
+        assert ratios[stage, "reference"] == ("1.00x", "1.00x")
+    assert "compile true" in rows[2][1] and "fp32" in rows[1][1] and "syn_fused_moments" in rows[5][1]
+    assert "TensorDataset" in rows[0][1] and "train_epoch" in rows[1][1] and "3 interleaved repeats" in text
+    for stage, target in (("training", 5), ("synthesis", 10)):
+        line = re.search(
+            rf"{stage} speed-up \(fastest / reference\): (\S+) min, (\S+) median \(target on a GPU: >= {target}x\); "
+            r"today / reference (\S+) min, (\S+) median",
+            text,
+        )
+        assert line is not None, stage
+        assert (line[1], line[2]) == ratios[stage, "fastest"] and (line[3], line[4]) == ratios[stage, "today"]
     assert float(re.search(r"pixel difference: (\S+);", text).group(1)) < 1e-4  # same seeds, same images
     assert "training speed-up" in out.read_text()
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dataloaders.batches import BatchLoader, augment_batch, random_crop, random_flip
+from dataloaders.batches import Batch, BatchLoader, BatchShard, RowDraws, augment_batch, random_crop, random_flip
 from dataloaders.image_set import ImageSet
 
 
@@ -122,3 +122,70 @@ def test_crop_flip_augmentation_in_loader_keeps_shape_and_range():
         value = torch.tensor(int(label) % 256, dtype=torch.uint8).float() / 255
         assert torch.all((img == 0) | (img == value))
         assert int((img == value).sum()) >= 16 or value == 0
+
+
+def mixed_loader(seed: int, **kwargs) -> BatchLoader:
+    """A 30 real + 7 synthetic mixed loader (60 rows), batches of 8 (the last 4 rows), crop_flip, ``seed``."""
+    syn = ImageSet(torch.rand(7, 1, 8, 8, generator=torch.Generator().manual_seed(9)), torch.full((7,), -1))
+    g = torch.Generator().manual_seed(seed)
+    return BatchLoader(
+        real_set(30, 8), 8, augment="crop_flip", generator=g, synthetic=syn, synthetic_ratio=0.5, **kwargs
+    )
+
+
+def test_epoch_draws_and_row_draws_equal_per_batch_draws_in_the_same_order():
+    """Drawn when the epoch starts, the augmentation and a step's per-row draws are those a per-batch loader and
+    ``Batch.draw_rows`` after each batch make, row for row, and the generator ends in the same state."""
+    per_batch = mixed_loader(4)
+    expected = []
+    for batch in per_batch:
+        expected.append((batch, batch.draw_rows(11, per_batch.generator)))  # the step's draw after the batch's
+    draws = RowDraws(11)
+    epoch = mixed_loader(4, row_draws=draws)
+    it = iter(epoch)
+    after_start = epoch.generator.get_state()  # every draw of the epoch made by iter()
+    got = [(batch, draws.take(batch)) for batch in it]
+    assert len(got) == len(expected) == 8 and [len(b) for b, _ in got] == [8] * 7 + [4]
+    for (b, rows), (e, e_rows) in zip(got, expected):
+        assert torch.equal(b.x, e.x) and torch.equal(b.y, e.y) and torch.equal(b.synthetic, e.synthetic)
+        assert torch.equal(rows, e_rows)
+    assert torch.equal(after_start, per_batch.generator.get_state())
+    with pytest.raises(RuntimeError, match="asks past"):
+        draws.take(got[0][0])
+    plain = list(mixed_loader(5, epoch_draws=True))  # augmentation only, no step draws
+    assert all(torch.equal(b.x, e.x) and torch.equal(b.y, e.y) for b, e in zip(plain, mixed_loader(5), strict=True))
+
+
+def test_mixed_batches_place_each_source_row_where_it_was_drawn():
+    real, syn = real_set(30, 4), ImageSet(torch.rand(7, 1, 4, 4), 100 + torch.arange(7))
+    loader = BatchLoader(real, 8, generator=torch.Generator().manual_seed(2), synthetic=syn, synthetic_ratio=0.5)
+    g = torch.Generator().manual_seed(2)  # replay the epoch's draws (_draw)
+    is_syn = torch.rand(loader.num_samples, generator=g) < 0.5
+    real_idx = torch.randint(0, 30, (loader.num_samples,), generator=g)
+    syn_idx = torch.randint(0, 7, (loader.num_samples,), generator=g)
+    batches = list(loader)
+    x, y = torch.cat([b.x for b in batches]), torch.cat([b.y for b in batches])
+    index = torch.cat([b.index for b in batches])
+    assert torch.equal(torch.cat([b.synthetic for b in batches]), is_syn) and 0 < int(is_syn.sum()) < len(is_syn)
+    assert torch.equal(index, torch.where(is_syn, syn_idx, real_idx))
+    assert torch.equal(y, torch.where(is_syn, syn.y[syn_idx], real_idx))
+    assert torch.equal(x[is_syn], syn.x[syn_idx[is_syn]])
+    assert torch.equal(x[~is_syn], real.x[real_idx[~is_syn]].float() / 255)
+
+
+def test_row_draws_of_shards_are_their_rows_of_the_global_draws_and_small_batches_draw_none():
+    draws = RowDraws(50, min_rows=2)
+    g = torch.Generator().manual_seed(3)
+    drawn = [draws.draw(n, g) for n in (6, 6, 1)]
+    assert drawn[2] is None  # a one-row batch is skipped by two ranks: nothing drawn for it
+    draws.start([d for d in drawn if d is not None])
+    whole = torch.randint(0, 50, (6,), generator=torch.Generator().manual_seed(3))
+    x = torch.zeros(3, 1, 2, 2)
+    first = Batch(x, torch.zeros(3), torch.zeros(3, dtype=torch.bool), BatchShard(slice(0, 3), 6))
+    second = Batch(x, torch.zeros(3), torch.zeros(3, dtype=torch.bool), BatchShard(slice(3, 6), 6))
+    assert torch.equal(draws.take(first), whole[:3])  # rank 0's rows of the first global batch
+    assert torch.equal(draws.take(second), drawn[1][3:])  # rank 1's rows of the second
+    with pytest.raises(RuntimeError, match="RowDraws.take before"):
+        RowDraws(5).take(first)
+    with pytest.raises(ValueError, match="high"):
+        RowDraws(0)

@@ -1,10 +1,12 @@
 """CCSI end to end: data-free by construction, the paper's configs on fake MedMNIST files, sweep chaining."""
 
+import contextlib
 import json
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from experiment.checkpoint import load_checkpoint, task_checkpoint_path
 from experiment.config import load_config, parse_overrides
@@ -125,7 +127,8 @@ def test_medmnist_ccsi_configs_run_end_to_end(tmp_path, dataset, n_classes, chan
     )
     summary = run(cfg)
     assert summary["protocol"] == "improved" and len(summary["task_sizes"]) == n_tasks
-    assert [len(row) for row in summary["accuracy_matrix"]] == list(range(1, n_tasks + 1))
+    seen = [[j for j, a in enumerate(row) if a is not None] for row in summary["accuracy_matrix"]]
+    assert seen == [list(range(i + 1)) for i in range(n_tasks)]  # after task i: accuracies of tasks 1..i
     tasks = json.loads((tmp_path / "run" / "metrics.json").read_text())["tasks"]
     assert all(sum(t["extra"]["data_access"].values()) == 0 for t in tasks)  # data-free on every path, every task
 
@@ -185,3 +188,83 @@ def test_sweep_dry_run_prints_one_command_per_grid_point(tmp_path, capsys):
         "--lr=0.1 --seed=3"
     )
     assert lines[2].endswith("--lr=0.01 --seed=3")
+
+
+FORBIDDEN = [
+    (torch.Tensor, "__bool__"),
+    (torch.Tensor, "__int__"),
+    (torch.Tensor, "__float__"),
+    (torch.Tensor, "item"),
+    (torch.Tensor, "tolist"),
+    (torch.Tensor, "nonzero"),
+    (torch, "nonzero"),
+]
+
+
+@contextlib.contextmanager
+def host_syncs_raise():
+    """``Tensor.item``, ``Tensor.tolist`` and ``nonzero`` (each a host sync on a GPU) raise while inside."""
+    saved = [(owner, name, getattr(owner, name)) for owner, name in FORBIDDEN]
+
+    def forbid(name):
+        def raising(*args, **kwargs):
+            raise AssertionError(f"{name} called inside a training step")
+
+        return raising
+
+    for owner, name, _ in saved:
+        setattr(owner, name, forbid(name))
+    try:
+        yield
+    finally:
+        for owner, name, original in saved:
+            setattr(owner, name, original)
+
+
+class NoSyncBatches:
+    """The method's batches, each ``next`` run with host syncs forbidden (``iter``, the epoch's preparation, not)."""
+
+    def __init__(self, batches, count):
+        self.batches, self.count = batches, count
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        it = iter(self.batches)
+        while True:
+            with host_syncs_raise():
+                batch = next(it, None)
+            if batch is None:
+                return
+            self.count["batches"] += 1
+            yield batch
+
+
+@pytest.mark.parametrize("augment", ["none", "crop_flip"])
+def test_ccsi_step_of_task_2_makes_no_host_sync(make_cfg, monkeypatch, augment):
+    """Task 2 (real and synthetic rows mixed, IdC, distillation, margin): neither the loader's ``next`` nor the
+    training step calls ``item``, ``tolist`` or ``nonzero``; the epoch's draws are made when it starts."""
+    original_batches, original_step = CCSI.train_batches, CCSI.training_step
+    count = {"batches": 0, "steps": 0, "idc": 0}
+
+    def train_batches(self, ctx, epoch):
+        batches = original_batches(self, ctx, epoch)
+        return NoSyncBatches(batches, count) if ctx.task == 2 else batches
+
+    def training_step(self, batch):
+        if self.n_old == 0:
+            return original_step(self, batch)
+        count["steps"] += 1
+        count["idc"] += self.idc_draws is not None
+        with host_syncs_raise():
+            terms = original_step(self, batch)
+        assert {"ce", "distill", "margin", "idc"} <= set(terms)
+        return terms
+
+    monkeypatch.setattr(CCSI, "train_batches", train_batches)
+    monkeypatch.setattr(CCSI, "training_step", training_step)
+    run(make_cfg(method="ccsi", nb_cl_fg=6, nb_cl=4, epochs=1, idc_source="val", augment=augment, **TINY_SYNTHESIS))
+    assert count["batches"] == count["steps"] == count["idc"] > 1  # every step of task 2 ran under the check
+    with pytest.raises(AssertionError, match="nonzero called"), host_syncs_raise():  # the check itself bites
+        torch.tensor([0, 1]).nonzero()
