@@ -30,7 +30,7 @@ import dataloaders
 import models
 from dataloaders.image_set import DataSplits
 from dataloaders.scenario import Scenario
-from experiment import config, provenance
+from experiment import config, key_reference, provenance
 from experiment.checkpoint import (
     TaskCheckpoint,
     partial_checkpoint_path,
@@ -103,7 +103,7 @@ def parse_run_overrides(args: Sequence[str]) -> dict[str, str]:
 
 def describe_keys(markdown: bool = False, **filters: str) -> str:
     """Every declared key: the Markdown table of docs/config.md, or plain text (filters: method, group, protocol)."""
-    return config.reference_table() if markdown else config.keys_text(**filters)
+    return key_reference.reference_table() if markdown else key_reference.keys_text(**filters)
 
 
 register_options(

@@ -12,7 +12,7 @@ import torch
 import incremental_train_and_eval as engine
 import main
 from dataloaders import DATASETS
-from experiment import config
+from experiment import config, key_reference
 from methods import METHODS
 from tiny import ROOT, TWO_TASKS
 
@@ -116,7 +116,7 @@ def test_threads_is_applied_before_the_run(monkeypatch, restore_threads):
     main.run_from_args(["--config", str(ROOT / "configs/digits/finetune.yaml"), "--threads", "2"])
     main.run_from_args(["--config", str(ROOT / "configs/digits/finetune.yaml"), "--threads=0"])  # torch's: unchanged
     assert seen == [(2, 2), (0, 2)]
-    assert config.OPTIONS["threads"].default == 0 and "`threads`" in config.reference_table()
+    assert config.OPTIONS["threads"].default == 0 and "`threads`" in key_reference.reference_table()
     with pytest.raises(config.ConfigError, match="key 'threads': must be >= 0, got -1"):
         main.run_from_args(["--threads=-1"])
 

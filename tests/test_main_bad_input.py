@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 import dataloaders
 import main
 import models
-from experiment import checkpoint, config
+from experiment import checkpoint, config, key_reference
 from experiment.checkpoint import load_checkpoint, save_atomic, task_checkpoint_path
 from experiment.config import load_config
 from experiment.errors import OutputError
@@ -167,7 +167,7 @@ def test_exclusive_minimum_accepts_values_just_above_it():
         config.coerce(opt, -1e-30)
     with pytest.raises(ValueError, match="min_exclusive needs a min"):
         config.Option("x", "float", 0.1, "x", min_exclusive=True)
-    assert "| `lr` | float | `0.1` | (0.0, ] |" in config.reference_table()
+    assert "| `lr` | float | `0.1` | (0.0, ] |" in key_reference.reference_table()
 
 
 # ----- data --------------------------------------------------------------------------------------

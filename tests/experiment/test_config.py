@@ -6,7 +6,7 @@ import sys
 import pytest
 import yaml
 
-from experiment import config
+from experiment import config, key_reference
 from experiment.config import ConfigError, Option, coerce, load_config, parse_overrides
 from tiny import ROOT
 
@@ -139,7 +139,7 @@ def test_docs_config_is_the_generated_reference():
     missing = [name for name in config.OPTIONS if f"`{name}`" not in text]
     regenerate = "regenerate: python main.py keys --markdown > docs/config.md"
     assert not missing, f"docs/config.md lacks keys ({regenerate}): {missing}"
-    assert text == main.KEYS_HEADER + config.reference_table() + "\n", (
+    assert text == main.KEYS_HEADER + key_reference.reference_table() + "\n", (
         "docs/config.md is stale: regenerate it with python main.py keys --markdown > docs/config.md"
     )
 
@@ -215,16 +215,16 @@ def test_keys_the_method_does_not_read_are_named_in_one_note(caplog):
 
 
 def test_keys_text_fits_100_columns_filters_and_shows_preset_values():
-    text = config.keys_text()
+    text = key_reference.keys_text()
     assert max(len(line) for line in text.splitlines()) <= 100
     assert "\n[run]\n" in text and "\n  lr (float, task) = 0.1" in text
-    ccsi = config.keys_text(method="ccsi")
+    ccsi = key_reference.keys_text(method="ccsi")
     assert "\n  lamda (float, task)" in ccsi and "\n[wa]" not in ccsi and "\n[icarl]" not in ccsi
     assert "  class_stats_update (str, task) = frozen -> refresh (protocol=improved)" in ccsi
-    assert "-> refresh" not in config.keys_text(group="ccsi", protocol="clean")
-    lucir = config.keys_text(group="model", method="lucir")
+    assert "-> refresh" not in key_reference.keys_text(group="ccsi", protocol="clean")
+    lucir = key_reference.keys_text(group="model", method="lucir")
     assert "head (str, experiment) = " in lucir and "(method=lucir)" in lucir
     with pytest.raises(ConfigError, match="--group 'nope' is not a group of keys"):
-        config.keys_text(group="nope")
+        key_reference.keys_text(group="nope")
     with pytest.raises(ConfigError, match="key 'method': expected str"):
-        config.keys_text(method="nope")
+        key_reference.keys_text(method="nope")
