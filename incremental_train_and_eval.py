@@ -401,8 +401,10 @@ def _run(cfg: Config, device: torch.device, main_process: bool) -> dict[str, Any
     state = build_run(cfg, device)
     state.run_hash = run_hash
     state.code = provenance.git_commit()
-    lock = RunFolder(output_dir).lock() if main_process else contextlib.nullcontext()
-    with lock:
+    with contextlib.ExitStack() as lock:
+        with distributed.main_first():  # a folder in use stops every rank, not only rank 0
+            if main_process:
+                lock.enter_context(RunFolder(output_dir).lock())
         tasks = start_run(state, parent, main_process)
         if main_process:
             config_file = output_dir / ("config.yaml" if cfg.task is None else f"config_task_{cfg.task}.yaml")

@@ -345,8 +345,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         return _stdout_closed()
     except UserError as err:
-        where = f" (rank {rank})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-        print(f"error{where}: {err}", file=sys.stderr)
+        if rank == "0":  # under torchrun every rank meets the same bad input: one line, from rank 0; every rank exits 2
+            print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(

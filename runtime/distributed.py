@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from dataloaders.batches import Batch, BatchShard
 from experiment.config import ConfigError, Option, register_options
+from experiment.errors import UserError
 from models.layers.synced_batch_norm import sync_batch_norm
 
 log = logging.getLogger(__name__)
@@ -186,12 +187,34 @@ def is_main() -> bool:
 
 @contextlib.contextmanager
 def main_first() -> Iterator[None]:
-    """Rank 0 runs the block first (e.g. downloads a data set), the other ranks after it finished."""
-    if is_distributed() and not is_main():
-        dist.barrier()
+    """Rank 0 runs the block first (e.g. downloads a data set, takes the folder's lock), the other ranks after it
+    succeeded. When the block fails on rank 0, the other ranks stop too (``RankStopped``, which main.py reports
+    from rank 0 only: one line, exit 2 on every rank) instead of waiting in a collective for a rank that is gone."""
+    if not is_distributed():
+        yield
+        return
+    if is_main():
+        try:
+            yield
+        except BaseException:
+            _broadcast_flag(True)
+            raise
+        _broadcast_flag(False)
+        return
+    if _broadcast_flag(False):
+        raise RankStopped("rank 0 stopped the run (its error is printed by rank 0)")
     yield
-    if is_distributed() and is_main():
-        dist.barrier()
+
+
+class RankStopped(UserError):
+    """Raised on the other ranks when rank 0 stopped in a ``main_first`` block."""
+
+
+def _broadcast_flag(value: bool) -> bool:
+    """Rank 0's ``value`` on every rank (one small broadcast)."""
+    flag = _device_for_collectives(torch.tensor([float(value)]))
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())
 
 
 def _device_for_collectives(tensor: Tensor) -> Tensor:

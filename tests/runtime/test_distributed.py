@@ -5,6 +5,7 @@ import copy
 import json
 import multiprocessing as mp
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -363,6 +364,33 @@ def test_torchrun_finetune_matches_one_process(tmp_path, make_cfg):
     files = config.load_config([str(ROOT / "configs/digits/finetune.yaml")], {"epochs": 2, "lr": 0.02})
     single = engine.run(files.replace(progress=False, output_dir=str(tmp_path / "single")))
     assert_agrees(ddp, single)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("bad", [["--lr=-1"], ["--output_dir={tmp}/held"]])
+def test_bad_input_under_torchrun_is_one_line_from_rank_0_and_exit_2_from_every_rank(tmp_path, bad):
+    """Under a real torchrun with two processes: our part of stderr is one line (torchrun then reports the failed
+    child in its own words, README "Multi-GPU"); no traceback from the project's code."""
+    held = tmp_path / "held"
+    held.mkdir()
+    lock = subprocess.Popen(  # another live process holds the folder's lock
+        [sys.executable, "-c", f"import fcntl, os, time, json; fd = os.open({str(held / '.lock')!r}, os.O_RDWR | "
+         "os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, json.dumps({'pid': os.getpid(), 'host': "
+         "__import__('socket').gethostname()}).encode()); print('held', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert lock.stdout.readline().strip() == "held"
+    args = ["--config", "configs/digits/finetune.yaml", "--epochs=1", "--progress=false", "--device=cpu"]
+    args += [a.format(tmp=tmp_path) for a in bad] or [f"--output_dir={tmp_path / 'run'}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "main.py", *args]
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    finally:
+        lock.kill()
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+    assert len(ours) == 1 and ("key 'lr'" in ours[0] or "is in use by process" in ours[0]), proc.stderr[-3000:]
+    assert "failed (exitcode: 2)" in proc.stderr and proc.returncode != 0  # torchrun's report of the children
+    assert re.search(rf'File "{re.escape(str(ROOT))}/(?!\.venv)', proc.stderr) is None  # no frame of our code
 
 
 @pytest.mark.e2e
