@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(PY) main.py demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(JOBS) --dist worksteal
+	$(PY) -m pytest -q -n $(JOBS) --dist worksteal --durations=25
 
 # The edit loop: unit tests only (no whole runs, no subprocesses), under two minutes.
 test-fast: $(STAMP)
