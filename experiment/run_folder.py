@@ -170,7 +170,7 @@ class RunFolder:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
             try:
                 if not _flock(fd):
-                    raise UserError(self._in_use_message(_read_record(fd), lock))
+                    raise UserError(self._in_use_message(_holders_record(fd), lock))
                 if os.fstat(fd).st_ino != _inode(lock):  # its owner released and removed it meanwhile: retry
                     os.close(fd)
                     continue
@@ -295,6 +295,19 @@ def _inode(path: Path) -> int | None:
         return os.stat(path).st_ino
     except FileNotFoundError:
         return None
+
+
+def _holders_record(fd: int, wait_s: float = 1.0) -> dict[str, Any]:
+    """The record of the process that holds the lock. It writes it right after taking the lock, so an empty record,
+    or the record of a dead process it is replacing, is read again for up to ``wait_s`` seconds (then {}: the
+    message says 'another process')."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        owner = _read_record(fd)
+        current = owner and (owner.get("host") != socket.gethostname() or _same_process_alive(owner))
+        if current or time.monotonic() >= deadline:
+            return owner if current else {}
+        time.sleep(0.02)
 
 
 def _read_record(fd: int) -> dict[str, Any]:
