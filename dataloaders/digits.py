@@ -7,7 +7,6 @@ Pixels 0..16 are scaled to 0..255 and resized to 32x32 (bilinear), 1 channel, 10
 from __future__ import annotations
 
 import torch
-from sklearn.datasets import load_digits as sklearn_digits
 
 from dataloaders.image_set import DataSplits, ImageSet
 from dataloaders.registry import register_dataset
@@ -21,6 +20,8 @@ SIZE = 32
 
 def digits_images() -> tuple[torch.Tensor, torch.Tensor]:
     """All 1797 images (N, 1, 32, 32) uint8 and labels (N,) int64."""
+    from sklearn.datasets import load_digits as sklearn_digits  # here: scikit-learn (and pandas) cost ~1 s to import
+
     data = sklearn_digits()
     x = torch.as_tensor(data.images, dtype=torch.float32)[:, None] * (255.0 / 16.0)  # (N, 1, 8, 8)
     x = torch.nn.functional.interpolate(x, size=(SIZE, SIZE), mode="bilinear", align_corners=False)

@@ -515,3 +515,14 @@ def test_every_registered_data_set_loads_from_files_in_its_real_format(name, tmp
     for split in (data.train, data.val, data.test):
         assert len(split) > 0 and int(split.y.min()) >= 0 and int(split.y.max()) < data.num_classes
     assert set(data.train.y.tolist()) == set(range(data.num_classes))  # every class can be learned
+
+
+def test_cifar100_checksums_are_torchvisions_and_torchvision_is_imported_only_to_download():
+    cifar = torchvision.datasets.CIFAR100
+    published = {name: md5 for name, md5 in [*cifar.train_list, *cifar.test_list]} | {
+        cifar.meta["filename"]: cifar.meta["md5"]
+    }
+    assert published == torchvision_data.CIFAR100_MD5
+    code = "import sys, dataloaders; print('torchvision' in sys.modules, 'sklearn' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]  # start-up imports neither: a digits run pays sklearn when it loads

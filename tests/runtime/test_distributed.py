@@ -299,7 +299,7 @@ def _ccsi_run(rank, out, report):
 
     sys.addaudithook(audit)
     summary = engine.run(config.load_config(overrides={**CCSI_SMALL, "output_dir": out}))
-    ckpt = torch.load(Path(out) / "task_3.pt", weights_only=True) if rank == 0 else None
+    ckpt = torch.load(Path(out) / "task_2.pt", weights_only=True) if rank == 0 else None
     return {"summary": summary, "written": written, "has_ckpt": ckpt is not None}
 
 
@@ -307,7 +307,7 @@ CCSI_SMALL = {
     "method": "ccsi",
     "dataset": "digits",
     "nb_cl_fg": 4,
-    "nb_cl": 3,
+    "nb_cl": 6,  # two tasks: the second one replays impressions
     "epochs": 2,
     "batch_size": 32,
     "lr": 0.02,
@@ -329,7 +329,7 @@ def test_ccsi_on_two_ranks_writes_from_rank_0_only_and_agrees_with_one_process(t
     single = engine.run(config.load_config(overrides={**CCSI_SMALL, "output_dir": str(tmp_path / "single")}))
     assert r1["written"] == [] and r0["has_ckpt"]
     written = " ".join(r0["written"])  # atomic writes open a temporary file named after the target
-    assert all(name in written for name in ("task_3.pt", "metrics.json", "config.yaml", "impressions_task_3.png"))
+    assert all(name in written for name in ("task_2.pt", "metrics.json", "config.yaml", "impressions_task_2.png"))
     assert r0["summary"]["accuracy_per_task"] == r1["summary"]["accuracy_per_task"]  # identical on all ranks
     tasks = json.loads((Path(out) / "metrics.json").read_text())["tasks"]
     for t in tasks:  # method state (net, class means and moments) agreed on both ranks before the broadcast
