@@ -39,19 +39,6 @@ def _cfg(**values) -> Config:
     return Config({**base, **values})
 
 
-def test_options_declared():
-    opt = config.OPTIONS["logger"]
-    assert opt.group == "logging" and config.coerce(opt, "wandb") == "wandb"
-    assert opt.default == "none" and config.coerce(opt, "none") == "none"
-    assert config.coerce(opt, "tensorboard") == "tensorboard"
-    with pytest.raises(config.ConfigError, match="logger"):
-        config.coerce(opt, None)
-    with pytest.raises(config.ConfigError, match="logger"):
-        config.coerce(opt, "mlflow")
-    assert config.OPTIONS["wandb_project"].default == "ccsi-cil"
-    assert config.OPTIONS["wandb_entity"].default is None and config.OPTIONS["wandb_run_name"].default is None
-
-
 def test_base_logger_records_nothing(tmp_path):
     logger = loggers.build_logger(_cfg(), tmp_path / "run")
     assert type(logger) is loggers.RunLogger
