@@ -61,7 +61,7 @@ def test_ccsi_checkpoint_holds_no_real_images(make_cfg, tmp_path):
 
 @pytest.mark.e2e
 def test_ccsi_per_task_chain_equals_the_uninterrupted_run(make_cfg, tmp_path):
-    """Tasks run one at a time, each continuing the previous checkpoint (resume after a kill: tests/experiment/test_faults.py)."""
+    """Tasks run one at a time, each continuing the previous checkpoint (a resume after a kill: test_faults.py)."""
     common = {"method": "ccsi", "nb_cl_fg": 4, "nb_cl": 3, "epochs": 1, "idc_source": "val", **TINY_SYNTHESIS}
     full = run(make_cfg(output_dir=str(tmp_path / "full"), **common))
     step = tmp_path / "steps"
