@@ -101,3 +101,19 @@ def write_fake_medmnist(path: Path, n_classes: int, channels: int, per_class: in
         arrays[f"{split}_images"] = rng.integers(0, 256, shape, dtype=np.uint8)
         arrays[f"{split}_labels"] = labels
     np.savez(path, **arrays)
+
+
+def write_digits(path, classes: int, n_train: int) -> str:
+    """A MedMNIST-format .npz of digits 0..classes-1: n_train training, 16 val, 100 test images (32x32 grey)."""
+    from dataloaders.digits import digits_images
+
+    x, y = digits_images()
+    keep = (y < classes).nonzero().squeeze(1)
+    x, y = x[keep, 0].numpy(), y[keep].numpy()
+    splits = {
+        "train": slice(0, n_train),
+        "val": slice(n_train, n_train + 16),
+        "test": slice(n_train + 16, n_train + 116),
+    }
+    np.savez(path, **{f"{k}_{a}": v[s] for k, s in splits.items() for a, v in (("images", x), ("labels", y))})
+    return str(path)

@@ -21,7 +21,7 @@ from experiment import config
 from experiment.config import ConfigError
 from models.layers.synced_batch_norm import SyncedBatchNorm2d, sync_batch_norm
 from runtime import distributed
-from tiny import ROOT
+from tiny import ROOT, write_digits
 
 TIMEOUT = 240  # seconds a group of ranks may take before the test fails instead of hanging
 
@@ -285,7 +285,7 @@ def test_collectives_gather_average_broadcast_and_order(tmp_path):
     assert r0["fingerprints"] == r1["fingerprints"] and len(set(r0["fingerprints"])) == 2  # they differed before
 
 
-def _ccsi_run(rank, out, report):
+def _ccsi_run(rank, out, data):
     """A small CCSI run in this rank, recording every file it opens for writing under the run folder."""
     import incremental_train_and_eval as engine
 
@@ -298,16 +298,16 @@ def _ccsi_run(rank, out, report):
                 written.append(os.path.relpath(str(args[0]), out))
 
     sys.addaudithook(audit)
-    summary = engine.run(config.load_config(overrides={**CCSI_SMALL, "output_dir": out}))
+    summary = engine.run(config.load_config(overrides={**CCSI_SMALL, "data_path": data, "output_dir": out}))
     ckpt = torch.load(Path(out) / "task_2.pt", weights_only=True) if rank == 0 else None
     return {"summary": summary, "written": written, "has_ckpt": ckpt is not None}
 
 
 CCSI_SMALL = {
     "method": "ccsi",
-    "dataset": "digits",
+    "dataset": "npz",  # digits 0-5 (tiny.write_digits): 300 training, 16 val, 100 test images
     "nb_cl_fg": 4,
-    "nb_cl": 6,  # two tasks: the second one replays impressions
+    "nb_cl": 2,  # two tasks: the second one replays impressions
     "epochs": 2,
     "batch_size": 32,
     "lr": 0.02,
@@ -325,8 +325,11 @@ def test_ccsi_on_two_ranks_writes_from_rank_0_only_and_agrees_with_one_process(t
     import incremental_train_and_eval as engine
 
     out = str(tmp_path / "ddp")
-    r0, r1 = run_ranks(_ccsi_run, out, None)
-    single = engine.run(config.load_config(overrides={**CCSI_SMALL, "output_dir": str(tmp_path / "single")}))
+    data = write_digits(tmp_path / "digits6.npz", 6, 300)
+    r0, r1 = run_ranks(_ccsi_run, out, data)
+    single = engine.run(
+        config.load_config(overrides={**CCSI_SMALL, "data_path": data, "output_dir": str(tmp_path / "single")})
+    )
     assert r1["written"] == [] and r0["has_ckpt"]
     written = " ".join(r0["written"])  # atomic writes open a temporary file named after the target
     assert all(name in written for name in ("task_2.pt", "metrics.json", "config.yaml", "impressions_task_2.png"))

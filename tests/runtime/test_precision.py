@@ -3,7 +3,6 @@
 import contextlib
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -11,11 +10,11 @@ import continual_class_specific_impression as ccsi
 import incremental_train_and_eval as engine
 import models
 from bench.synthesis_speed import build_teacher
-from dataloaders.digits import digits_images
 from experiment import config
 from experiment.config import ConfigError
 from methods.ccsi import synthesize_classes
 from runtime import precision
+from tiny import write_digits
 
 CPU = torch.device("cpu")
 
@@ -113,20 +112,6 @@ def test_bf16_synthesis_keeps_float32_terms_close_to_fp32(make_cfg):
     assert torch.allclose(bf16.best_loss, fp32.best_loss, rtol=0.05)  # ... and bf16 products follow fp32's path
     moved = (fp32.images.x - start.images.x).abs().mean()
     assert (bf16.images.x - fp32.images.x).abs().mean() < 0.5 * moved  # measured: 0.012 vs 0.072 moved
-
-
-def write_digits(path, classes: int, n_train: int) -> str:
-    """A MedMNIST-format .npz of digits 0..classes-1: n_train training, 16 val, 100 test images (32x32 grey)."""
-    x, y = digits_images()
-    keep = (y < classes).nonzero().squeeze(1)
-    x, y = x[keep, 0].numpy(), y[keep].numpy()
-    splits = {
-        "train": slice(0, n_train),
-        "val": slice(n_train, n_train + 16),
-        "test": slice(n_train + 16, n_train + 116),
-    }
-    np.savez(path, **{f"{k}_{a}": v[s] for k, s in splits.items() for a, v in (("images", x), ("labels", y))})
-    return str(path)
 
 
 @pytest.fixture(scope="module")
