@@ -6,7 +6,8 @@ config.yaml; data set, method and protocol when none differ), then average incre
 forgetting and last val accuracy, as mean ± sample std over the runs that differ only in their seed (n: how
 many). --by groups by the named keys only (mean over all the other differences). Writes compare.csv, compare.md
 and compare.png/.pdf (accuracy after each task of each group, ±1 std band) into --out (default: the first
-FOLDER). Rows are ranked by average incremental accuracy.
+FOLDER). Rows are ranked by the last val accuracy (what best: chains from; never the test split), then by average
+incremental accuracy.
 """
 
 from __future__ import annotations
@@ -128,10 +129,11 @@ def group_runs(runs: Sequence[Run], by: Sequence[str] = ()) -> tuple[list[str], 
     return shown, sorted(groups.values(), key=_rank)
 
 
-def _rank(group: Group) -> float:
-    """Best average incremental accuracy first; groups without one last."""
-    mean = group.stats("average_incremental_accuracy")[0]
-    return math.inf if mean is None else -mean
+def _rank(group: Group) -> tuple[float, float]:
+    """Best last val accuracy first (the sweeps' metric: ranking by a test accuracy would invite choosing on it),
+    then best average incremental accuracy; groups without one last."""
+    val, average = group.stats("last_val_accuracy")[0], group.stats("average_incremental_accuracy")[0]
+    return (math.inf if val is None else -val, math.inf if average is None else -average)
 
 
 def _text(value: Any) -> str:
