@@ -15,7 +15,7 @@ from dataloaders.image_set import DataSplits
 from dataloaders.npz_data import read_npz
 from dataloaders.registry import Loader, register_dataset
 from experiment.config import Config, expand_path
-from experiment.errors import DataError
+from experiment.errors import DataError, import_optional
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +60,7 @@ def file_path(cfg: Config, flag: str) -> Path:
 def download(flag: str, root: Path, size: int) -> None:
     """Fetch the file with medmnist's own download code (checks the MD5); medmnist is imported only here."""
     url = URL.format(file=file_name(flag, size))
-    try:
-        import medmnist
-    except ImportError as err:
-        reason = " ".join(str(err).split())[:200]
-        raise DataError(
-            f"{flag}: downloading needs the medmnist package, which cannot be imported here ({reason}); install it "
-            f"with `pip install medmnist`, or fetch {url} into {root}/"
-        ) from None
+    medmnist = import_optional("medmnist", "medmnist", f"{flag}: downloading", f"fetch {url} into {root}/", DataError)
     root.mkdir(parents=True, exist_ok=True)
     log.info("downloading %s (size %d) into %s", flag, size, root)
     dataset_class = getattr(medmnist, medmnist.INFO[flag]["python_class"])

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import errno
+import importlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 
 
 class UserError(Exception):
@@ -78,3 +80,16 @@ def what_file_is(head: bytes, expected: str) -> str | None:
     if all(32 <= b < 127 or b in b"\t\n\r" for b in head):
         return f"is a text file (it starts with {head[:24].decode()!r}), not {expected}"
     return f"is not {expected} (it starts with bytes {head[:8].hex(' ')})"
+
+
+def import_optional(module: str, package: str, needed_by: str, instead: str, error: type[UserError]) -> ModuleType:
+    """``module`` of an optional ``package``, imported only where it is used; when it cannot be, one ``error`` line:
+    '<needed_by> needs the <package> package, which cannot be imported here (...); install it ..., or <instead>'."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        reason = " ".join(str(err).split())[:200]
+        raise error(
+            f"{needed_by} needs the {package} package, which cannot be imported here ({reason}); install it with "
+            f"`pip install {package}`, or {instead}"
+        ) from None

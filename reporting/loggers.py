@@ -8,7 +8,6 @@ each task (accuracies, or the final summary), ``log_image`` for plots, and ``fin
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import netrc
@@ -18,6 +17,7 @@ from types import ModuleType
 from typing import Any
 from urllib.parse import urlsplit
 
+from experiment import errors
 from experiment.config import OPTIONS, Config, ConfigError, Option, register_options
 from experiment.identity import config_hash, identity_values
 
@@ -107,14 +107,9 @@ def wandb_credentials_found() -> bool:
 def import_optional(module: str, package: str) -> ModuleType:
     """``module``, imported when the logger named ``package`` is built (slow, optional packages); when it cannot be,
     a one-line ConfigError naming the package to install."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as err:
-        reason = " ".join(str(err).split())[:200]
-        raise ConfigError(
-            f"logger: {package} needs the {package} package, which cannot be imported here ({reason}); install it "
-            f"with `pip install {package}`, or choose another logger (--logger=none)"
-        ) from None
+    return errors.import_optional(
+        module, package, f"logger: {package}", "choose another logger (--logger=none)", ConfigError
+    )
 
 
 def _is_scalar(value: Any) -> bool:
