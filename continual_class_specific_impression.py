@@ -77,9 +77,10 @@ register_options(
         Option(
             "syn_fused_moments",
             "bool",
-            False,
-            "the moment term's gradient in one fused multiply-add: 1.15x faster synthesis on a CPU, equal up to "
-            "float rounding (Adam amplifies it: pixels differ by up to 5e-2)",
+            True,
+            "the moment term in one pass (contiguous sums of x and x^2) and its gradient in one fused multiply-add: "
+            "about 1.3x faster synthesis on a CPU (bench/speed.py); false = the two-pass autograd moments of the "
+            "released code, equal up to float rounding (Adam amplifies it: pixels differ by up to 5e-2)",
             scope="run",
         ),
         Option(

@@ -80,15 +80,19 @@ def at_least_float32(t: Tensor) -> Tensor:
 class _FusedGroupMoments(torch.autograd.Function):
     """mean and population variance over dims (1, 3) of (G, B, ch, HW); the backward in one fused expression.
 
-    Forward: the same two passes as ``group_moments``. Backward: d/da = g_mean / n + 2 g_var (a - mean) / n =
+    Forward: one pass of contiguous reductions over HW (sum and squared L2 norm per image and channel), then
+    var = E[a^2] - mean^2 (equal to ``group_moments``' two passes up to float rounding for activations of
+    moderate mean/std ratio, as normalised ones are; clamped at 0). Backward: d/da = g_mean / n + 2 g_var (a - mean) / n =
     a * s + t with per-(G, ch) s = 2 g_var / n and t = g_mean / n - s * mean: one multiply-add over the
     activation instead of autograd's chain of elementwise passes (sub, square, mean and their gradients).
     """
 
     @staticmethod
     def forward(ctx: Any, a: Tensor) -> tuple[Tensor, Tensor]:
-        mean = a.mean(dim=(1, 3))  # (G, ch)
-        var = (a - mean[:, None, :, None]).square().mean(dim=(1, 3))  # (G, ch)
+        n = a.shape[1] * a.shape[3]
+        mean = a.sum(dim=3).sum(dim=1) / n  # (G, ch): contiguous sums over HW first
+        mean_square = torch.linalg.vector_norm(a, dim=3).square().sum(dim=1) / n  # (G, ch)
+        var = (mean_square - mean.square()).clamp_min(0.0)  # (G, ch)
         ctx.save_for_backward(a, mean)
         return mean, var
 
@@ -104,7 +108,8 @@ class _FusedGroupMoments(torch.autograd.Function):
 def group_moments(activation: Tensor, groups: int, fused: bool = False) -> tuple[Tensor, Tensor]:
     """Per-group channel mean and population variance over (samples, H, W) of (G*B, ch, H, W), in float32 or wider.
 
-    ``fused``: the same values, with the gradient in one multiply-add (equal up to float rounding; faster).
+    ``fused``: the same values up to float rounding, computed in one pass, with the gradient in one multiply-add
+    (``syn_fused_moments``; faster).
     """
     a = at_least_float32(activation)
     a = a.reshape(groups, -1, a.shape[1], a[0, 0].numel())  # (G, B, ch, HW)
