@@ -163,7 +163,15 @@ def capture_step(fn: Callable, cfg: Config, device: torch.device) -> Callable:
     on the CPU with the "eager" backend)."""
     if cfg.compile != "graphs" or (device.type != "cuda" and BACKEND == "inductor"):
         return fn
-    return _compiled(fn, compile_options(device))
+    compiled = torch.compile(fn, **compile_options(device))
+    if device.type != "cuda":
+        return compiled
+
+    def step(*args: Any) -> Any:
+        torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed: their memory may be reused
+        return compiled(*args)
+
+    return step
 
 
 def _compiled(fn: Callable, options: dict[str, Any]) -> Callable:

@@ -161,6 +161,7 @@ def train_epoch(
             continue
         real = ~batch.synthetic if batch.valid is None else ~batch.synthetic & batch.valid
         ctx.access.record("train_batches", batch.y, real)  # the global batch, once; padding rows are not seen
+        assert training.step is not None, "TaskTraining.step is set by capture_steps"
         terms = training.step(method.before_step(local), len(batch))
         method.after_step()
         for name, value in terms.items():
@@ -182,6 +183,11 @@ def optimiser_step(method: Method, training: TaskTraining, local: Batch, rows: i
     distributed.backward(loss, len(local) / rows, training.params)
     precision.optimizer_step(training.opt, training.scaler)
     return {name: value.detach() for name, value in terms.items()}
+
+
+def capture_steps(method: Method, training: TaskTraining, cfg: Config) -> None:
+    """Set ``training.step``: ``optimiser_step`` on ``method`` and ``training``, captured under ``compile: graphs``."""
+    training.step = precision.capture_step(functools.partial(optimiser_step, method, training), cfg, method.device)
 
 
 def check_finite(means: dict[str, float], task: int, epoch: int, cfg: Config, output_dir: Path) -> None:
@@ -241,7 +247,7 @@ def start_training(method: Method, ctx: TaskContext, cfg: Config, run_cfg: Confi
     training = TaskTraining(
         opt, params, build_scheduler(opt, cfg), selector, [], precision.grad_scaler(cfg, ctx.device)
     )
-    training.step = precision.capture_step(functools.partial(optimiser_step, method, training), cfg, ctx.device)
+    capture_steps(method, training, cfg)
     partial = load_partial(ctx, run_cfg)
     if partial is not None:
         method.net.load_state_dict(partial.net)
