@@ -7,7 +7,9 @@ float32, and the synthesis moment statistics are computed in float32 (synthesis_
 ``fp16`` also scales the loss (``torch.amp.GradScaler``) so that small gradients do not flush to zero.
 ``compile: true`` compiles the network in place (``nn.Module.compile``: same module, same state_dict keys;
 a deep copy such as a teacher is not compiled) and the synthesis step; on CUDA with mode "reduce-overhead"
-(CUDA graphs), which removes the kernel-launch cost of the small fixed-shape steps. ``precision`` changes
+(CUDA graphs), which removes the kernel-launch cost of the small fixed-shape steps. ``compile: graphs`` instead
+captures whole steps (``capture_step``: forward, backward and optimiser step of training; a synthesis iteration)
+with static shapes and tensor lrs, on CUDA only (elsewhere the same code runs eagerly). ``precision`` changes
 results (scope "experiment"); ``compile`` runs the same operations fused, so results differ by float
 rounding only (scope "run", like ``device``).
 
