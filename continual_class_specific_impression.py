@@ -234,6 +234,38 @@ def loss_weights(cfg: Config) -> LossWeights:
     return LossWeights(cfg.main_loss_multiplier, cfg.r_feature, cfg.first_bn_multiplier, cfg.tv_l2, cfg.l2)
 
 
+def pixel_adam(x: Tensor, cfg: Config) -> torch.optim.Adam:
+    """Adam on the pixels ``x``; under ``compile: graphs`` its lr is a 0-d float64 tensor (``set_lr`` fills it, a
+    captured iteration reads it; on a CPU the steps equal a float lr's bit for bit) and on CUDA it is capturable
+    (its step count stays on the device)."""
+    lr: float | Tensor = cfg.generation_lr
+    capturable = False
+    if cfg.compile == "graphs":
+        lr, capturable = torch.tensor(cfg.generation_lr, dtype=torch.float64, device=x.device), x.is_cuda
+        if x.is_cuda:
+            torch._dynamo.mark_static_address(x)  # updated in place by the captured step: CUDA graphs keep its address
+    return torch.optim.Adam([x], lr=lr, betas=(0.5, cfg.beta_2), eps=1e-8, capturable=capturable)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's lr: in place when it is a tensor (read by a captured step), else replaced."""
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
+def keep_best(best: dict[str, Tensor], terms: Tensor, images: Tensor, it: Tensor) -> None:
+    """Replace in ``best`` (x (G*B, ...), terms (G, 5), it (G,)) each group whose total in ``terms`` (G, 5) is lower by
+    ``images`` (G*B, ...) at iteration ``it`` (0-d)."""
+    better = terms[:, -1] < best["terms"][:, -1]  # (G,)
+    best["terms"] = torch.where(better[:, None], terms, best["terms"])
+    best["it"] = torch.where(better, it, best["it"])
+    rows = better.repeat_interleave(len(images) // len(better))[:, None, None, None]  # (G*B, 1, 1, 1)
+    best["x"] = torch.where(rows, images, best["x"])
+
+
 def _optimise(
     teacher: nn.Module,
     layers: list[nn.BatchNorm2d],
@@ -245,48 +277,55 @@ def _optimise(
     cfg: Config,
     bar: tqdm,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Optimise G groups together: kept images (G*B, ...), their terms (G, 5), iteration (G,), last loss (G,)."""
+    """Optimise G groups together: kept images (G*B, ...), their terms (G, 5), iteration (G,), last loss (G,).
+
+    One iteration (loss, input gradient, keeping the best iterate, Adam step, clamp) is a function of tensors only,
+    so that ``compile: graphs`` captures it whole (``precision.capture_step``)."""
     g, b = shifts.shape[1], len(y) // shifts.shape[1]
     x = x0.clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([x], lr=cfg.generation_lr, betas=(0.5, cfg.beta_2), eps=1e-8)
-    best_x = x0.clone()
-    best_terms = torch.full((g, len(LOSS_TERMS)), float("inf"), device=x.device)
-    best_it = torch.zeros(g, dtype=torch.long, device=x.device)
+    optimizer = pixel_adam(x, cfg)
+    best = {
+        "x": x0.clone(),
+        "terms": torch.full((g, len(LOSS_TERMS)), float("inf"), device=x.device),
+        "it": torch.zeros(g, dtype=torch.long, device=x.device),
+    }
+    iterations = torch.arange(cfg.syn_iterations + 1, device=x.device)  # (T+1,) the index of each, as tensors
     weights = loss_weights(cfg)
     loss_fn = precision.compile_function(sl.impression_loss, cfg, x.device)
 
-    def augment(images: Tensor, it: int) -> Tensor:
+    def augment(images: Tensor, shift: Tensor, flip: Tensor) -> Tensor:
         x5 = images.reshape(g, b, *images.shape[1:])  # (G, B, C, H, W)
-        return sl.jitter_flip(x5, shifts[it], flips[it]) if cfg.jitter > 0 or cfg.do_flip else x5
-
-    def keep_best(terms: Tensor, images: Tensor, it: int) -> None:
-        nonlocal best_x, best_terms, best_it
-        better = terms[:, -1] < best_terms[:, -1]  # (G,)
-        best_terms = torch.where(better[:, None], terms, best_terms)
-        best_it = torch.where(better, it, best_it)
-        best_x = torch.where(better.repeat_interleave(b)[:, None, None, None], images, best_x)
+        return sl.jitter_flip(x5, shift, flip) if cfg.jitter > 0 or cfg.do_flip else x5
 
     with capture_bn_inputs(layers) as store:
-        for it in range(cfg.syn_iterations):
-            for group in optimizer.param_groups:
-                group["lr"] = sl.learning_rate(
-                    it, cfg.syn_iterations, cfg.generation_lr, cfg.syn_warmup, cfg.syn_cosine_factor
-                )
+
+        def iteration(shift: Tensor, flip: Tensor, it: Tensor) -> Tensor:
             with precision.autocast(cfg, x.device):  # fp32: no autocast at all
-                terms = loss_fn(teacher, layers, store, augment(x, it), y, targets, weights, cfg.syn_fused_moments)
+                terms = loss_fn(
+                    teacher, layers, store, augment(x, shift, flip), y, targets, weights, cfg.syn_fused_moments
+                )
             (x.grad,) = torch.autograd.grad(terms[:, -1].sum(), x)
             if cfg.syn_keep == "best":
-                keep_best(terms.detach(), x.detach(), it)  # the images this loss was measured on
+                keep_best(best, terms.detach(), x.detach(), it)  # the images this loss was measured on
             optimizer.step()
             with torch.no_grad():
                 clamp_images_(x, cfg.syn_clamp)
+            return terms.detach()
+
+        step = precision.capture_step(iteration, cfg, x.device)
+        for it in range(cfg.syn_iterations):
+            set_lr(
+                optimizer,
+                sl.learning_rate(it, cfg.syn_iterations, cfg.generation_lr, cfg.syn_warmup, cfg.syn_cosine_factor),
+            )
+            terms = step(shifts[it], flips[it], iterations[it])
             bar.update(1)
             if (it + 1) % cfg.syn_log_every == 0 or it + 1 == cfg.syn_iterations:
-                bar.set_postfix(dict(zip(LOSS_TERMS, terms.detach().mean(dim=0).tolist())), refresh=False)
+                bar.set_postfix(dict(zip(LOSS_TERMS, terms.mean(dim=0).tolist())), refresh=False)
         with torch.no_grad(), precision.autocast(cfg, x.device):  # the last iterate is a candidate too
-            terms = sl.impression_loss(teacher, layers, store, augment(x, -1), y, targets, weights)
-        keep_best(terms, x.detach(), cfg.syn_iterations)
-    return best_x, best_terms, best_it, terms[:, -1]
+            terms = sl.impression_loss(teacher, layers, store, augment(x, shifts[-1], flips[-1]), y, targets, weights)
+        keep_best(best, terms, x.detach(), iterations[-1])
+    return best["x"], best["terms"], best["it"], terms[:, -1]
 
 
 def _empty_result(x0: Tensor) -> SynthesisResult:

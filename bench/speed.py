@@ -9,11 +9,13 @@ per timed repeat:
              the IdC batch from a second DataLoader, the teacher run on every batch; fp32;
   today      the engine's epoch (training/task_training.py ``train_epoch``): CCSI's batches (BatchLoader on the
              device, the epoch's draws made when it starts), its teacher cache and its step; fp32, eager;
-  fastest    today with --fast_precision and --fast_compile (precision.py).
+  fastest    today with --fast_precision and --fast_compile (precision.py);
+  graphs     on CUDA: fastest's precision with compile graphs (the whole step captured as CUDA graphs).
 Synthesis (images x iterations / s): reference = the per-batch loop with the released code's two-pass autograd
 moments, today = ``synthesize`` as the engine calls it (CPU: two batches per tensor; GPU: all; one-pass fused
 moments, ``syn_fused_moments`` true), two-pass = today with ``syn_fused_moments: false`` (the default before issue
-27 item 4; target on a CPU: today >= 1.3x two-pass), fastest = today with the switches.
+27 item 4; target on a CPU: today >= 1.3x two-pass), fastest = today with the switches, graphs (CUDA) = fastest
+with compile graphs (the whole iteration captured).
 Each pipeline is warmed up first (timed apart: allocator, caches, compilation); then --repeats rounds each run
 every pipeline once, in turn, so a change in the machine's load touches all of them; min and median per pipeline
 and their ratios are printed, with the peak memory and the machine, and the table is written to --out.
@@ -61,7 +63,7 @@ from methods.base import TaskContext
 from methods.ccsi import CCSI, synthesize_classes
 from runtime import precision
 from training.optimization import build_optimizer
-from training.task_training import ModelSelector, TaskTraining, train_epoch
+from training.task_training import ModelSelector, TaskTraining, capture_steps, train_epoch
 
 CLASSES, OLD = 8, 6  # task 2 of CCSI: 6 old classes (impressions), 2 new (real images)
 TRAIN_TARGET, SYNTHESIS_TARGET = 5.0, 10.0  # speed-ups over the reference wanted on a GPU
@@ -104,6 +106,7 @@ def ccsi_at_task_2(cfg: config.Config, args: argparse.Namespace, device: torch.d
     params = [p for p in method.net.parameters() if p.requires_grad]
     opt = build_optimizer([{"params": params}], cfg)
     training = TaskTraining(opt, params, None, ModelSelector(False, 1), [], precision.grad_scaler(cfg, device))
+    capture_steps(method, training, cfg)
     return method, ctx, training
 
 
@@ -160,19 +163,25 @@ def interleaved(
     return out
 
 
-def measure_training(args: argparse.Namespace, device: torch.device, fast: config.Config, same: bool) -> dict:
-    """CCSI task-2 epochs: reference, today and (unless the switches change nothing) fastest, interleaved."""
+def measure_training(
+    args: argparse.Namespace, device: torch.device, fast: config.Config, same: bool, graphs: config.Config | None
+) -> dict:
+    """CCSI task-2 epochs: reference, today, (unless the switches change nothing) fastest and (given ``graphs``)
+    the captured step, interleaved."""
     common = {"method": "ccsi", "K": 1, "dist": 0.3, "batch_size": args.batch, "idc_source": "train"}
     common |= {"nb_generation": 1, "syn_batch_size": args.syn_images, "syn_iterations": 1, "syn_warmup": 1}
     with tempfile.TemporaryDirectory() as tmp:
         plain = ccsi_at_task_2(make_config(**common, progress=False), args, device, Path(tmp))
         fastest = plain if same else ccsi_at_task_2(fast.replace(**common, progress=False), args, device, Path(tmp))
+        captured = None if graphs is None else ccsi_at_task_2(graphs.replace(**common), args, device, Path(tmp))
     epoch = {
         "reference": lambda e: reference_epoch(plain[0], plain[1], plain[2], args.workers),
         "today": lambda e: train_epoch(plain[0], plain[1], e, plain[2]),
     }
     if not same:
         epoch["fastest"] = lambda e: train_epoch(fastest[0], fastest[1], e, fastest[2])
+    if captured is not None:
+        epoch["graphs"] = lambda e: train_epoch(captured[0], captured[1], e, captured[2])
     counter = iter(range(10**9))  # train_epoch's epoch argument (CCSI reads none of it)
     runs = {name: (lambda fn=fn: [fn(next(counter)) for _ in range(args.epochs)]) for name, fn in epoch.items()}
     warmups = {name: (lambda fn=fn: fn(next(counter))) for name, fn in epoch.items()}  # compiles every batch shape
@@ -251,7 +260,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     fast = make_config(precision=fast_precision, compile=fast_compile, syn_fused_moments=True)
     precision.check(fast, device)
     same = fast_precision == "fp32" and not fast_compile  # fastest training = today's: measured once
-    training = measure_training(args, device, fast, same)
+    graphs = fast.replace(compile="graphs", progress=False) if device.type == "cuda" else None  # CPU: eager
+    training = measure_training(args, device, fast, same, graphs)
     chunk = default_group_chunk(device)
     variants = {
         "reference": Variant(vectorised=False),
@@ -259,6 +269,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "today": Variant(chunk=chunk, fused_moments=True),
         "fastest": Variant(chunk=chunk, precision=fast_precision, compile=fast_compile, fused_moments=True),
     }
+    if graphs is not None:
+        variants["graphs"] = Variant(chunk=chunk, precision=fast_precision, compile="graphs", fused_moments=True)
     syn = measure_synthesis(args, device, variants)
     lines = report(args, argv, device, (fast, same), training, syn)
     publish(lines, Path(args.out or f"bench/results/speed_{device.type}.md"))
@@ -286,12 +298,15 @@ def report(
         ("synthesis", "two-pass"): "two-pass: today's with syn_fused_moments false (the previous default); fp32",
         ("synthesis", "today"): "today: batches in one tensor (CPU: 2 per tensor), one-pass fused moments; fp32",
         ("synthesis", "fastest"): f"fastest: today's, {switches}, syn_fused_moments",
+        ("training", "graphs"): f"graphs: today's, precision {fast.precision}, compile graphs (step captured)",
+        ("synthesis", "graphs"): f"graphs: today's, precision {fast.precision}, compile graphs, syn_fused_moments",
     }
     units = {"training": "images/s", "synthesis": "images*iterations/s"}
     rows = []
     for stage, results in (("training", training), ("synthesis", syn)):
         ref = results["reference"]
-        for name in PIPELINES if stage == "training" else SYNTHESIS_PIPELINES:
+        base = PIPELINES if stage == "training" else SYNTHESIS_PIPELINES
+        for name in [*base, *(["graphs"] if "graphs" in results else [])]:
             r = results[name]
             speed = (ref["min"] / r["min"], ref["median"] / r["median"])
             throughput = f"{r['work'] / r['min']:.0f} {units[stage]}"
@@ -334,6 +349,9 @@ def report(
             f"{stage} speed-up (fastest / reference): {fast_min:.2f}x min, {fast_median:.2f}x median "
             f"({verdict(fast_min, target)}); today / reference {today_min:.2f}x min, {today_median:.2f}x median"
         )
+        if "graphs" in results:
+            graphs_min, graphs_median = ratios(results, "graphs")
+            lines.append(f"{stage} graphs / reference: {graphs_min:.2f}x min, {graphs_median:.2f}x median")
     moments = syn["two-pass"]["min"] / syn["today"]["min"], syn["two-pass"]["median"] / syn["today"]["median"]
     met = "met" if moments[0] >= MOMENTS_TARGET else "NOT met"
     lines.append(

@@ -125,7 +125,7 @@ class Variant:
     vectorised: bool = True
     chunk: int | None = None  # batches per tensor when vectorised (None: all)
     precision: str = "fp32"
-    compile: bool = False
+    compile: bool | str = False  # the compile key: false, true or graphs
     fused_moments: bool = False  # syn_fused_moments
 
 

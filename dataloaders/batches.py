@@ -8,7 +8,7 @@ batch tensor on the device it lives on.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -56,13 +56,17 @@ class Batch:
     """Float images (B, C, H, W) in [0, 1], labels (B,), which rows are synthetic (B,) bool, and the ``shard``
     of the global batch this is (the whole batch outside torchrun). ``index`` (B,) says which image of its
     source (the real set, or the synthetic set where ``synthetic``) each row is, when the rows are those images
-    unchanged (no augmentation): per-image results computed once can then be looked up."""
+    unchanged (no augmentation): per-image results computed once can then be looked up. ``draws`` (B,) are the
+    training step's per-row draws the loader made with the epoch (``RowDraws``). ``valid`` (B,) bool flags the rows
+    that count when the batch is padded (``BatchLoader(pad=True)``: False on the padding); None: every row counts."""
 
     x: Tensor
     y: Tensor
     synthetic: Tensor
     shard: BatchShard = WHOLE_BATCH
     index: Tensor | None = None  # (B,) row of each image in its source; None when augmented or unknown
+    draws: Tensor | None = None  # (B,) the step's draws made with the epoch; None: none made
+    valid: Tensor | None = None  # (B,) bool, False on padding rows; None: no padding, every row counts
 
     def __len__(self) -> int:
         return len(self.y)
@@ -125,9 +129,10 @@ def augment_batch(x: Tensor, mode: str, generator: torch.Generator | None = None
 class RowDraws:
     """One uniform integer in [0, ``high``) per row of every batch of an epoch, for a training step that would
     call ``Batch.draw_rows(high, generator)``: a ``BatchLoader`` with ``row_draws`` makes the draws when it
-    prepares the epoch, after each batch's augmentation draws (the order per-step calls draw in), and copies them
-    to ``device`` once. ``take(batch)`` hands out the next batch's draws; a shard gets its rows of the global
-    batch's draws, as ``draw_rows``. Batches of fewer than ``min_rows`` rows (skipped under torchrun) draw nothing.
+    prepares the epoch, after each batch's augmentation draws (the order per-step calls draw in), copies them
+    to ``device`` once and hands each batch its draws as ``Batch.draws`` (``next``); a shard gets its rows of the
+    global batch's draws (``distributed.shard_batch``), as ``draw_rows``. Batches of fewer than ``min_rows`` rows
+    (skipped under torchrun) draw nothing.
     """
 
     def __init__(self, high: int, device: torch.device | str | None = None, min_rows: int = 1):
@@ -146,16 +151,17 @@ class RowDraws:
         table = torch.cat(draws) if draws else torch.empty(0, dtype=torch.long)
         self.table, self.offset = table.to(self.device), 0
 
-    def take(self, batch: Batch) -> Tensor:
-        """This batch's draws (its rows of the global batch's), on ``device``; each call moves to the next batch."""
+    def next(self, n: int) -> Tensor | None:
+        """The next batch's draws (``n`` rows of the global batch) on ``device``; None for a batch that drew none."""
         if self.table is None:
-            raise RuntimeError("RowDraws.take before the loader prepared an epoch (iterate the BatchLoader first)")
-        size = len(batch) if batch.shard.whole else batch.shard.size
-        if self.offset + size > len(self.table):
+            raise RuntimeError("RowDraws.next before the loader prepared an epoch (iterate the BatchLoader first)")
+        if n < self.min_rows:
+            return None
+        if self.offset + n > len(self.table):
             raise RuntimeError(f"RowDraws: the epoch drew {len(self.table)} rows, a batch asks past {self.offset}")
-        rows = self.table[self.offset : self.offset + size]
-        self.offset += size
-        return rows if batch.shard.rows is None else rows[batch.shard.rows]
+        rows = self.table[self.offset : self.offset + n]
+        self.offset += n
+        return rows
 
 
 class BatchLoader:
@@ -170,6 +176,11 @@ class BatchLoader:
     ``device``. The augmentation's draws are made per batch, unless ``epoch_draws`` (or ``row_draws``, the
     training step's per-row draws, see ``RowDraws``): then they are drawn for the whole epoch when it starts, in
     the same order, and copied once. Set it only when nothing else draws from ``generator`` during the epoch.
+
+    ``pad``: the epoch's ragged last batch is padded to ``batch_size`` rows by repeating its rows in order (padding
+    row i repeats row i mod n), and every batch carries ``valid``: each step then has the same shapes (a captured
+    step, ``compile: graphs``). Losses must leave the padding out (``valid``); normalisation layers in train mode
+    still see the repeated rows in that one batch's statistics (rows of the batch itself, not zeros).
     """
 
     def __init__(
@@ -184,6 +195,7 @@ class BatchLoader:
         synthetic_ratio: float = 0.0,
         epoch_draws: bool = False,
         row_draws: RowDraws | None = None,
+        pad: bool = False,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -201,6 +213,7 @@ class BatchLoader:
         self.device = torch.device(device) if device is not None else real.x.device
         self.epoch_draws = epoch_draws
         self.row_draws = row_draws
+        self.pad = pad
         if self.synthetic is None:
             self.num_samples = len(real)
         else:
@@ -272,7 +285,29 @@ class BatchLoader:
             elif self.augment != "none":
                 x = augment_batch(x, self.augment, self.generator)
             rows = None if rows_idx is None else rows_idx[start:end]
-            yield Batch(x, y, is_syn[start:end], index=rows)
+            draws = None if self.row_draws is None else self.row_draws.next(end - start)
+            batch = Batch(x, y, is_syn[start:end], index=rows, draws=draws)
+            yield self._padded(batch) if self.pad else batch
+
+    def _padded(self, batch: Batch) -> Batch:
+        """``batch`` grown to ``batch_size`` rows by repeating its rows in order, ``valid`` False on the repeats."""
+        n, size = len(batch), self.batch_size
+        at = torch.arange(size, device=self.device)
+        if n == size:
+            return replace(batch, valid=at < n)
+        rep = at % n  # (size,) padding row i repeats row i mod n
+
+        def pick(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[rep.to(t.device)]
+
+        return Batch(
+            batch.x[rep],
+            batch.y[rep],
+            batch.synthetic[rep],
+            index=pick(batch.index),
+            draws=pick(batch.draws),
+            valid=at < n,
+        )
 
     def _placement(self, is_syn: Tensor, index: Tensor) -> list[tuple[ImageSet, Tensor, Tensor, list[int]]]:
         """Per source (real, then synthetic): its rows' indices in the source (on the source's device), their

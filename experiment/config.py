@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 # Value kinds a key can have. "int_list" is a list of ints (e.g. class_order), written in YAML
 # as a list or on the command line as "3,1,2" or "[3,1,2]".
 KINDS = ("int", "float", "bool", "str", "int_list")
+BOOL_WORDS = ("true", "yes", "1", "on", "false", "no", "0", "off")  # what a bool key accepts as text
 
 
 @dataclass(frozen=True)
@@ -215,7 +216,7 @@ def coerce(opt: Option, value: Any) -> Any:
     if opt.kind == "bool":
         if isinstance(value, bool):
             out = value
-        elif isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+        elif isinstance(value, str) and value.lower() in BOOL_WORDS:
             out = value.lower() in ("true", "yes", "1", "on")
         elif isinstance(value, int) and value in (0, 1):
             out = bool(value)
@@ -238,9 +239,12 @@ def coerce(opt: Option, value: Any) -> Any:
             raise ConfigError(f"key '{opt.name}': must be a finite number, got {value}")
         out = float(value)
     elif opt.kind == "str":
-        if isinstance(value, bool) or not isinstance(value, str | int | float):
+        if _bool_choice(opt, value):  # a choice that extends a former bool key: YAML's true/false, --key=True
+            out = "true" if coerce(Option(opt.name, "bool", False, ""), value) else "false"
+        elif isinstance(value, bool) or not isinstance(value, str | int | float):
             raise bad
-        out = str(value)
+        else:
+            out = str(value)
     else:  # int_list
         if isinstance(value, str):
             text = value.strip().strip("[]")
@@ -261,6 +265,13 @@ def coerce(opt: Option, value: Any) -> Any:
         if opt.max is not None and out > opt.max:
             raise ConfigError(f"key '{opt.name}': must be <= {opt.max}, got {out}")
     return out
+
+
+def _bool_choice(opt: Option, value: Any) -> bool:
+    """Whether ``value`` is a bool (or a bool word) given to a str key whose choices include "true" and "false"."""
+    if opt.choices is None or not {"true", "false"} <= set(opt.choices):
+        return False
+    return isinstance(value, bool) or (isinstance(value, str) and value.lower() in BOOL_WORDS)
 
 
 def _is_null(opt: Option, value: Any) -> bool:

@@ -7,9 +7,12 @@ The engine (``incremental_train_and_eval.py``) drives every method the same way,
    on when the class sets ``needs_teacher``), then calls the method's ``before_task(ctx)``: grow the head,
    prepare replay data (default: grow the head).
 2. per epoch: ``on_epoch_start(ctx, epoch)``, then for every ``batch`` of ``train_batches(ctx, epoch)``:
-   ``training_step(batch)`` -> dict of named loss terms with the total under ``"loss"``; the engine does
-   backward and the optimiser step (over every parameter of ``self.net`` that requires grad), then calls
-   ``after_step()``.
+   ``before_step(batch)`` (host-side work; returns the batch to train on), ``training_step(batch)`` -> dict of
+   named loss terms with the total under ``"loss"``; the engine does backward and the optimiser step (over every
+   parameter of ``self.net`` that requires grad), then calls ``after_step()``. Under ``compile: graphs`` the
+   step (training_step, backward, optimiser step) is captured whole, so ``training_step`` must be tensor work
+   only (no host draws, syncs or counting: those go in ``before_step``), and the last batch of an epoch comes
+   padded (``Batch.valid``): a method whose losses leave the padding out sets ``masks_padded_rows``.
 3. ``end_task(ctx)``: calls ``after_task(ctx)`` (herding, weight aligning, class statistics, ...), then drops
    the teacher.
 4. evaluation with ``predict(x)`` (logits over the classes seen so far).
@@ -37,6 +40,7 @@ from torch import Tensor, nn
 from dataloaders.batches import Batch, BatchLoader
 from dataloaders.image_set import ImageSet, as_float
 from experiment.config import Config, ConfigError
+from methods import losses
 from runtime.data_access import DataAccess
 
 
@@ -106,6 +110,7 @@ class Method:
     needs_teacher: ClassVar[bool] = False  # begin_task snapshots a frozen copy of the net from task 2 on
     defaults: ClassVar[dict[str, Any]] = {}  # this method's values of shared keys, unless the user sets them
     requires: ClassVar[dict[str, Any]] = {}  # values of shared keys this method cannot run without
+    masks_padded_rows: ClassVar[bool] = False  # its training_step leaves Batch.valid's padding out (compile: graphs)
 
     def __init__(self, cfg: Config, net: nn.Module, device: torch.device):
         self.check_requirements(cfg)
@@ -137,6 +142,11 @@ class Method:
                     f"method '{cls.name}' needs {key}: {wanted}, got {key}: {getattr(cfg, key)}; "
                     f"remove the key or set it to {wanted}"
                 )
+        if cfg.compile == "graphs" and not cls.masks_padded_rows:
+            raise ConfigError(
+                f"key 'compile': graphs pads each epoch's last batch, and method '{cls.name}' does not mask padded "
+                "rows out of its losses (ccsi, finetune and joint do); use compile: true or false"
+            )
 
     @classmethod
     def check(cls, cfg: Config, task_sizes: list[int]) -> None:
@@ -181,15 +191,24 @@ class Method:
             device=self.device,
             synthetic=images,
             synthetic_ratio=ratio,
+            pad=self.cfg.compile == "graphs",
         )
 
     def on_epoch_start(self, ctx: TaskContext, epoch: int) -> None:
         """Called before each epoch's first batch (0-based epoch)."""
 
+    def before_step(self, batch: Batch) -> Batch:
+        """Called before every optimiser step, outside a captured step: draws, counts and caches the step needs;
+        returns the batch ``training_step`` gets. Default: ``batch``."""
+        return batch
+
     def training_step(self, batch: Batch) -> dict[str, Tensor]:
         """Loss terms for one batch; ``"loss"`` is the one the engine back-propagates. Base: CE over seen classes."""
         logits = self.net(batch.x)["logits"]  # (B, n_seen)
-        ce = F.cross_entropy(logits, batch.y)
+        if batch.valid is None:
+            ce = F.cross_entropy(logits, batch.y)
+        else:
+            ce = losses.weighted_cross_entropy(logits, batch.y, None, batch.shard, batch.valid)
         return {"loss": ce, "ce": ce}
 
     def after_step(self) -> None:

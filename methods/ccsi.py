@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from typing import Any, ClassVar
 
 import torch
@@ -201,6 +202,7 @@ class CCSI(Method):
 
     needs_teacher = True
     defaults: ClassVar[dict[str, Any]] = {"head": "cosine", "K": 1, "dist": 0.3}  # CCSI's margin ranking values
+    masks_padded_rows = True
 
     def __init__(self, cfg: Config, net: nn.Module, device: torch.device):
         super().__init__(cfg, net, device)
@@ -210,7 +212,7 @@ class CCSI(Method):
         self.lamda_t = 0.0
         self.idc: losses.IntraDomainContrastive | None = None
         self.idc_pool: ImageSet | None = None  # on the training device
-        self.idc_draws: RowDraws | None = None  # the epoch's IdC rows, drawn by the loader when the epoch starts
+        self.idc_draws: RowDraws | None = None  # the epoch's IdC rows: the loader draws them, batches carry them
         self.generator: torch.Generator | None = None
         self.teacher_cache: TeacherCache | None = None  # the teacher's features of this task's real + synthetic rows
         self.access: DataAccess | None = None
@@ -277,9 +279,24 @@ class CCSI(Method):
         if self.idc is not None:
             self.idc.reset()  # the authors reset the IdC centroids every epoch
 
+    def before_step(self, batch: Batch) -> Batch:
+        """The IdC rows (the loader's ``draws``, else drawn now: a host draw and a copy) and their count; the
+        teacher cache's table, built on the first batch that can use it."""
+        if self.teacher_cache is not None and batch.index is not None:
+            self.teacher_cache.build()
+        if self.idc is None:
+            return batch
+        assert self.idc_pool is not None
+        if batch.draws is None:  # a batch from elsewhere
+            batch = replace(batch, draws=batch.draw_rows(len(self.idc_pool), self.generator).to(self.device))
+        if self.access is not None:
+            self.access.record("idc", self.idc_pool.y[batch.draws], batch.valid)
+        return batch
+
     def training_step(self, batch: Batch) -> dict[str, Tensor]:
         out = self.net(batch.x)
-        ce = losses.weighted_cross_entropy(out["logits"], batch.y, self.class_weights, batch.shard)
+        valid, shard = batch.valid, batch.shard  # valid: None, or False on padding rows (compile: graphs)
+        ce = losses.weighted_cross_entropy(out["logits"], batch.y, self.class_weights, shard, valid)
         if self.teacher is None:
             return {"loss": ce, "ce": ce}
         ref = self.teacher_cache.lookup(batch) if self.teacher_cache is not None else None  # once per task
@@ -288,20 +305,16 @@ class CCSI(Method):
                 ref = self.teacher(batch.x)["features"]  # (B, D)
         terms = {
             "ce": ce,
-            "distill": losses.less_forget(out["features"], ref, self.lamda_t),
-            "margin": losses.margin_ranking(out["scores"], batch.y, self.n_old, self.cfg.K, self.cfg.dist, batch.shard),
+            "distill": losses.less_forget(out["features"], ref, self.lamda_t, valid, shard),
+            "margin": losses.margin_ranking(
+                out["scores"], batch.y, self.n_old, self.cfg.K, self.cfg.dist, shard, valid
+            ),
         }
         loss = terms["ce"] + terms["distill"] + self.cfg.lw_mr * terms["margin"]
         if self.idc is not None:
-            assert self.idc_pool is not None
-            if self.idc_draws is not None:  # drawn for the epoch by train_batches' loader
-                idx = self.idc_draws.take(batch)  # (B,) on the device
-            else:  # a batch from elsewhere: draw now (a host draw and a copy)
-                idx = batch.draw_rows(len(self.idc_pool), self.generator).to(self.idc_pool.x.device)
-            if self.access is not None:
-                self.access.record("idc", self.idc_pool.y[idx])
-            target = as_float(self.idc_pool.x[idx])  # (B, C, H, W)
-            terms["idc"] = self.idc(out["scores"], batch.y, self.net(target)["scores"], batch.shard)
+            assert self.idc_pool is not None and batch.draws is not None, "IdC rows come with before_step"
+            target = as_float(self.idc_pool.x[batch.draws])  # (B, C, H, W)
+            terms["idc"] = self.idc(out["scores"], batch.y, self.net(target)["scores"], shard, valid)
             loss = loss + self.cfg.da_coef * terms["idc"]
         return {"loss": loss, **terms}
 

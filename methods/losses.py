@@ -4,7 +4,8 @@ Pure functions: tensors in, a scalar tensor out; the calling method applies the 
 The one stateful loss, :class:`IntraDomainContrastive`, keeps per-epoch EMA class centroids (CCSI).
 A loss that is not a mean over samples (a class-weighted mean, a mean over some rows, class centroids) takes
 the batch's ``BatchShard`` and forms its sums over the global batch with ``shard.total`` (under torchrun each
-rank holds part of the batch); it cannot be called without one. Per-sample means need nothing.
+rank holds part of the batch); it cannot be called without one. Per-sample means need nothing. Losses a padded
+batch reaches (``Batch.valid``, ``compile: graphs``) take ``valid`` (B,) bool and leave the padding rows out.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dataloaders.batches import BatchShard
+from dataloaders.batches import WHOLE_BATCH, BatchShard
 from experiment.config import Option, register_options
 
 __all__ = [
@@ -79,8 +80,11 @@ def masked_mean(values: Tensor, mask: Tensor, shard: BatchShard) -> Tensor:
     return total / count.clamp(min=1)
 
 
-def weighted_cross_entropy(logits: Tensor, y: Tensor, weights: Tensor | None, shard: BatchShard) -> Tensor:
-    """Class-weighted CE, logits (B, C), labels (B,), weights (C,) or None (plain CE), over the global batch.
+def weighted_cross_entropy(
+    logits: Tensor, y: Tensor, weights: Tensor | None, shard: BatchShard, valid: Tensor | None = None
+) -> Tensor:
+    """Class-weighted CE, logits (B, C), labels (B,), weights (C,) or None (plain CE), over the global batch's rows
+    where ``valid`` (B,) (all when None).
 
     Reduction as ``F.cross_entropy(weight=...)``: sum_i w_{y_i} * nll_i / sum_i w_{y_i} (a weighted mean).
     """
@@ -89,10 +93,12 @@ def weighted_cross_entropy(logits: Tensor, y: Tensor, weights: Tensor | None, sh
         raise ValueError(f"weights must have shape ({logits.shape[1]},), got {tuple(weights.shape)}")
     if weights is not None:
         weights = weights.to(device=logits.device, dtype=logits.dtype)
-    if weights is None or shard.whole:
+    if valid is None and (weights is None or shard.whole):
         return F.cross_entropy(logits, y, weight=weights)
     nll = F.cross_entropy(logits, y, reduction="none")  # (B,)
-    w = weights[y]  # (B,)
+    w = torch.ones_like(nll) if weights is None else weights[y]  # (B,)
+    if valid is not None:
+        w = w * valid
     num, den = shard.total(torch.stack([(w * nll).sum(), w.sum()]))  # over the global batch
     return num / den
 
@@ -107,25 +113,37 @@ def adaptive_lambda(lamda: float, n_old: int, n_new: int) -> float:
     return float(lamda) * math.sqrt(n_old / n_new)
 
 
-def less_forget(features: Tensor, ref_features: Tensor, lamda_t: float) -> Tensor:
+def less_forget(
+    features: Tensor,
+    ref_features: Tensor,
+    lamda_t: float,
+    valid: Tensor | None = None,
+    shard: BatchShard = WHOLE_BATCH,
+) -> Tensor:
     """LUCIR less-forget constraint: lamda_t * mean_i (1 - cos(f_i, f*_i)) (Hou et al. 2019).
 
     features (B, D) from the current model, ref_features (B, D) from the frozen previous model (detached here);
-    every sample counts, as ``CosineEmbeddingLoss`` with target 1 in LUCIR's code.
+    every sample counts, as ``CosineEmbeddingLoss`` with target 1 in LUCIR's code; with ``valid`` (B,) bool, the
+    mean is over those rows of the global batch of ``shard``.
     """
     if features.dim() != 2 or features.shape != ref_features.shape:
         raise ValueError(
             f"less_forget: expected two (B, D) tensors, got {tuple(features.shape)} and {tuple(ref_features.shape)}"
         )
     cos = F.cosine_similarity(features, ref_features.detach(), dim=1)  # (B,)
+    if valid is not None:
+        return lamda_t * masked_mean(1.0 - cos, valid, shard)
     return lamda_t * (1.0 - cos).mean()
 
 
-def margin_ranking(scores: Tensor, y: Tensor, n_old: int, K: int, margin: float, shard: BatchShard) -> Tensor:
+def margin_ranking(
+    scores: Tensor, y: Tensor, n_old: int, K: int, margin: float, shard: BatchShard, valid: Tensor | None = None
+) -> Tensor:
     """LUCIR inter-class separation: mean over (old-class sample, top-K new class) pairs of
     max(0, m - <theta_y, f> + <theta_k, f>) (Hou et al. 2019), on pre-sigma cosines ``scores`` (B, n_seen).
 
-    Samples with y >= n_old do not count; with no old-class sample the result is a zero that keeps the graph.
+    Samples with y >= n_old (or not ``valid``) do not count; with no old-class sample the result is a zero that
+    keeps the graph.
     """
     _check_labels(scores, y, "margin_ranking")
     n_new = scores.shape[1] - n_old
@@ -136,7 +154,8 @@ def margin_ranking(scores: Tensor, y: Tensor, n_old: int, K: int, margin: float,
     gt = scores.gather(1, y.view(-1, 1))  # (B, 1)
     top_new = scores[:, n_old:].topk(K, dim=1).values  # (B, K)
     hinge = (margin - gt + top_new).clamp(min=0)  # (B, K)
-    hard = (y < n_old).view(-1, 1).expand_as(hinge)  # (B, K): pairs of old-class samples
+    old = y < n_old if valid is None else (y < n_old) & valid  # (B,)
+    hard = old.view(-1, 1).expand_as(hinge)  # (B, K): pairs of old-class samples
     return masked_mean(hinge, hard, shard)
 
 
@@ -163,9 +182,14 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, T: float) -> Tensor:
 # ----- CCSI intra-domain contrastive loss ----------------------------------------------------------------------
 
 
-def _class_means(scores: Tensor, labels: Tensor, n_classes: int, shard: BatchShard) -> Tensor:
-    """Per-class mean of score rows (B, C) -> (n_classes, C) over the global batch; a class absent gets a zero row."""
+def _class_means(
+    scores: Tensor, labels: Tensor, n_classes: int, shard: BatchShard, valid: Tensor | None = None
+) -> Tensor:
+    """Per-class mean of score rows (B, C) -> (n_classes, C) over the global batch's rows (where ``valid``); a class
+    absent gets a zero row."""
     one_hot = F.one_hot(labels, n_classes).to(scores.dtype)  # (B, n_classes)
+    if valid is not None:
+        one_hot = one_hot * valid[:, None]
     sums = shard.total(one_hot.t() @ scores)  # (n_classes, C)
     counts = shard.total(one_hot.sum(dim=0)).clamp(min=1).unsqueeze(1)  # (n_classes, 1)
     return sums / counts
@@ -197,10 +221,16 @@ class IntraDomainContrastive:
         self.target_centroids = None
 
     def __call__(
-        self, source_scores: Tensor, source_labels: Tensor, target_scores: Tensor, shard: BatchShard
+        self,
+        source_scores: Tensor,
+        source_labels: Tensor,
+        target_scores: Tensor,
+        shard: BatchShard,
+        valid: Tensor | None = None,
     ) -> Tensor:
         """Loss for one step: source_scores (B, C) with labels (B,), target_scores (B2, C) unlabelled; the
-        centroids are over the global batch of ``shard`` (the target rows are sharded like the source rows)."""
+        centroids are over the global batch of ``shard`` (the target rows are sharded like the source rows) and,
+        with ``valid`` (B,) bool, over those rows of both (a padded batch's target rows are padded alike)."""
         _check_labels(source_scores, source_labels, "IntraDomainContrastive")
         n_classes = source_scores.shape[1]
         if target_scores.dim() != 2 or target_scores.shape[1] != n_classes:
@@ -214,8 +244,9 @@ class IntraDomainContrastive:
             )
         # sigma > 0 scales every logit alike, so argmax of pre-sigma scores = argmax of logits (the original's).
         pseudo_labels = target_scores.detach().argmax(dim=1)  # (B2,)
-        s_new = self._update(self.source_centroids, _class_means(source_scores, source_labels, n_classes, shard))
-        t_new = self._update(self.target_centroids, _class_means(target_scores, pseudo_labels, n_classes, shard))
+        s_means = _class_means(source_scores, source_labels, n_classes, shard, valid)
+        t_means = _class_means(target_scores, pseudo_labels, n_classes, shard, valid)
+        s_new, t_new = self._update(self.source_centroids, s_means), self._update(self.target_centroids, t_means)
         self.source_centroids, self.target_centroids = s_new.detach(), t_new.detach()
         s_norm = s_new / (s_new.norm(dim=1, keepdim=True) + 1e-10)  # (C, C)
         t_norm = t_new / (t_new.norm(dim=1, keepdim=True) + 1e-10)  # (C, C)

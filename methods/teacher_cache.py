@@ -41,8 +41,13 @@ class TeacherCache:
         """The teacher's outputs for the batch's rows, or None when the rows are not unchanged source images."""
         if batch.index is None or len(batch) < 2:
             return None
+        table = self.build()
+        offset = batch.synthetic.long() * len(self.real)  # replay rows follow the real ones in the table
+        return table[batch.index.to(table.device) + offset.to(table.device)]
+
+    def build(self) -> Tensor:
+        """The table of outputs (N_real + N_replay, ...), computed on the first call."""
         if self.table is None:
             sources = [s for s in (self.real, self.replay) if s is not None and len(s) > 0]
             self.table = torch.cat([teacher_outputs(self.teacher, s, self.key, self.batch_size) for s in sources])
-        offset = batch.synthetic.long() * len(self.real)  # replay rows follow the real ones in the table
-        return self.table[batch.index.to(self.table.device) + offset.to(self.table.device)]
+        return self.table

@@ -242,17 +242,18 @@ def shard_batch(batch: Batch) -> Batch | None:
         return None
     rows = shard_range(len(batch))
     shard = BatchShard(rows, len(batch), sum_over_ranks)
-    index = None if batch.index is None else batch.index[rows]
-    return Batch(batch.x[rows], batch.y[rows], batch.synthetic[rows], shard, index)
+    index, draws, valid = (None if t is None else t[rows] for t in (batch.index, batch.draws, batch.valid))
+    return Batch(batch.x[rows], batch.y[rows], batch.synthetic[rows], shard, index, draws, valid)
 
 
-def backward(loss: Tensor, local: Batch, batch: Batch, params: list[Tensor]) -> None:
+def backward(loss: Tensor, share: float, params: list[Tensor]) -> None:
     """Back-propagate this rank's share of the batch's loss and sum the gradients over ranks.
 
-    ``loss`` is ``local``'s loss (a mean over its rows, or a global-batch loss built with ``BatchShard.total``);
-    weighting it by the share of rows makes the summed gradients those of the global batch.
+    ``loss`` is this rank's rows' loss (a mean over its rows, or a global-batch loss built with
+    ``BatchShard.total``); weighting it by ``share``, the rank's fraction of the global batch's rows, makes the
+    summed gradients those of the global batch.
     """
-    (loss * (len(local) / len(batch))).backward()
+    (loss * share).backward()
     all_reduce_gradients(params)
 
 

@@ -7,7 +7,9 @@ float32, and the synthesis moment statistics are computed in float32 (synthesis_
 ``fp16`` also scales the loss (``torch.amp.GradScaler``) so that small gradients do not flush to zero.
 ``compile: true`` compiles the network in place (``nn.Module.compile``: same module, same state_dict keys;
 a deep copy such as a teacher is not compiled) and the synthesis step; on CUDA with mode "reduce-overhead"
-(CUDA graphs), which removes the kernel-launch cost of the small fixed-shape steps. ``precision`` changes
+(CUDA graphs), which removes the kernel-launch cost of the small fixed-shape steps. ``compile: graphs`` instead
+captures whole steps (``capture_step``: forward, backward and optimiser step of training; a synthesis iteration)
+with static shapes and tensor lrs, on CUDA only (elsewhere the same code runs eagerly). ``precision`` changes
 results (scope "experiment"); ``compile`` runs the same operations fused, so results differ by float
 rounding only (scope "run", like ``device``).
 
@@ -45,10 +47,13 @@ register_options(
         ),
         Option(
             "compile",
-            "bool",
-            False,
-            "torch.compile the network (training, evaluation) and the synthesis step; on CUDA with CUDA graphs "
-            "(mode reduce-overhead). Costs compile time per shape (minutes on a small CPU)",
+            "str",
+            "false",
+            "torch.compile: true = the network (training, evaluation) and the synthesis loss; graphs = the whole "
+            "training step and synthesis iteration with static shapes (an epoch's ragged last batch padded with "
+            "masked rows), tensor lrs and a capturable synthesis Adam, captured as CUDA graphs on CUDA (mode "
+            "reduce-overhead) and run eagerly elsewhere. Compiling costs time per shape (minutes on a small CPU)",
+            choices=("false", "true", "graphs"),
             scope="run",
         ),
     ],
@@ -78,7 +83,10 @@ def autocast_supported(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def check(cfg: Config, device: torch.device) -> None:
-    """Refuse, in one line, a precision that autocast cannot run on ``device``."""
+    """Refuse, in one line, a precision that autocast cannot run on ``device``, and ``compile: graphs`` under
+    torchrun (a captured step holds no gradient all-reduce)."""
+    if cfg.compile == "graphs" and torch.distributed.is_available() and torch.distributed.is_initialized():
+        raise ConfigError("key 'compile': graphs captures one process's training step; under torchrun use compile true")
     if cfg.precision != "fp32" and not autocast_supported(device, DTYPES[cfg.precision]):
         raise ConfigError(
             f"key 'precision': {cfg.precision} autocast is not supported on {device.type} "
@@ -136,7 +144,7 @@ def prepare_model(net: nn.Module, cfg: Config, device: torch.device) -> nn.Modul
     check(cfg, device)
     if cfg.precision != "fp32":
         net.register_forward_hook(_outputs_to_float32)  # kept by deep copies (teachers) too
-    if cfg.compile:
+    if cfg.compile == "true":
         net.compile(**compile_options(device))
     return net
 
@@ -145,10 +153,30 @@ _COMPILED: dict[tuple[Callable, str], Callable] = {}
 
 
 def compile_function(fn: Callable, cfg: Config, device: torch.device) -> Callable:
-    """``fn`` compiled with torch.compile when ``compile`` is on (one compiled wrapper per function), else ``fn``."""
-    if not cfg.compile:
+    """``fn`` compiled with torch.compile under ``compile: true`` (one compiled wrapper per function), else ``fn``."""
+    if cfg.compile != "true":
         return fn
-    options = compile_options(device)
+    return _compiled(fn, compile_options(device))
+
+
+def capture_step(fn: Callable, cfg: Config, device: torch.device) -> Callable:
+    """A whole step (forward, backward, optimiser step) under ``compile: graphs``: on CUDA ``fn`` compiled with mode
+    "reduce-overhead" (its graphs replayed as CUDA graphs); elsewhere ``fn`` itself, run eagerly (tests trace it
+    on the CPU with the "eager" backend)."""
+    if cfg.compile != "graphs" or (device.type != "cuda" and BACKEND == "inductor"):
+        return fn
+    compiled = torch.compile(fn, **compile_options(device))
+    if device.type != "cuda":
+        return compiled
+
+    def step(*args: Any) -> Any:
+        torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed: their memory may be reused
+        return compiled(*args)
+
+    return step
+
+
+def _compiled(fn: Callable, options: dict[str, Any]) -> Callable:
     key = (fn, repr(sorted(options.items())))
     if key not in _COMPILED:
         _COMPILED[key] = torch.compile(fn, **options)

@@ -4,9 +4,11 @@ import math
 
 import pytest
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch import nn
+from torch._dynamo.utils import counters
 
 import continual_class_specific_impression as ccsi
 import models
@@ -353,3 +355,43 @@ def test_synthesis_raises_the_digits_teachers_confidence(digits_teacher):
     assert after > before + 0.05
     assert end.loss_terms["bn"] < start.loss_terms["bn"]
     assert not teacher.training and all(not p.requires_grad for p in teacher.parameters())
+
+
+def test_graphs_synthesis_adam_reads_a_float64_lr_tensor_and_gives_the_same_impressions(monkeypatch):
+    """compile: graphs: the pixels' Adam holds its lr in a float64 tensor that each iteration fills with the
+    schedule's value (not capturable on a CPU: torch allows it on CUDA only); on a CPU the impressions, kept
+    iterations and losses equal the float lr's bit for bit (30 iterations, warm-up then cosine)."""
+    net, cfg = tiny_teacher(), make_cfg(**{**SMALL, "syn_iterations": 30})
+    memory = tiny_memory(net)
+    filled = []
+    original = ccsi.set_lr
+    monkeypatch.setattr(ccsi, "set_lr", lambda opt, lr: (filled.append(opt.param_groups[0]["lr"]), original(opt, lr)))
+    plain = synth(net, memory, 3, cfg, seed=5)
+    graphs = synth(net, memory, 3, cfg.replace(compile="graphs"), seed=5)
+    assert all(isinstance(lr, float) for lr in filled[:30])
+    tensors = filled[30:]
+    assert len(tensors) == 30 and all(t is tensors[0] and t.dtype == torch.float64 for t in tensors)
+    assert not ccsi.pixel_adam(torch.zeros(1, requires_grad=True), cfg.replace(compile="graphs")).defaults["capturable"]
+    assert torch.equal(plain.images.x, graphs.images.x) and torch.equal(plain.best_iteration, graphs.best_iteration)
+    assert torch.equal(plain.best_loss, graphs.best_loss) and torch.equal(plain.last_loss, graphs.last_loss)
+    assert (plain.images.x - synth(net, memory, 3, cfg.replace(syn_iterations=0), seed=5).images.x).abs().max() > 0.01
+
+
+def test_a_captured_synthesis_iteration_is_traced_once_not_once_per_iteration(monkeypatch):
+    """What a CUDA device compiles under compile: graphs, traced on the CPU by dynamo ("eager" backend): the
+    iteration takes its shift, flip and index as tensors, so 3 or 9 iterations give the same graphs (no recompile
+    per iteration, which would re-record a CUDA graph each time), and the impressions stay those of the eager run
+    within float rounding (measured: 4e-7)."""
+    monkeypatch.setattr(ccsi.precision, "BACKEND", "eager")
+    net, cfg = tiny_teacher(), make_cfg(**{**SMALL, "compile": "graphs"})
+    memory = tiny_memory(net)
+    graphs = []
+    for iterations in (3, 9):
+        torch._dynamo.reset()
+        counters.clear()
+        traced = synth(net, memory, 3, cfg.replace(syn_iterations=iterations), seed=5)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] == graphs[1] > 0 and not counters["recompiles"]
+    eager = synth(net, memory, 3, cfg.replace(syn_iterations=9, compile="false"), seed=5)
+    assert torch.allclose(traced.images.x, eager.images.x, atol=1e-5)
+    torch._dynamo.reset()

@@ -10,6 +10,7 @@ the lr schedule, logging, and ``task_<t>_partial.pt`` every ``save_every_epochs`
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 from collections.abc import Callable, Iterable
@@ -19,6 +20,7 @@ from typing import Any
 
 import torch
 
+from dataloaders.batches import Batch
 from dataloaders.image_set import DataSplits, ImageSet, as_float
 from experiment.checkpoint import PartialCheckpoint, partial_checkpoint_path, rng_state, set_rng_state
 from experiment.config import Config, ConfigError, Option, register_options
@@ -157,19 +159,35 @@ def train_epoch(
         local = distributed.shard_batch(batch)  # the whole batch in a single process
         if local is None:
             continue
-        ctx.access.record("train_batches", batch.y, ~batch.synthetic)  # the global batch, once
-        with precision.autocast(method.cfg, method.device):  # fp32: no autocast at all
-            terms = method.training_step(local)
-        training.opt.zero_grad(set_to_none=True)
-        distributed.backward(precision.scale_loss(terms["loss"], training.scaler), local, batch, training.params)
-        precision.optimizer_step(training.opt, training.scaler)
+        real = ~batch.synthetic if batch.valid is None else ~batch.synthetic & batch.valid
+        ctx.access.record("train_batches", batch.y, real)  # the global batch, once; padding rows are not seen
+        assert training.step is not None, "TaskTraining.step is set by capture_steps"
+        terms = training.step(method.before_step(local), len(batch))
         method.after_step()
         for name, value in terms.items():
-            sums[name] = sums.get(name, 0.0) + value.detach().float()
+            sums[name] = sums.get(name, 0.0) + value.float()
         steps += 1
         if progress is not None:
             progress.step()
     return distributed.end_epoch(method.net, sums, steps)
+
+
+def optimiser_step(method: Method, training: TaskTraining, local: Batch, rows: int) -> dict[str, torch.Tensor]:
+    """One optimiser step on this process's ``local`` rows of a global batch of ``rows`` rows: the method's loss
+    terms, backward (gradients summed over ranks), the step; returns the terms, detached. ``compile: graphs``
+    captures it whole (``precision.capture_step``)."""
+    with precision.autocast(method.cfg, method.device):  # fp32: no autocast at all
+        terms = method.training_step(local)
+    training.opt.zero_grad(set_to_none=True)
+    loss = precision.scale_loss(terms["loss"], training.scaler)
+    distributed.backward(loss, len(local) / rows, training.params)
+    precision.optimizer_step(training.opt, training.scaler)
+    return {name: value.detach() for name, value in terms.items()}
+
+
+def capture_steps(method: Method, training: TaskTraining, cfg: Config) -> None:
+    """Set ``training.step``: ``optimiser_step`` on ``method`` and ``training``, captured under ``compile: graphs``."""
+    training.step = precision.capture_step(functools.partial(optimiser_step, method, training), cfg, method.device)
 
 
 def check_finite(means: dict[str, float], task: int, epoch: int, cfg: Config, output_dir: Path) -> None:
@@ -217,6 +235,7 @@ class TaskTraining:
     history: list[dict[str, float]]
     scaler: torch.amp.GradScaler | None = None  # precision fp16 only
     first_epoch: int = 0
+    step: Callable[[Batch, int], dict[str, torch.Tensor]] | None = None  # optimiser_step, captured or not
 
 
 def start_training(method: Method, ctx: TaskContext, cfg: Config, run_cfg: Config) -> TaskTraining:
@@ -228,6 +247,7 @@ def start_training(method: Method, ctx: TaskContext, cfg: Config, run_cfg: Confi
     training = TaskTraining(
         opt, params, build_scheduler(opt, cfg), selector, [], precision.grad_scaler(cfg, ctx.device)
     )
+    capture_steps(method, training, cfg)
     partial = load_partial(ctx, run_cfg)
     if partial is not None:
         method.net.load_state_dict(partial.net)
@@ -295,7 +315,7 @@ def fit_task(
         means = train_epoch(method, ctx, epoch, training, progress)
         check_finite(means, ctx.task, epoch + 1, cfg, ctx.output_dir)
         check_weights(method.net, ctx.task, epoch + 1, cfg, ctx.output_dir)
-        record = {"epoch": epoch + 1, "lr": training.opt.param_groups[0]["lr"], **means}
+        record = {"epoch": epoch + 1, "lr": float(training.opt.param_groups[0]["lr"]), **means}
         accuracies = evaluate_monitors(method, monitors, ctx, cfg.eval_batch_size)
         if cfg.select_on in accuracies:
             training.selector.update(epoch + 1, accuracies[cfg.select_on], method.net)

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from dataloaders.batches import Batch, BatchLoader, BatchShard, RowDraws, augment_batch, random_crop, random_flip
+from dataloaders.batches import Batch, BatchLoader, RowDraws, augment_batch, random_crop, random_flip
 from dataloaders.image_set import ImageSet
+from runtime import distributed
 
 
 def real_set(n: int, size: int = 4) -> ImageSet:
@@ -144,16 +145,36 @@ def test_epoch_draws_and_row_draws_equal_per_batch_draws_in_the_same_order():
     epoch = mixed_loader(4, row_draws=draws)
     it = iter(epoch)
     after_start = epoch.generator.get_state()  # every draw of the epoch made by iter()
-    got = [(batch, draws.take(batch)) for batch in it]
+    got = [(batch, batch.draws) for batch in it]
     assert len(got) == len(expected) == 8 and [len(b) for b, _ in got] == [8] * 7 + [4]
     for (b, rows), (e, e_rows) in zip(got, expected):
         assert torch.equal(b.x, e.x) and torch.equal(b.y, e.y) and torch.equal(b.synthetic, e.synthetic)
         assert torch.equal(rows, e_rows)
     assert torch.equal(after_start, per_batch.generator.get_state())
     with pytest.raises(RuntimeError, match="asks past"):
-        draws.take(got[0][0])
+        draws.next(1)
     plain = list(mixed_loader(5, epoch_draws=True))  # augmentation only, no step draws
     assert all(torch.equal(b.x, e.x) and torch.equal(b.y, e.y) for b, e in zip(plain, mixed_loader(5), strict=True))
+
+
+def test_padding_repeats_the_last_batchs_rows_flags_them_and_leaves_the_draws_alone():
+    """pad=True: every batch has batch_size rows and ``valid``; the ragged last batch (4 of 8 rows) repeats its rows
+    in order; the real rows, their draws and the generator's state are those of the unpadded epoch."""
+    plain, draws = list(mixed_loader(4, row_draws=RowDraws(11))), RowDraws(11)
+    loader = mixed_loader(4, row_draws=draws, pad=True)
+    padded = list(loader)
+    assert [len(b) for b in plain] == [8] * 7 + [4] and [len(b) for b in padded] == [8] * 8
+    assert all(b.valid.tolist() == [True] * 8 for b in padded[:7])
+    assert padded[-1].valid.tolist() == [True] * 4 + [False] * 4
+    rep = [0, 1, 2, 3, 0, 1, 2, 3]
+    last, want = padded[-1], plain[-1]
+    for name in ("x", "y", "synthetic", "draws"):
+        assert torch.equal(getattr(last, name), getattr(want, name)[rep])
+    for b, e in zip(padded[:7], plain[:7]):
+        assert torch.equal(b.x, e.x) and torch.equal(b.draws, e.draws) and torch.equal(b.y, e.y)
+    unaugmented = list(BatchLoader(real_set(10, 4), 4, generator=torch.Generator().manual_seed(0), pad=True))
+    assert unaugmented[-1].index.tolist() == [unaugmented[-1].index[i].item() for i in (0, 1, 0, 1)]
+    assert unaugmented[-1].valid.tolist() == [True, True, False, False]
 
 
 def test_mixed_batches_place_each_source_row_where_it_was_drawn():
@@ -173,19 +194,23 @@ def test_mixed_batches_place_each_source_row_where_it_was_drawn():
     assert torch.equal(x[~is_syn], real.x[real_idx[~is_syn]].float() / 255)
 
 
-def test_row_draws_of_shards_are_their_rows_of_the_global_draws_and_small_batches_draw_none():
+def test_row_draws_of_shards_are_their_rows_of_the_global_draws_and_small_batches_draw_none(monkeypatch):
     draws = RowDraws(50, min_rows=2)
     g = torch.Generator().manual_seed(3)
     drawn = [draws.draw(n, g) for n in (6, 6, 1)]
     assert drawn[2] is None  # a one-row batch is skipped by two ranks: nothing drawn for it
     draws.start([d for d in drawn if d is not None])
     whole = torch.randint(0, 50, (6,), generator=torch.Generator().manual_seed(3))
-    x = torch.zeros(3, 1, 2, 2)
-    first = Batch(x, torch.zeros(3), torch.zeros(3, dtype=torch.bool), BatchShard(slice(0, 3), 6))
-    second = Batch(x, torch.zeros(3), torch.zeros(3, dtype=torch.bool), BatchShard(slice(3, 6), 6))
-    assert torch.equal(draws.take(first), whole[:3])  # rank 0's rows of the first global batch
-    assert torch.equal(draws.take(second), drawn[1][3:])  # rank 1's rows of the second
-    with pytest.raises(RuntimeError, match="RowDraws.take before"):
-        RowDraws(5).take(first)
+    x, y, syn = torch.zeros(6, 1, 2, 2), torch.zeros(6), torch.zeros(6, dtype=torch.bool)
+    first, second = (Batch(x, y, syn, draws=draws.next(6)) for _ in range(2))
+    assert draws.next(1) is None  # the one-row batch
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "rank", lambda: 0)
+    assert torch.equal(distributed.shard_batch(first).draws, whole[:3])  # rank 0's rows of the first global batch
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    assert torch.equal(distributed.shard_batch(second).draws, drawn[1][3:])  # rank 1's rows of the second
+    with pytest.raises(RuntimeError, match="RowDraws.next before"):
+        RowDraws(5).next(3)
     with pytest.raises(ValueError, match="high"):
         RowDraws(0)

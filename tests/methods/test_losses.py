@@ -278,3 +278,37 @@ def test_feature_distance_is_the_norm_of_the_whole_difference():
 def test_gather_rows_of_a_whole_batch_is_the_batch():
     x = torch.randn(3, 2)
     assert losses.gather_rows(x, WHOLE) is x
+
+
+# ----- padded batches (compile: graphs): rows where valid is False do not count ----------------------------------
+
+
+def test_padding_rows_leave_the_weighted_ce_distillation_and_margin_by_hand():
+    """Rows 0-1 are real, row 2 pads (any values). CE with weights (2, 1): both real rows are class 0, so the
+    weighted mean is (ln 2 + ln(4/3)) / 2; plain CE the same mean. Less-forget: cosines 1 and 0 -> lamda * 1/2.
+    Margin (n_old 1, K 1, m 0.5): only real row 0 is old: max(0, 0.5 - 0.2 + 0.4) = 0.7."""
+    valid = torch.tensor([True, True, False])
+    logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0], [0.0, 9.0]])
+    y = torch.tensor([0, 0, 0])
+    expected = (math.log(2.0) + math.log(4.0 / 3.0)) / 2
+    assert close(losses.weighted_cross_entropy(logits, y, torch.tensor([2.0, 1.0]), WHOLE, valid), expected)
+    assert close(losses.weighted_cross_entropy(logits, y, None, WHOLE, valid), expected)
+    f = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+    ref = torch.tensor([[2.0, 0.0], [0.0, 3.0], [-1.0, 0.0]])
+    assert close(losses.less_forget(f, ref, 0.8, valid), 0.8 * 0.5)
+    scores = torch.tensor([[0.2, 0.4], [0.9, 0.0], [0.0, 1.0]])
+    assert close(losses.margin_ranking(scores, torch.tensor([0, 1, 0]), 1, 1, 0.5, WHOLE, valid), 0.7)
+
+
+def test_padding_rows_leave_the_idc_centroids_and_an_all_true_mask_changes_nothing():
+    """IdC of a batch padded by repeating its rows (source and target alike) equals IdC of the real rows, over two
+    steps (the centroids carry over); a mask of only real rows equals no mask."""
+    torch.manual_seed(0)
+    src, tgt, y = torch.randn(5, 4), torch.randn(5, 4), torch.tensor([0, 1, 2, 3, 1])
+    rep, valid = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2]), torch.arange(8) < 5
+    plain, padded, all_true = (losses.IntraDomainContrastive(0.9, 0.5) for _ in range(3))
+    for step in range(2):
+        s, t = src + step, tgt - step
+        want = plain(s, y, t, WHOLE)
+        assert close(padded(s[rep], y[rep], t[rep], WHOLE, valid), want, 1e-5)
+        assert close(all_true(s, y, t, WHOLE, torch.ones(5, dtype=torch.bool)), want, 1e-5)

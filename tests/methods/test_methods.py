@@ -8,6 +8,7 @@ import pytest
 
 import main
 from experiment.checkpoint import task_checkpoint_path
+from experiment.config import ConfigError
 from methods import METHODS
 from tiny import ROOT, TWO_TASKS
 
@@ -33,3 +34,10 @@ def test_method_runs_from_the_base_config_and_chains_per_task(name, tmp_path, ca
 def test_every_method_has_a_digits_config_and_a_description(name):
     assert (ROOT / "configs" / "digits" / f"{name}.yaml").is_file(), "the benchmark runs configs/digits/<method>.yaml"
     assert (METHODS[name].__doc__ or "").strip(), "the class docstring's first line describes the method"
+
+
+def test_graphs_is_refused_for_a_method_that_does_not_mask_padded_rows(make_cfg):
+    for name in ("ccsi", "finetune", "joint"):
+        METHODS[name].check_requirements(make_cfg(method=name, compile="graphs"))
+    with pytest.raises(ConfigError, match=r"^key 'compile': graphs pads .* method 'lwf' does not mask padded rows"):
+        METHODS["lwf"].check_requirements(make_cfg(method="lwf", compile="graphs"))

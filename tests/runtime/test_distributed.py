@@ -431,8 +431,8 @@ def _method_steps_on_shards(rank, names):
         params = [p for p in method.net.parameters() if p.requires_grad]
         method.net.zero_grad(set_to_none=True)
         generator_state = ctx.generator.get_state()
-        local = distributed.shard_batch(batch)
-        distributed.backward(method.training_step(local)["loss"], local, batch, params)
+        local = method.before_step(distributed.shard_batch(batch))
+        distributed.backward(method.training_step(local)["loss"], len(local) / len(batch), params)
         ctx.generator.set_state(generator_state)  # the same per-row draws for the next computation
         return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
 

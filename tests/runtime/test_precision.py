@@ -145,3 +145,23 @@ def test_low_precision_trains_to_the_fp32_accuracy_within_tolerance(tmp_path, di
 def test_a_compiled_run_equals_the_fp32_run(tmp_path, digits_01, fp32_accuracy, monkeypatch):
     monkeypatch.setattr(precision, "BACKEND", "eager")  # the same operations, traced by dynamo
     assert run_task_one(digits_01, tmp_path, compile=True) == fp32_accuracy
+
+
+def test_compile_is_false_true_or_graphs_and_takes_the_former_bools(make_cfg, tmp_path):
+    given = [False, True, "True", "off", "graphs", "false"]
+    assert [make_cfg(compile=v).compile for v in given] == ["false", "true", "true", "false", "graphs", "false"]
+    (tmp_path / "c.yaml").write_text("compile: true\n")  # YAML's bool, as older config files have it
+    assert config.load_config([tmp_path / "c.yaml"]).compile == "true"
+    with pytest.raises(ConfigError, match=r"key 'compile': expected str \(one of false, true, graphs\), got 'fast'"):
+        make_cfg(compile="fast")
+
+
+def test_graphs_captures_a_step_on_cuda_and_runs_it_eagerly_elsewhere(make_cfg, monkeypatch):
+    def step(x):
+        return x + 1
+
+    assert precision.capture_step(step, make_cfg(compile="graphs"), CPU) is step  # inductor: the CPU runs it eagerly
+    assert precision.capture_step(step, make_cfg(compile="true"), CPU) is step  # true compiles the net, not steps
+    monkeypatch.setattr(precision, "BACKEND", "eager")  # what a CUDA device gets, traced on the CPU
+    captured = precision.capture_step(step, make_cfg(compile="graphs"), CPU)
+    assert captured is not step and torch.equal(captured(torch.ones(2)), torch.full((2,), 2.0))

@@ -62,3 +62,33 @@ def test_plateau_decays_after_patience_and_the_original_watches_accuracy_in_min_
     _, opt, cfg = one_param_optimizer(lr=1.0, scheduler="plateau_original", lr_patience=1, lr_gamma=0.1)
     # the released code's 'min' mode: rising accuracy never "improves", so the lr decays every second epoch
     assert lrs(build_scheduler(opt, cfg), opt, 6, accuracy) == pytest.approx([1.0, 1.0, 1.0, 0.1, 0.1, 0.01])
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_graphs_lrs_are_float64_tensors_that_schedules_fill_and_steps_equal_float_lrs_bit_for_bit(name):
+    """compile: graphs keeps each lr in a 0-d float64 tensor (a captured step reads it): a step schedule changes it
+    in place, and on a CPU every step equals the float lr's exactly; SGD is foreach either way."""
+    keys = dict(optimizer=name, lr=0.1, momentum=0.5 if name == "sgd" else 0.0, weight_decay=0.01)
+    keys.update(scheduler="step", lr_milestones=[1], lr_gamma=0.5)
+    runs = {}
+    for mode in ("false", "graphs"):
+        torch.manual_seed(0)
+        param = torch.nn.Parameter(torch.randn(50))
+        cfg = default_cfg(compile=mode, **keys)
+        opt = build_optimizer([{"params": [param]}], cfg)
+        scheduler, lr = build_scheduler(opt, cfg), opt.param_groups[0]["lr"]
+        for _epoch in range(2):
+            for step in range(3):
+                opt.zero_grad()
+                (param.sin() * (step + 1)).sum().backward()
+                opt.step()
+            scheduler.step()
+        runs[mode] = (param.detach(), lr, opt)
+    (plain, float_lr, plain_opt), (graphs, tensor_lr, graphs_opt) = runs["false"], runs["graphs"]
+    assert isinstance(float_lr, float) and tensor_lr.dtype == torch.float64 and tensor_lr.dim() == 0
+    assert graphs_opt.param_groups[0]["lr"] is tensor_lr and tensor_lr.item() == 0.05  # filled: 0.1 * 0.5
+    assert torch.equal(plain, graphs)
+    if name == "sgd":
+        assert plain_opt.defaults["foreach"] and graphs_opt.defaults["foreach"]
+    else:
+        assert not graphs_opt.defaults["capturable"]  # torch allows capturable on CUDA only
