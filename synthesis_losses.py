@@ -82,9 +82,10 @@ class _FusedGroupMoments(torch.autograd.Function):
 
     Forward: one pass of contiguous reductions over HW (sum and squared L2 norm per image and channel), then
     var = E[a^2] - mean^2 (equal to ``group_moments``' two passes up to float rounding for activations of
-    moderate mean/std ratio, as normalised ones are; clamped at 0). Backward: d/da = g_mean / n + 2 g_var (a - mean) / n =
-    a * s + t with per-(G, ch) s = 2 g_var / n and t = g_mean / n - s * mean: one multiply-add over the
-    activation instead of autograd's chain of elementwise passes (sub, square, mean and their gradients).
+    moderate mean/std ratio, as normalised ones are; clamped at 0).
+    Backward: d/da = g_mean / n + 2 g_var (a - mean) / n = a * s + t with per-(G, ch) s = 2 g_var / n and
+    t = g_mean / n - s * mean: one multiply-add over the activation instead of autograd's chain of elementwise
+    passes (sub, square, mean and their gradients).
     """
 
     @staticmethod
