@@ -43,6 +43,8 @@ PROTOCOL = {"protocol": "clean", "idc_source": "train", "select_on": "last", "sc
 Variant = tuple[str, dict[str, str], str]  # config file, overrides, what it tests
 SHIPPED = {"do_flip": "true", "class_stats": "per_class", "class_weights": "counts"}  # the config before issue 15
 REFRESH = {"class_stats": "per_class", "class_stats_update": "refresh"}
+IMPROVED = {"protocol": "improved"}
+REFIT = {"ccsi_head_refit_epochs": "20"}
 VARIANTS: dict[str, Variant] = {
     "mean_only": (CCSI, {"syn_iterations": "0"}, "no optimisation: class mean image + noise"),
     "ccsi": (CCSI, {}, "the config: 40 synthesis iterations, 160 impressions per task"),
@@ -68,6 +70,21 @@ VARIANTS: dict[str, Variant] = {
     "improved": (CCSI, {"protocol": "improved"}, "protocol improved: per-class moments refreshed after each task"),
     "refresh_unit": (CCSI, {**REFRESH, "syn_clamp": "unit"}, "improved + impressions clamped to [0, 1]"),
     "icarl": ("configs/digits/icarl.yaml", {}, "iCaRL, 200 real exemplars (not data-free)"),
+    # issue 26, on real images: the field's lessons as CCSI options, the settings chosen since fa7b86d one at a time
+    # (each undone on top of improved), the leak clean had then, and the synthesis cost curve
+    "improved_local_ce": (CCSI, {**IMPROVED, "ccsi_local_ce": "true"}, "improved + local CE and head CE (ABD)"),
+    "improved_head_refit": (CCSI, {**IMPROVED, **REFIT}, "improved + class-balanced head refit, 20 epochs"),
+    "improved_local_refit": (CCSI, {**IMPROVED, "ccsi_local_ce": "true", **REFIT}, "improved + both"),
+    "improved_mean_only": (CCSI, {**IMPROVED, "syn_iterations": "0"}, "improved, no synthesis: mean image + noise"),
+    "improved_idc_val": (CCSI, {**IMPROVED, "idc_source": "val"}, "LEAK (opt-in): IdC on all seen classes' val images"),
+    "improved_frozen": (CCSI, {**IMPROVED, "class_stats_update": "frozen"}, "per-class moments not refreshed"),
+    "improved_cn_momentum1": (CCSI, {**IMPROVED, "cn_momentum": "1.0"}, "CN momentum 1.0 (the released value)"),
+    "improved_plateau": (CCSI, {**IMPROVED, "scheduler": "plateau"}, "plateau lr on the new classes' val accuracy"),
+    "improved_flip": (CCSI, {**IMPROVED, "do_flip": "true"}, "random horizontal flips during synthesis"),
+    "improved_counts": (CCSI, {**IMPROVED, "class_weights": "counts"}, "CCSI's class weights n_max / n_c"),
+    "improved_it10": (CCSI, {**IMPROVED, "syn_iterations": "10", "syn_warmup": "2"}, "10 synthesis iterations"),
+    "improved_it100": (CCSI, {**IMPROVED, "syn_iterations": "100", "syn_warmup": "10"}, "100 synthesis iterations"),
+    "improved_it200": (CCSI, {**IMPROVED, "syn_iterations": "200", "syn_warmup": "20"}, "200 synthesis iterations"),
 }
 METRICS = (("last_accuracy", "last acc"), ("average_incremental_accuracy", "avg inc acc"))
 

@@ -19,6 +19,7 @@ from dataclasses import replace
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 import continual_class_specific_impression as synthesis
@@ -77,6 +78,23 @@ register_options(
             min=0.0,
             max=0.99,
         ),
+        Option(
+            "ccsi_local_ce",
+            "bool",
+            False,
+            "local CE (after ABD, Smith et al. 2021): the network learns from real rows' CE over the new classes' "
+            "outputs and impressions' CE over the old classes' outputs only (no real-vs-synthetic boundary to learn); "
+            "the head alone learns the CE over all seen classes on detached features (class-weighted)",
+        ),
+        Option(
+            "ccsi_head_refit_epochs",
+            "int",
+            0,
+            "after each task >= 2, epochs of a class-balanced refit of the head (R-DFCIL's head refit) on frozen "
+            "features of the task's real images and its impressions (w_c = n_max / n_c); 0 = off (the paper)",
+            min=0,
+        ),
+        Option("ccsi_head_refit_lr", "float", 0.01, "SGD learning rate of the head refit", min=0.0, min_exclusive=True),
         Option(
             "class_weights",
             "str",
@@ -193,6 +211,50 @@ def class_weights(real_labels: Tensor, synthetic: ImageSet | None, n_seen: int, 
     return losses.class_balance_weights(counts)
 
 
+def local_logits(logits: Tensor, synthetic: Tensor, n_old: int) -> Tensor:
+    """``logits`` (B, n_seen) with the other task's columns at -inf: on real rows (``synthetic`` (B,) False) the old
+    classes', on synthetic rows the new classes'. A CE on them is over the row's own side only (local CE)."""
+    old_columns = torch.arange(logits.shape[1], device=logits.device) < n_old  # (n_seen,)
+    mask = synthetic.to(logits.device)[:, None] != old_columns[None, :]  # (B, n_seen): True where masked
+    return logits.masked_fill(mask, float("-inf"))
+
+
+@torch.no_grad()
+def frozen_features(net: nn.Module, images: ImageSet, batch_size: int, device: torch.device) -> Tensor:
+    """The eval-mode features (N, D) of ``images`` (uint8 or float), on ``device``."""
+    return torch.cat(
+        [net.features(as_float(images.x[i : i + batch_size]).to(device)) for i in range(0, len(images), batch_size)]
+    )
+
+
+def refit_head(net: nn.Module, ctx: TaskContext, synthetic: ImageSet, cfg: Config, device: torch.device) -> None:
+    """Class-balanced CE (w_c = n_max / n_c) on the whole head (old block included), ``ccsi_head_refit_epochs``
+    epochs of SGD over the frozen features of the task's real images and its impressions (shuffled with the task's
+    generator: the same on every rank under torchrun). The backbone and its normalisation statistics stay."""
+    net.eval()
+    ctx.access.record("statistics", ctx.train.y)  # the task's own images: no old class
+    features = torch.cat([frozen_features(net, s, cfg.eval_batch_size, device) for s in (ctx.train, synthetic)])
+    labels = torch.cat([ctx.train.y.to(device), synthetic.y.to(device)])  # (N,)
+    weights = losses.class_balance_weights(torch.bincount(labels, minlength=ctx.n_seen).float()).to(features)
+    head = net.head
+    params = list(head.parameters())
+    trainable = [p.requires_grad for p in params]  # the old block is frozen while the task trains: refit it too
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.SGD(params, lr=cfg.ccsi_head_refit_lr, momentum=cfg.momentum)
+    head.train()
+    for _ in range(cfg.ccsi_head_refit_epochs):
+        order = torch.randperm(len(labels), generator=ctx.generator).to(device)
+        for rows in order.split(cfg.batch_size):
+            loss = F.cross_entropy(head(features[rows])["logits"], labels[rows], weight=weights)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    for p, flag in zip(params, trainable, strict=True):
+        p.requires_grad_(flag)
+    net.eval()
+
+
 # ----- the method ------------------------------------------------------------------------------
 
 
@@ -296,21 +358,23 @@ class CCSI(Method):
     def training_step(self, batch: Batch) -> dict[str, Tensor]:
         out = self.net(batch.x)
         valid, shard = batch.valid, batch.shard  # valid: None, or False on padding rows (compile: graphs)
-        ce = losses.weighted_cross_entropy(out["logits"], batch.y, self.class_weights, shard, valid)
         if self.teacher is None:
+            ce = losses.weighted_cross_entropy(out["logits"], batch.y, self.class_weights, shard, valid)
             return {"loss": ce, "ce": ce}
+        terms = self.cross_entropy(out, batch)
         ref = self.teacher_cache.lookup(batch) if self.teacher_cache is not None else None  # once per task
         if ref is None:
             with torch.no_grad():
                 ref = self.teacher(batch.x)["features"]  # (B, D)
-        terms = {
-            "ce": ce,
+        terms |= {
             "distill": losses.less_forget(out["features"], ref, self.lamda_t, valid, shard),
             "margin": losses.margin_ranking(
                 out["scores"], batch.y, self.n_old, self.cfg.K, self.cfg.dist, shard, valid
             ),
         }
         loss = terms["ce"] + terms["distill"] + self.cfg.lw_mr * terms["margin"]
+        if "head_ce" in terms:
+            loss = loss + terms["head_ce"]
         if self.idc is not None:
             assert self.idc_pool is not None and batch.draws is not None, "IdC rows come with before_step"
             target = as_float(self.idc_pool.x[batch.draws])  # (B, C, H, W)
@@ -318,10 +382,25 @@ class CCSI(Method):
             loss = loss + self.cfg.da_coef * terms["idc"]
         return {"loss": loss, **terms}
 
+    def cross_entropy(self, out: dict[str, Tensor], batch: Batch) -> dict[str, Tensor]:
+        """``ce``: the class-weighted CE over all seen classes; with ``ccsi_local_ce`` the local CE, and ``head_ce``,
+        the head's CE over all seen classes on detached features."""
+        weights, shard, valid = self.class_weights, batch.shard, batch.valid
+        if not self.cfg.ccsi_local_ce:
+            return {"ce": losses.weighted_cross_entropy(out["logits"], batch.y, weights, shard, valid)}
+        local = local_logits(out["logits"], batch.synthetic, self.n_old)
+        head = self.net.head(out["features"].detach())["logits"]  # (B, n_seen): only the head learns from it
+        return {
+            "ce": losses.weighted_cross_entropy(local, batch.y, weights, shard, valid),
+            "head_ce": losses.weighted_cross_entropy(head, batch.y, weights, shard, valid),
+        }
+
     def after_task(self, ctx: TaskContext) -> None:
         """Keep what synthesis needs: the new classes' mean images and CN moments (no real image); with
         ``class_stats_update: refresh`` the old classes' moments re-estimated on this task's impressions."""
         self.net.eval()
+        if self.cfg.ccsi_head_refit_epochs > 0 and self.synthetic is not None:
+            refit_head(self.net, ctx, self.synthetic, self.cfg, self.device)
         if self.cfg.class_stats_update == "refresh" and self.synthetic is not None:
             self.memory.refresh(self.net, self.synthetic, self.cfg.eval_batch_size, self.device)
         ctx.access.record("statistics", ctx.train.y)

@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import math
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import torch
 from experiment.checkpoint import load_checkpoint, task_checkpoint_path
 from experiment.config import load_config, parse_overrides
 from incremental_train_and_eval import run
-from methods.ccsi import CCSI
+from methods.ccsi import CCSI, frozen_features, local_logits, refit_head
 from tiny import ROOT, write_digits, write_fake_medmnist
 from tuning import sweep
 
@@ -298,3 +299,70 @@ def test_the_graphs_path_run_eagerly_equals_the_default_within_float_rounding(tm
     assert accuracies["false"] == accuracies["graphs"]
     diff = max((nets["false"][k].float() - nets["graphs"][k].float()).abs().max().item() for k in nets["false"])
     assert diff < 1e-5
+
+
+def test_local_logits_give_each_row_a_ce_over_its_own_side_by_hand():
+    logits = torch.tensor([[1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0]], requires_grad=True)
+    synthetic = torch.tensor([False, True])  # row 0 real (new class 3), row 1 an impression (old class 0)
+    local = local_logits(logits, synthetic, n_old=2)
+    nll = torch.nn.functional.cross_entropy(local, torch.tensor([3, 0]), reduction="none")
+    expected = [math.log(1 + math.exp(-1.0)), math.log(1 + math.exp(1.0))]  # softmax over columns 2-3, then 0-1
+    assert torch.allclose(nll, torch.tensor(expected))
+    (grad,) = torch.autograd.grad(nll.sum(), logits)
+    assert torch.equal(grad[0, :2], torch.zeros(2)) and torch.equal(grad[1, 2:], torch.zeros(2))
+    assert (grad[0, 2:].abs() > 0).all() and (grad[1, :2].abs() > 0).all()
+
+
+def ccsi_at_task_2(make_cfg, **keys):
+    """A CCSI method at the start of task 2 of digits 0-3 (task 1 untrained) and its first training batch."""
+    import incremental_train_and_eval as engine
+
+    cfg = make_cfg(method="ccsi", nb_cl_fg=2, nb_cl=2, batch_size=16, idc_source="train", **TINY_SYNTHESIS, **keys)
+    state = engine.build_run(cfg, torch.device("cpu"))
+    for task in (1, 2):
+        task_cfg = cfg.for_task(task)
+        ctx = engine.task_context(state, task, task_cfg, engine.seed_everything(task))
+        state.method.begin_task(ctx, task_cfg)
+        if task == 1:
+            state.method.end_task(ctx)
+    state.method.on_epoch_start(ctx, 0)
+    batch = state.method.before_step(next(iter(state.method.train_batches(ctx, 0))))
+    return state.method, ctx, batch
+
+
+def test_local_ce_trains_the_network_on_each_side_and_the_head_on_all_classes(make_cfg):
+    method, _, batch = ccsi_at_task_2(make_cfg, ccsi_local_ce=True)
+    assert batch.synthetic.any() and (~batch.synthetic).any()
+    method.train()
+    terms = method.training_step(batch)
+    out = method.net(batch.x)
+    local = local_logits(out["logits"], batch.synthetic, 2)
+    w = method.class_weights[batch.y]
+    nll = torch.nn.functional.cross_entropy(local, batch.y, reduction="none")
+    assert torch.allclose(terms["ce"], (w * nll).sum() / w.sum(), rtol=1e-5)  # the weighted mean, by hand
+    expected = terms["ce"] + terms["head_ce"] + terms["distill"] + method.cfg.lw_mr * terms["margin"]
+    assert torch.allclose(terms["loss"], expected + method.cfg.da_coef * terms["idc"])
+    backbone = [p for n, p in method.net.named_parameters() if not n.startswith("head.")]
+    head = [p for n, p in method.net.named_parameters() if n.startswith("head.") and p.requires_grad]
+    grads = torch.autograd.grad(terms["head_ce"], backbone + head, allow_unused=True)
+    assert all(g is None or not g.any() for g in grads[: len(backbone)]), "head_ce reached the backbone"
+    assert any(g is not None and g.abs().sum() > 0 for g in grads[len(backbone) :])
+
+
+def test_head_refit_balances_the_head_and_leaves_the_backbone(make_cfg):
+    method, ctx, _ = ccsi_at_task_2(make_cfg, ccsi_head_refit_epochs=20, ccsi_head_refit_lr=0.1)
+    net, synthetic = method.net, method.synthetic
+    backbone = {k: v.clone() for k, v in net.state_dict().items() if not k.startswith("head.")}
+    features = torch.cat([frozen_features(net, s, 64, torch.device("cpu")) for s in (ctx.train, synthetic)])
+    labels = torch.cat([ctx.train.y, synthetic.y])
+    weights = torch.bincount(labels, minlength=4).max() / torch.bincount(labels, minlength=4).float()
+
+    def balanced_ce() -> float:
+        with torch.no_grad():
+            return torch.nn.functional.cross_entropy(net.head(features)["logits"], labels, weight=weights).item()
+
+    before = balanced_ce()
+    refit_head(net, ctx, synthetic, method.cfg, torch.device("cpu"))
+    assert balanced_ce() < 0.9 * before
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in backbone.items()), "the refit moved the backbone"
+    assert int(ctx.access.counts()["total"]) == 0

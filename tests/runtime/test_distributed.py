@@ -414,7 +414,8 @@ def _method_steps_on_shards(rank, names):
     prepared = []
     for name in names:
         folder = tempfile.mkdtemp(prefix=f"rank{rank}-")  # impressions grids: one folder per rank, not the repo
-        cfg = config.load_config(overrides={**METHOD_STEP, "method": name, "output_dir": folder})
+        keys = METHOD_VARIANTS.get(name, {"method": name})
+        cfg = config.load_config(overrides={**METHOD_STEP, **keys, "output_dir": folder})
         state = engine.build_run(cfg, torch.device("cpu"))
         for task in (1, 2):
             task_cfg = cfg.for_task(task)
@@ -471,11 +472,15 @@ METHOD_STEP = {
 }
 
 
+# options that change a method's losses, checked beside the methods' defaults
+METHOD_VARIANTS = {"ccsi+local_ce": {"method": "ccsi", "ccsi_local_ce": True}}
+
+
 @pytest.mark.e2e
 def test_every_method_step_on_shards_equals_the_whole_batch_step():
     from methods import METHODS
 
-    names = sorted(METHODS)
+    names = sorted([*METHODS, *METHOD_VARIANTS])
     for diffs in run_ranks(_method_steps_on_shards, names):
         assert sorted(diffs) == names
         for name, diff in diffs.items():
