@@ -5,7 +5,8 @@ medmnist, wandb, tensorboard or network needed). Stages, each stopped at its sha
 so that the check ends within 8 minutes):
 1. correctness (<= 90 s): one training step's gradients and a short digits CCSI run (2 tasks) on the CPU and on
    the device, in fp32 and with the fastest precision and syn_fused_moments (compile is left to stage 2), within
-   the stated tolerances;
+   the stated tolerances; on CUDA, 3 CCSI steps of task 2 under torch.cuda.set_sync_debug_mode("error") (no host
+   sync inside a step);
 2. protocol (<= 270 s): configs/bloodmnist/ccsi.yaml at the paper's settings with the fastest switches, on
    <repo>/data/bloodmnist.npz when present, else on a generated file in MedMNIST's .npz format with BloodMNIST's
    shapes (3x28x28 uint8, 8 classes, 11959/1712/3421 images), per-stage times (bench/protocol_timing.py); when
@@ -121,11 +122,41 @@ def correctness(device: torch.device, fast: str, short: bool, work: Path) -> lis
             gap = abs(acc[i] - reference_acc[i])
             cells = (f"{reference_acc[i]:.2f}", f"{acc[i]:.2f}")
             rows.append(row(f"CCSI run, accuracy after {name}", label, *cells, gap, RUN_TOLERANCE[name]))
+    if device.type == "cuda":
+        rows.append(sync_free_steps(device, work / "sync"))
     header = [
         "| check | switches | CPU fp32 | device | difference | tolerance | verdict |",
         "|---|---|---:|---:|---:|---:|---|",
     ]
     return header + rows
+
+
+def sync_free_steps(device: torch.device, work: Path, steps: int = 3) -> str:
+    """A row: ``steps`` CCSI steps of task 2 (the loader's next, before_step, the step, after_step) under
+    ``torch.cuda.set_sync_debug_mode("error")``, which raises on a host sync; the epoch's preparation runs before."""
+    args = speed.parse(["--quick"])  # 136 new images, 80 impressions
+    common = {"method": "ccsi", "batch_size": args.batch, "idc_source": "train", "progress": False}
+    common |= {"nb_generation": 1, "syn_batch_size": args.syn_images, "syn_iterations": 1, "syn_warmup": 1}
+    method, ctx, training = speed.ccsi_at_task_2(speed.make_config(**common), args, device, work)
+    method.train()
+    method.on_epoch_start(ctx, 0)
+    batches = iter(method.train_batches(ctx, 0))
+    torch.cuda.synchronize(device)
+    done, error = 0, ""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(steps):
+            batch = next(batches)
+            training.step(method.before_step(batch), len(batch))
+            method.after_step()
+            done += 1
+    except RuntimeError as err:
+        error = str(err).splitlines()[0]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    check = "CCSI task-2 steps under set_sync_debug_mode('error'): host syncs"
+    verdict = "ok" if not error else f"OUT OF TOLERANCE (step {done + 1}: {error})"
+    return f"| {check} | fp32 | - | {done} of {steps} steps | {0 if not error else 1} | 0 | {verdict} |"
 
 
 def row(check: str, switch: str, cpu: str, device: str, diff: float, tolerance: float) -> str:

@@ -27,6 +27,7 @@ from bench import (
 )
 from dataloaders.npz_data import read_npz
 from experiment import config
+from methods.ccsi import CCSI
 from runtime import precision
 from tiny import ROOT, write_digits
 
@@ -340,3 +341,24 @@ def test_hard_digits_are_deterministic_stratified_and_in_medmnist_format(tmp_pat
     assert make_hard_digits.main(["--out", str(tmp_path / "hard.npz")]) == 0
     splits = read_npz(tmp_path / "hard.npz", "npz")
     assert splits.train.x.shape[1:] == (1, 32, 32) and len(splits.test) == 539 and splits.num_classes == 10  # padded
+
+
+def test_gpu_check_sync_row_reports_a_host_sync_inside_a_step(tmp_path, monkeypatch):
+    """The CUDA-only row, run on the CPU with set_sync_debug_mode standing in: Tensor.item raises while "error"."""
+    original_item = torch.Tensor.item
+
+    def set_sync_debug_mode(mode):
+        def raising(*args, **kwargs):
+            raise RuntimeError("called a synchronizing CUDA operation")
+
+        monkeypatch.setattr(torch.Tensor, "item", raising if mode == "error" else original_item)
+
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", set_sync_debug_mode)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    clean = gpu_check.sync_free_steps(torch.device("cpu"), tmp_path / "a")
+    assert clean.endswith("| fp32 | - | 3 of 3 steps | 0 | 0 | ok |"), clean
+    step = CCSI.training_step
+    monkeypatch.setattr(CCSI, "training_step", lambda self, batch: (batch.y.sum().item(), step(self, batch))[1])
+    synced = gpu_check.sync_free_steps(torch.device("cpu"), tmp_path / "b")
+    assert "| 0 of 3 steps | 1 | 0 | OUT OF TOLERANCE (step 1: called a synchronizing CUDA operation) |" in synced
+    assert torch.Tensor.item is original_item  # the mode was left, the step raised or not
