@@ -75,6 +75,11 @@ VARIANTS: dict[str, Variant] = {
     "improved_local_ce": (CCSI, {**IMPROVED, "ccsi_local_ce": "true"}, "improved + local CE and head CE (ABD)"),
     "improved_head_refit": (CCSI, {**IMPROVED, **REFIT}, "improved + class-balanced head refit, 20 epochs"),
     "improved_local_refit": (CCSI, {**IMPROVED, "ccsi_local_ce": "true", **REFIT}, "improved + both"),
+    "improved_proto_refit": (
+        CCSI,
+        {**IMPROVED, **REFIT, "ccsi_prototypes": "true"},
+        "improved + head refit with old classes drawn around their feature prototypes (PASS)",
+    ),
     "improved_mean_only": (CCSI, {**IMPROVED, "syn_iterations": "0"}, "improved, no synthesis: mean image + noise"),
     "improved_idc_val": (CCSI, {**IMPROVED, "idc_source": "val"}, "LEAK (opt-in): IdC on all seen classes' val images"),
     "improved_frozen": (CCSI, {**IMPROVED, "class_stats_update": "frozen"}, "per-class moments not refreshed"),
@@ -85,6 +90,7 @@ VARIANTS: dict[str, Variant] = {
     "improved_it10": (CCSI, {**IMPROVED, "syn_iterations": "10", "syn_warmup": "2"}, "10 synthesis iterations"),
     "improved_it100": (CCSI, {**IMPROVED, "syn_iterations": "100", "syn_warmup": "10"}, "100 synthesis iterations"),
     "improved_it200": (CCSI, {**IMPROVED, "syn_iterations": "200", "syn_warmup": "20"}, "200 synthesis iterations"),
+    "improved_gen16": (CCSI, {**IMPROVED, "nb_generation": "16"}, "640 impressions per task (4x)"),
 }
 METRICS = (("last_accuracy", "last acc"), ("average_incremental_accuracy", "avg inc acc"))
 

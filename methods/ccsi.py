@@ -27,8 +27,8 @@ from dataloaders.batches import Batch, BatchLoader, RowDraws
 from dataloaders.image_set import ImageSet, as_float
 from experiment.config import Config, ConfigError, Option, register_options
 from methods import losses
-from methods.base import Method, TaskContext
-from methods.class_statistics import ClassMemory
+from methods.base import Method, TaskContext, extract_features
+from methods.class_statistics import ClassMemory, FeaturePrototypes
 from methods.lucir import less_forget_weight, prepare_cosine_head
 from methods.registry import register_method
 from methods.teacher_cache import TeacherCache
@@ -95,6 +95,15 @@ register_options(
             min=0,
         ),
         Option("ccsi_head_refit_lr", "float", 0.01, "SGD learning rate of the head refit", min=0.0, min_exclusive=True),
+        Option(
+            "ccsi_prototypes",
+            "bool",
+            False,
+            "keep each class's feature prototype (PASS: the mean and spread of its real training images' features, "
+            "taken at the end of its own task); the head refit then draws the old classes' rows around them "
+            "(mean + radius * N(0, I)) instead of taking the impressions' features",
+            scope="experiment",
+        ),
         Option(
             "class_weights",
             "str",
@@ -219,22 +228,26 @@ def local_logits(logits: Tensor, synthetic: Tensor, n_old: int) -> Tensor:
     return logits.masked_fill(mask, float("-inf"))
 
 
-@torch.no_grad()
-def frozen_features(net: nn.Module, images: ImageSet, batch_size: int, device: torch.device) -> Tensor:
-    """The eval-mode features (N, D) of ``images`` (uint8 or float), on ``device``."""
-    return torch.cat(
-        [net.features(as_float(images.x[i : i + batch_size]).to(device)) for i in range(0, len(images), batch_size)]
-    )
-
-
-def refit_head(net: nn.Module, ctx: TaskContext, synthetic: ImageSet, cfg: Config, device: torch.device) -> None:
+def refit_head(
+    net: nn.Module,
+    ctx: TaskContext,
+    synthetic: ImageSet,
+    cfg: Config,
+    device: torch.device,
+    prototypes: FeaturePrototypes | None = None,
+) -> None:
     """Class-balanced CE (w_c = n_max / n_c) on the whole head (old block included), ``ccsi_head_refit_epochs``
     epochs of SGD over the frozen features of the task's real images and its impressions (shuffled with the task's
-    generator: the same on every rank under torchrun). The backbone and its normalisation statistics stay."""
+    generator: the same on every rank under torchrun). The old classes' rows: the impressions' features, or draws
+    around their ``prototypes``. The backbone and its normalisation statistics stay."""
     net.eval()
     ctx.access.record("statistics", ctx.train.y)  # the task's own images: no old class
-    features = torch.cat([frozen_features(net, s, cfg.eval_batch_size, device) for s in (ctx.train, synthetic)])
-    labels = torch.cat([ctx.train.y.to(device), synthetic.y.to(device)])  # (N,)
+    if prototypes is None:
+        old_features, old_labels = extract_features(net, synthetic, cfg.eval_batch_size), synthetic.y
+    else:  # as many draws per old class as a new class has images, on average
+        old_features, old_labels = prototypes.sample(max(len(ctx.train) // ctx.n_new, 1), ctx.generator)
+    features = torch.cat([extract_features(net, ctx.train, cfg.eval_batch_size).to(device), old_features.to(device)])
+    labels = torch.cat([ctx.train.y.to(device), old_labels.to(device)])  # (N,)
     weights = losses.class_balance_weights(torch.bincount(labels, minlength=ctx.n_seen).float()).to(features)
     head = net.head
     params = list(head.parameters())
@@ -269,6 +282,7 @@ class CCSI(Method):
     def __init__(self, cfg: Config, net: nn.Module, device: torch.device):
         super().__init__(cfg, net, device)
         self.memory = self.add_part("memory", ClassMemory())  # class mean images + per-class CN moments only
+        self.prototypes = self.add_part("prototypes", FeaturePrototypes()) if cfg.ccsi_prototypes else None
         self.synthetic: ImageSet | None = None
         self.class_weights: Tensor | None = None
         self.lamda_t = 0.0
@@ -400,7 +414,9 @@ class CCSI(Method):
         ``class_stats_update: refresh`` the old classes' moments re-estimated on this task's impressions."""
         self.net.eval()
         if self.cfg.ccsi_head_refit_epochs > 0 and self.synthetic is not None:
-            refit_head(self.net, ctx, self.synthetic, self.cfg, self.device)
+            refit_head(self.net, ctx, self.synthetic, self.cfg, self.device, self.prototypes)
+        if self.prototypes is not None:
+            self.prototypes.add_task(self.net, ctx.train, self.cfg.eval_batch_size)  # the task's own images
         if self.cfg.class_stats_update == "refresh" and self.synthetic is not None:
             self.memory.refresh(self.net, self.synthetic, self.cfg.eval_batch_size, self.device)
         ctx.access.record("statistics", ctx.train.y)

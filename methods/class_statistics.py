@@ -1,4 +1,5 @@
-"""What CCSI keeps about each learned class instead of real images: its mean image and layer moments.
+"""What CCSI keeps about each learned class instead of real images: its mean image and layer moments (and, with
+``ccsi_prototypes``, its feature prototype).
 
 After a class's task, ``ClassMemory.add_task`` stores, per class, the pixel-wise mean of its training images and
 the channel moments (mean, population variance) of the input of every ``nn.BatchNorm2d`` of the trained model
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from dataloaders.image_set import ImageSet, as_float
+from methods.base import extract_features
 from synthesis_losses import bn_layers, capture_bn_inputs, eval_mode
 
 
@@ -155,3 +157,42 @@ class ClassMemory:
         self.layer_means = [m.to(device) for m in self.layer_means]
         self.layer_vars = [v.to(device) for v in self.layer_vars]
         return self
+
+
+class FeaturePrototypes:
+    """Per learned class, its feature prototype as PASS keeps it (Zhu et al., CVPR 2021): the mean (D,) of its
+    training images' backbone features and their spread (the root of the mean variance over feature dimensions),
+    taken with the model trained on the class's task, in eval mode. No image is stored."""
+
+    def __init__(self) -> None:
+        self.labels = torch.empty(0, dtype=torch.long)
+        self.means: Tensor | None = None  # (K, D)
+        self.radius: Tensor | None = None  # (K,)
+
+    def add_task(self, net: nn.Module, images: ImageSet, batch_size: int) -> None:
+        """Store the prototypes of the classes in ``images`` (classes not stored yet, in label order)."""
+        features = extract_features(net, images, batch_size).double()  # (N, D)
+        labels = torch.unique(images.y.cpu(), sorted=True)
+        y = images.y.to(features.device)
+        means = torch.stack([features[y == c].mean(dim=0) for c in labels.tolist()])  # (K, D)
+        radius = torch.stack([features[y == c].var(dim=0, unbiased=False).mean().sqrt() for c in labels.tolist()])
+        self.labels = torch.cat([self.labels, labels])
+        self.means = means.float() if self.means is None else torch.cat([self.means, means.float().to(self.means)])
+        self.radius = (
+            radius.float() if self.radius is None else torch.cat([self.radius, radius.float().to(self.radius)])
+        )
+
+    def sample(self, per_class: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """``per_class`` Gaussian draws around each stored prototype, mean + radius * N(0, I):
+        (features (K * per_class, D), labels (K * per_class,)) on the prototypes' device."""
+        assert self.means is not None and self.radius is not None, "no prototype stored"
+        k, d = self.means.shape
+        noise = torch.randn(k, per_class, d, generator=generator).to(self.means)
+        features = self.means[:, None, :] + self.radius[:, None, None] * noise
+        return features.reshape(k * per_class, d), self.labels.to(self.means.device).repeat_interleave(per_class)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"labels": self.labels.clone(), "means": self.means, "radius": self.radius}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.labels, self.means, self.radius = state["labels"].long(), state["means"], state["radius"]

@@ -12,7 +12,8 @@ import torch
 from experiment.checkpoint import load_checkpoint, task_checkpoint_path
 from experiment.config import load_config, parse_overrides
 from incremental_train_and_eval import run
-from methods.ccsi import CCSI, frozen_features, local_logits, refit_head
+from methods.base import extract_features
+from methods.ccsi import CCSI, local_logits, refit_head
 from tiny import ROOT, write_digits, write_fake_medmnist
 from tuning import sweep
 
@@ -60,10 +61,16 @@ def test_ccsi_checkpoint_holds_no_real_images(make_cfg, tmp_path):
     assert all(m.shape[0] == 4 for m in memory["layer_means"] + memory["layer_vars"]), "per-class moments only"
 
 
+OPTIONS = {"ccsi_local_ce": True, "ccsi_head_refit_epochs": 2, "ccsi_prototypes": True}
+
+
 @pytest.mark.e2e
-def test_ccsi_per_task_chain_equals_the_uninterrupted_run(make_cfg, tmp_path):
-    """Tasks run one at a time, each continuing the previous checkpoint (a resume after a kill: test_faults.py)."""
+@pytest.mark.parametrize("options", [{}, OPTIONS], ids=["paper", "options"])
+def test_ccsi_per_task_chain_equals_the_uninterrupted_run(make_cfg, tmp_path, options):
+    """Tasks run one at a time, each continuing the previous checkpoint (a resume after a kill: test_faults.py);
+    with the options on, the prototypes of task 1 come back from its checkpoint for task 2's head refit."""
     common = {"method": "ccsi", "nb_cl_fg": 4, "nb_cl": 3, "epochs": 1, "idc_source": "val", **TINY_SYNTHESIS}
+    common.update(options)
     common.update(nb_cl=6)  # two tasks: the second continues the first's checkpoint and replays impressions
     full = run(make_cfg(output_dir=str(tmp_path / "full"), **common))
     step = tmp_path / "steps"
@@ -353,7 +360,7 @@ def test_head_refit_balances_the_head_and_leaves_the_backbone(make_cfg):
     method, ctx, _ = ccsi_at_task_2(make_cfg, ccsi_head_refit_epochs=20, ccsi_head_refit_lr=0.1)
     net, synthetic = method.net, method.synthetic
     backbone = {k: v.clone() for k, v in net.state_dict().items() if not k.startswith("head.")}
-    features = torch.cat([frozen_features(net, s, 64, torch.device("cpu")) for s in (ctx.train, synthetic)])
+    features = torch.cat([extract_features(net, s, 64) for s in (ctx.train, synthetic)])
     labels = torch.cat([ctx.train.y, synthetic.y])
     weights = torch.bincount(labels, minlength=4).max() / torch.bincount(labels, minlength=4).float()
 
