@@ -65,12 +65,12 @@ OPTIONS = {"ccsi_local_ce": True, "ccsi_head_refit_epochs": 2, "ccsi_prototypes"
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("options", [{}, OPTIONS], ids=["paper", "options"])
-def test_ccsi_per_task_chain_equals_the_uninterrupted_run(make_cfg, tmp_path, options):
-    """Tasks run one at a time, each continuing the previous checkpoint (a resume after a kill: test_faults.py);
-    with the options on, the prototypes of task 1 come back from its checkpoint for task 2's head refit."""
+def test_ccsi_per_task_chain_equals_the_uninterrupted_run(make_cfg, tmp_path):
+    """Tasks run one at a time, each continuing the previous checkpoint (a resume after a kill: test_faults.py),
+    with CCSI's options on: the prototypes of task 1 come back from its checkpoint for task 2's head refit (the
+    paper's settings chain in tests/methods/test_methods.py)."""
     common = {"method": "ccsi", "nb_cl_fg": 4, "nb_cl": 3, "epochs": 1, "idc_source": "val", **TINY_SYNTHESIS}
-    common.update(options)
+    common.update(OPTIONS)
     common.update(nb_cl=6)  # two tasks: the second continues the first's checkpoint and replays impressions
     full = run(make_cfg(output_dir=str(tmp_path / "full"), **common))
     step = tmp_path / "steps"
