@@ -87,12 +87,15 @@ def set_overrides(name: str, dev_data: Path) -> dict[str, str]:
 
 
 def run_entry(
-    data_set: str, entry: str, seed: int, runs: Path, overrides: dict[str, str], memory: int
+    data_set: str, entry: str, seed: int, runs: Path, overrides: dict[str, str], memory: int, collect: bool = False
 ) -> dict[str, Any]:
-    """Run one entry and seed (or read back a finished run); a record with accuracies, minutes and data access."""
+    """Run one entry and seed (or read back a finished run); a record with accuracies, minutes and data access.
+    With ``collect`` nothing runs: a run not finished yet is recorded as ``missing``."""
     method, own = ENTRIES[entry]
     folder = runs / data_set / entry / f"seed{seed}"
     rec: dict[str, Any] = {"set": data_set, "entry": entry, "seed": seed, "output_dir": str(folder)}
+    if collect and not (folder / "metrics.json").is_file():
+        return {**rec, "status": "missing"}
     try:
         values = {"progress": "false", **own, **overrides, "seed": seed, "output_dir": str(folder)}
         if method in REHEARSAL:
@@ -123,7 +126,7 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (set, entry) over its finished seeds."""
     rows = []
     for key in dict.fromkeys((r["set"], r["entry"]) for r in records):
-        ok = [r for r in records if (r["set"], r["entry"]) == key and r["status"] != "failed"]
+        ok = [r for r in records if (r["set"], r["entry"]) == key and r["status"] in ("done", "skipped")]
         if ok:
             rows.append(
                 {
@@ -157,8 +160,9 @@ def write_outputs(out: Path, records: list[dict[str, Any]], rows: list[dict[str,
     lines.append("|---|---|---|---:|---:|---:|---|")
     for r in rows:
         seeds, access = ",".join(map(str, r["seeds"])), ", ".join(map(str, r["access"]))
+        last, average = (pm(r[k]) if len(r["seeds"]) > 1 else f"{r[k][0]:.2f}" for k in ("last", "average"))
         lines.append(
-            f"| {r['set']} | {r['entry']} | {seeds} | {pm(r['last'])} | {pm(r['average'])} | {r['minutes']:.1f} "
+            f"| {r['set']} | {r['entry']} | {seeds} | {last} | {average} | {r['minutes']:.1f} "
             f"| {access} |"
         )
     for data_set in dict.fromkeys(r["set"] for r in rows):
@@ -168,6 +172,10 @@ def write_outputs(out: Path, records: list[dict[str, Any]], rows: list[dict[str,
     failed = [r for r in records if r["status"] == "failed"]
     lines += ["", f"## Failed runs ({len(failed)})", ""]
     lines += [f"- {r['set']}/{r['entry']} seed {r['seed']}: {r['error']}" for r in failed]
+    missing = [r for r in records if r["status"] == "missing"]
+    if missing:
+        lines += ["", f"## Not run yet ({len(missing)}, --collect)", ""]
+        lines += [", ".join(f"{r['set']}/{r['entry']} seed {r['seed']}" for r in missing)]
     (out / "comparison.md").write_text("\n".join(lines) + "\n")
 
 
@@ -183,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=Path, default=Path("runs/comparison"))
     parser.add_argument("--quick", action="store_true", help="smoke run of the command: " + str(QUICK))
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--collect", action="store_true", help="run nothing: tabulate the finished runs only")
     args, extra = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if args.threads:
@@ -200,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     for data_set in args.sets:
         set_keys = {**overrides, **set_overrides(data_set, args.dev_data)}
         for entry in entries:
-            records += [run_entry(data_set, entry, s, args.runs, set_keys, args.memory) for s in args.seeds]
+            records += [
+                run_entry(data_set, entry, s, args.runs, set_keys, args.memory, args.collect) for s in args.seeds
+            ]
     header = [
         f"# Data-free comparison ({time.strftime('%Y-%m-%d %H:%M')})",
         "",

@@ -32,6 +32,12 @@ def test_quick_comparison_writes_the_table_with_data_access_and_skips_finished_r
     assert compare_methods.main(argv) == 0
     assert [r["status"] for r in csv.DictReader((out / "runs.csv").open())] == ["skipped"] * 2
     assert (runs / "digits" / "abd" / "seed0" / "metrics.json").stat().st_mtime_ns == stamp
+    collect = [*argv[:4], "finetune", "abd", "lwf", *argv[6:], "--collect"]  # lwf never ran: listed, not run
+    assert compare_methods.main(collect) == 0
+    assert [r["status"] for r in csv.DictReader((out / "runs.csv").open())] == ["skipped", "skipped", "missing"]
+    md = (out / "comparison.md").read_text()
+    assert "| digits | abd | 0 |" in md and "| digits | lwf |" not in md and "digits/lwf seed 0" in md
+    assert not (runs / "digits" / "lwf").exists()
 
 
 @pytest.mark.e2e
