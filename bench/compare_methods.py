@@ -161,10 +161,7 @@ def write_outputs(out: Path, records: list[dict[str, Any]], rows: list[dict[str,
     for r in rows:
         seeds, access = ",".join(map(str, r["seeds"])), ", ".join(map(str, r["access"]))
         last, average = (pm(r[k]) if len(r["seeds"]) > 1 else f"{r[k][0]:.2f}" for k in ("last", "average"))
-        lines.append(
-            f"| {r['set']} | {r['entry']} | {seeds} | {last} | {average} | {r['minutes']:.1f} "
-            f"| {access} |"
-        )
+        lines.append(f"| {r['set']} | {r['entry']} | {seeds} | {last} | {average} | {r['minutes']:.1f} | {access} |")
     for data_set in dict.fromkeys(r["set"] for r in rows):
         curves = {r["entry"]: r["curves"] for r in rows if r["set"] == data_set}
         png = plot_method_curves(out / f"curves_{data_set}.png", curves, f"{data_set}: accuracy after each task")[0]
