@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import incremental_train_and_eval  # noqa: F401  (declares every key, `seed` included)
+import incremental_train_and_eval as engine  # declares every key, `seed` included
 from dataloaders.image_set import ImageSet
 from experiment import config
 from methods.ccsi import synthesize_classes
@@ -61,6 +61,18 @@ class TinyCN(nn.Module):
         h = F.relu(self.bn2(self.gn2(self.conv2(h))))
         logits = self.fc(h.mean(dim=(2, 3)))
         return {"logits": logits} if self.as_dict else logits
+
+
+def method_at_task_2(cfg: config.Config):
+    """The run's method at the start of task 2 (task 1 untrained: only its end-of-task step) and task 2's context."""
+    state = engine.build_run(cfg, torch.device("cpu"))
+    for task in (1, 2):
+        task_cfg = cfg.for_task(task)
+        ctx = engine.task_context(state, task, task_cfg, engine.seed_everything(task))
+        state.method.begin_task(ctx, task_cfg)
+        if task == 1:
+            state.method.end_task(ctx)  # no training: memory, statistics, Fisher of the initial net
+    return state.method, ctx
 
 
 def tiny_teacher(seed: int = 0, **kwargs) -> TinyCN:

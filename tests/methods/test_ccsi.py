@@ -14,7 +14,7 @@ from experiment.config import load_config, parse_overrides
 from incremental_train_and_eval import run
 from methods.base import extract_features
 from methods.ccsi import CCSI, local_logits, refit_head
-from tiny import ROOT, write_digits, write_fake_medmnist
+from tiny import ROOT, method_at_task_2, write_digits, write_fake_medmnist
 from tuning import sweep
 
 TINY_SYNTHESIS = {"nb_generation": 1, "syn_batch_size": 8, "syn_iterations": 3, "syn_warmup": 1, "progress": False}
@@ -322,19 +322,10 @@ def test_local_logits_give_each_row_a_ce_over_its_own_side_by_hand():
 
 def ccsi_at_task_2(make_cfg, **keys):
     """A CCSI method at the start of task 2 of digits 0-3 (task 1 untrained) and its first training batch."""
-    import incremental_train_and_eval as engine
-
     cfg = make_cfg(method="ccsi", nb_cl_fg=2, nb_cl=2, batch_size=16, idc_source="train", **TINY_SYNTHESIS, **keys)
-    state = engine.build_run(cfg, torch.device("cpu"))
-    for task in (1, 2):
-        task_cfg = cfg.for_task(task)
-        ctx = engine.task_context(state, task, task_cfg, engine.seed_everything(task))
-        state.method.begin_task(ctx, task_cfg)
-        if task == 1:
-            state.method.end_task(ctx)
-    state.method.on_epoch_start(ctx, 0)
-    batch = state.method.before_step(next(iter(state.method.train_batches(ctx, 0))))
-    return state.method, ctx, batch
+    method, ctx = method_at_task_2(cfg)
+    method.on_epoch_start(ctx, 0)
+    return method, ctx, method.before_step(next(iter(method.train_batches(ctx, 0))))
 
 
 def test_local_ce_trains_the_network_on_each_side_and_the_head_on_all_classes(make_cfg):

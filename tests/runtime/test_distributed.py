@@ -21,7 +21,7 @@ from experiment import config
 from experiment.config import ConfigError
 from models.layers.synced_batch_norm import SyncedBatchNorm2d, sync_batch_norm
 from runtime import distributed
-from tiny import ROOT, write_digits
+from tiny import ROOT, method_at_task_2, write_digits
 
 TIMEOUT = 240  # seconds a group of ranks may take before the test fails instead of hanging
 
@@ -409,22 +409,13 @@ def _method_steps_on_shards(rank, names):
     """For each method: its first training step of task 2, on the whole global batch in one process and on this
     rank's shard in a 2-rank group (gradients summed). Equal gradients mean every loss term forms its sums over
     the global batch (a loss that is not a per-sample mean but ignores the batch's shard fails here)."""
-    import incremental_train_and_eval as engine
-
     prepared = []
     for name in names:
         folder = tempfile.mkdtemp(prefix=f"rank{rank}-")  # impressions grids: one folder per rank, not the repo
         keys = METHOD_VARIANTS.get(name, {"method": name})
         cfg = config.load_config(overrides={**METHOD_STEP, **keys, "output_dir": folder})
-        state = engine.build_run(cfg, torch.device("cpu"))
-        for task in (1, 2):
-            task_cfg = cfg.for_task(task)
-            ctx = engine.task_context(state, task, task_cfg, engine.seed_everything(task))
-            state.method.begin_task(ctx, task_cfg)
-            if task == 1:
-                state.method.end_task(ctx)  # no training: memory, statistics, Fisher of the initial net
-        batch = next(iter(state.method.train_batches(ctx, 0)))
-        prepared.append((name, state.method, ctx, batch))
+        method, ctx = method_at_task_2(cfg)
+        prepared.append((name, method, ctx, next(iter(method.train_batches(ctx, 0)))))
 
     def gradients(method, ctx, batch):
         method.train()
