@@ -12,10 +12,12 @@ per timed repeat:
   fastest    today with --fast_precision and --fast_compile (precision.py);
   graphs     on CUDA: fastest's precision with compile graphs (the whole step captured as CUDA graphs).
 Synthesis (images x iterations / s): reference = the per-batch loop with the released code's two-pass autograd
-moments, today = ``synthesize`` as the engine calls it (CPU: two batches per tensor; GPU: all; one-pass fused
-moments, ``syn_fused_moments`` true), two-pass = today with ``syn_fused_moments: false`` (the default before issue
-27 item 4; target on a CPU: today >= 1.3x two-pass), fastest = today with the switches, graphs (CUDA) = fastest
-with compile graphs (the whole iteration captured).
+moments, today = ``synthesize`` as the engine calls it (CPU: one batch per tensor; GPU: all; one-pass fused
+moments, ``syn_fused_moments`` true; the frozen teacher's eval normalisation as one affine,
+``synthesis_losses.frozen_norm_affine``), two-pass = today with ``syn_fused_moments: false`` and batch_norm's eval
+kernel (the code before issue 27 item 4; target on a CPU: today >= 1.3x two-pass), bn-kernel = today with
+batch_norm's eval kernel (what the affine adds), fastest = today with the switches, graphs (CUDA) = fastest with
+compile graphs (the whole iteration captured).
 Each pipeline is warmed up first (timed apart: allocator, caches, compilation); then --repeats rounds each run
 every pipeline once, in turn, so a change in the machine's load touches all of them; min and median per pipeline
 and their ratios are printed, with the peak memory and the machine, and the table is written to --out.
@@ -49,6 +51,7 @@ from bench.synthesis_speed import (
     Variant,
     build_teacher,
     describe_machine,
+    normalisation,
     peak_memory,
     reset_peak,
     resolve_device,
@@ -72,8 +75,8 @@ TRAIN_TARGET, SYNTHESIS_TARGET = 5.0, 10.0  # speed-ups over the reference wante
 # with syn_fused_moments (equal up to float rounding).
 FASTEST = {"cpu": ("fp32", False), "cuda": ("bf16", True)}
 PIPELINES = ("reference", "today", "fastest")
-SYNTHESIS_PIPELINES = ("reference", "two-pass", "today", "fastest")
-MOMENTS_TARGET = 1.3  # synthesis today / two-pass moments on a CPU
+SYNTHESIS_PIPELINES = ("reference", "two-pass", "bn-kernel", "today", "fastest")
+MOMENTS_TARGET = 1.3  # synthesis today / two-pass (the code before issue 27 item 4) on a CPU
 
 
 def make_images(n: int, classes: list[int], seed: int) -> ImageSet:
@@ -205,8 +208,9 @@ def measure_synthesis(args: argparse.Namespace, device: torch.device, variants: 
         conf = cfg.replace(precision=v.precision, compile=v.compile, syn_fused_moments=v.fused_moments)
         chunk = v.chunk if v.vectorised else 1  # 1: one batch at a time, the per-batch loop
 
-        def run(c: config.Config, chunk: int | None = chunk) -> Any:
-            return synthesize_classes(teacher, CLASSES, (3, 32, 32), c, 0, device, memory, group_chunk=chunk)
+        def run(c: config.Config, chunk: int | None = chunk, v: Variant = v) -> Any:
+            with normalisation(v):
+                return synthesize_classes(teacher, CLASSES, (3, 32, 32), c, 0, device, memory, group_chunk=chunk)
 
         warm = conf.replace(syn_iterations=2)
         runs[name] = lambda c=conf, run=run: run(c)
@@ -264,8 +268,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     training = measure_training(args, device, fast, same, graphs)
     chunk = default_group_chunk(device)
     variants = {
-        "reference": Variant(vectorised=False),
-        "two-pass": Variant(chunk=chunk),
+        "reference": Variant(vectorised=False, frozen_affine=False),
+        "two-pass": Variant(chunk=chunk, frozen_affine=False),
+        "bn-kernel": Variant(chunk=chunk, fused_moments=True, frozen_affine=False),
         "today": Variant(chunk=chunk, fused_moments=True),
         "fastest": Variant(chunk=chunk, precision=fast_precision, compile=fast_compile, fused_moments=True),
     }
@@ -294,9 +299,12 @@ def report(
         "per-batch .to(device), teacher every step; fp32",
         ("training", "today"): "today: train_epoch, BatchLoader on the device, teacher cache; fp32",
         ("training", "fastest"): f"fastest: today's, {switches}" + (" (= today: measured once)" if same else ""),
-        ("synthesis", "reference"): "reference: per-batch loop, two-pass autograd moments; fp32",
-        ("synthesis", "two-pass"): "two-pass: today's with syn_fused_moments false (the previous default); fp32",
-        ("synthesis", "today"): "today: batches in one tensor (CPU: 2 per tensor), one-pass fused moments; fp32",
+        ("synthesis", "reference"): "reference: per-batch loop, two-pass autograd moments, eval batch_norm; fp32",
+        ("synthesis", "two-pass"): "two-pass: today's with syn_fused_moments false and the eval batch_norm kernel "
+        "(the code before issue 27 item 4); fp32",
+        ("synthesis", "bn-kernel"): "bn-kernel: today's with the eval batch_norm kernel (fused moments only); fp32",
+        ("synthesis", "today"): "today: batches in one tensor (CPU: one per tensor), one-pass fused moments, the "
+        "teacher's normalisation as a frozen affine; fp32",
         ("synthesis", "fastest"): f"fastest: today's, {switches}, syn_fused_moments",
         ("training", "graphs"): f"graphs: today's, precision {fast.precision}, compile graphs (step captured)",
         ("synthesis", "graphs"): f"graphs: today's, precision {fast.precision}, compile graphs, syn_fused_moments",
@@ -355,7 +363,7 @@ def report(
     moments = syn["two-pass"]["min"] / syn["today"]["min"], syn["two-pass"]["median"] / syn["today"]["median"]
     met = "met" if moments[0] >= MOMENTS_TARGET else "NOT met"
     lines.append(
-        f"synthesis today / two-pass moments: {moments[0]:.2f}x min, {moments[1]:.2f}x median"
+        f"synthesis today / two-pass (before item 4): {moments[0]:.2f}x min, {moments[1]:.2f}x median"
         + ("" if gpu else f" (target on a CPU: >= {MOMENTS_TARGET}x, {met})")
     )
     images = {name: r["result"].images.x for name, r in syn.items()}
