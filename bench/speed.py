@@ -15,9 +15,9 @@ Synthesis (images x iterations / s): reference = the per-batch loop with the rel
 moments, today = ``synthesize`` as the engine calls it (CPU: one batch per tensor; GPU: all; one-pass fused
 moments, ``syn_fused_moments`` true; the frozen teacher's eval normalisation as one affine,
 ``synthesis_losses.frozen_norm_affine``), two-pass = today with ``syn_fused_moments: false`` and batch_norm's eval
-kernel (the code before issue 27 item 4; target on a CPU: today >= 1.3x two-pass), bn-kernel = today with
-batch_norm's eval kernel (what the affine adds), fastest = today with the switches, graphs (CUDA) = fastest with
-compile graphs (the whole iteration captured).
+kernel and, on a CPU, two batches per tensor (the code before issue 27 item 4; target on a CPU: today >= 1.3x
+two-pass), bn-kernel = today with batch_norm's eval kernel (what the affine adds), fastest = today with the
+switches, graphs (CUDA) = fastest with compile graphs (the whole iteration captured).
 Each pipeline is warmed up first (timed apart: allocator, caches, compilation); then --repeats rounds each run
 every pipeline once, in turn, so a change in the machine's load touches all of them; min and median per pipeline
 and their ratios are printed, with the peak memory and the machine, and the table is written to --out.
@@ -76,6 +76,7 @@ TRAIN_TARGET, SYNTHESIS_TARGET = 5.0, 10.0  # speed-ups over the reference wante
 FASTEST = {"cpu": ("fp32", False), "cuda": ("bf16", True)}
 PIPELINES = ("reference", "today", "fastest")
 SYNTHESIS_PIPELINES = ("reference", "two-pass", "bn-kernel", "today", "fastest")
+BEFORE_CPU_CHUNK = 2  # batches per tensor on a CPU before issue 27 (CPU_GROUP_CHUNK at 2b9805c)
 MOMENTS_TARGET = 1.3  # synthesis today / two-pass (the code before issue 27 item 4) on a CPU
 
 
@@ -269,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     chunk = default_group_chunk(device)
     variants = {
         "reference": Variant(vectorised=False, frozen_affine=False),
-        "two-pass": Variant(chunk=chunk, frozen_affine=False),
+        "two-pass": Variant(chunk=BEFORE_CPU_CHUNK if device.type == "cpu" else chunk, frozen_affine=False),
         "bn-kernel": Variant(chunk=chunk, fused_moments=True, frozen_affine=False),
         "today": Variant(chunk=chunk, fused_moments=True),
         "fastest": Variant(chunk=chunk, precision=fast_precision, compile=fast_compile, fused_moments=True),
@@ -300,8 +301,8 @@ def report(
         ("training", "today"): "today: train_epoch, BatchLoader on the device, teacher cache; fp32",
         ("training", "fastest"): f"fastest: today's, {switches}" + (" (= today: measured once)" if same else ""),
         ("synthesis", "reference"): "reference: per-batch loop, two-pass autograd moments, eval batch_norm; fp32",
-        ("synthesis", "two-pass"): "two-pass: today's with syn_fused_moments false and the eval batch_norm kernel "
-        "(the code before issue 27 item 4); fp32",
+        ("synthesis", "two-pass"): "two-pass: the code before issue 27 item 4: syn_fused_moments false, the eval "
+        f"batch_norm kernel{', two batches per tensor' if not gpu else ''}; fp32",
         ("synthesis", "bn-kernel"): "bn-kernel: today's with the eval batch_norm kernel (fused moments only); fp32",
         ("synthesis", "today"): "today: batches in one tensor (CPU: one per tensor), one-pass fused moments, the "
         "teacher's normalisation as a frozen affine; fp32",
