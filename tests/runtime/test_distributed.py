@@ -409,11 +409,15 @@ def _method_steps_on_shards(rank, names):
     """For each method: its first training step of task 2, on the whole global batch in one process and on this
     rank's shard in a 2-rank group (gradients summed). Equal gradients mean every loss term forms its sums over
     the global batch (a loss that is not a per-sample mean but ignores the batch's shard fails here)."""
+    with tempfile.TemporaryDirectory(prefix=f"rank{rank}-") as folder:  # impressions grids: not in the repo
+        return _shard_differences(names, Path(folder))
+
+
+def _shard_differences(names, folder):
     prepared = []
     for name in names:
-        folder = tempfile.mkdtemp(prefix=f"rank{rank}-")  # impressions grids: one folder per rank, not the repo
         keys = METHOD_VARIANTS.get(name, {"method": name})
-        cfg = config.load_config(overrides={**METHOD_STEP, **keys, "output_dir": folder})
+        cfg = config.load_config(overrides={**METHOD_STEP, **keys, "output_dir": str(folder / name)})
         method, ctx = method_at_task_2(cfg)
         prepared.append((name, method, ctx, next(iter(method.train_batches(ctx, 0)))))
 
