@@ -53,6 +53,7 @@ from training.task_training import fit_task, predict_labels
 from tuning.best import resolve_saved_model_address
 
 log = logging.getLogger(__name__)
+LOADED_CODE = provenance.git_commit()  # the checkout this process's code was imported from (recorded by each run)
 
 register_options(
     "run",
@@ -400,7 +401,7 @@ def _run(cfg: Config, device: torch.device, main_process: bool) -> dict[str, Any
     cfg = cfg.replace(output_dir=str(output_dir))
     state = build_run(cfg, device)
     state.run_hash = run_hash
-    state.code = provenance.git_commit()
+    state.code = provenance.process_code(LOADED_CODE)
     with contextlib.ExitStack() as lock:
         with distributed.main_first():  # a folder in use stops every rank, not only rank 0
             if main_process:

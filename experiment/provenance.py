@@ -43,6 +43,13 @@ def git_commit(root: Path = ROOT) -> dict[str, Any]:
     return {"commit": commit, "dirty": bool(status.strip())}
 
 
+def process_code(loaded: dict[str, Any]) -> dict[str, Any]:
+    """The code a run in this process executes: ``loaded`` (``git_commit()`` when the process imported the engine),
+    marked dirty when the checkout has changed since: the modules already imported are ``loaded``'s code, not the
+    files on disk (a long-lived process, e.g. ``bench/compare_methods.py``, while commits land)."""
+    return loaded if git_commit() == loaded else {**loaded, "dirty": True}
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:

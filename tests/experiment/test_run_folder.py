@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import incremental_train_and_eval as engine
 import main
 from experiment.checkpoint import TaskCheckpoint, completed_tasks, task_checkpoint_path
 from experiment.config import ConfigError
@@ -116,6 +117,18 @@ def test_overwrite_moves_the_old_run_aside_so_a_killed_rerun_never_adopts_its_ch
     assert metrics(out)["accuracy_matrix"] == metrics(reference)["accuracy_matrix"]  # seed 1 only
 
 
+def test_a_process_whose_checkout_moved_on_records_the_code_it_imported_marked_dirty(monkeypatch):
+    """A long-lived process (bench/compare_methods.py) imported commit a; runs it starts after commit b landed
+    execute a's modules: they record a, marked dirty, never b."""
+    from experiment import provenance
+
+    loaded = {"commit": "a" * 40, "dirty": False}
+    monkeypatch.setattr(provenance, "git_commit", lambda root=None: {"commit": "b" * 40, "dirty": False})
+    assert provenance.process_code(loaded) == {"commit": "a" * 40, "dirty": True}
+    monkeypatch.setattr(provenance, "git_commit", lambda root=None: dict(loaded))
+    assert provenance.process_code(loaded) == loaded  # the checkout it imported: as it is
+
+
 @pytest.mark.e2e
 def test_a_resume_with_other_code_says_so_in_one_line_and_each_task_records_its_commit(tmp_path, monkeypatch, caplog):
     from experiment import provenance
@@ -123,6 +136,7 @@ def test_a_resume_with_other_code_says_so_in_one_line_and_each_task_records_its_
     out = tmp_path / "run"
     code = {"commit": "a" * 40, "dirty": False}
     monkeypatch.setattr(provenance, "git_commit", lambda root=None: dict(code))
+    monkeypatch.setattr(engine, "LOADED_CODE", dict(code))  # as a process started on commit a imports it
 
     def stop(self, ctx, epoch):
         if ctx.task == 2:
@@ -132,6 +146,7 @@ def test_a_resume_with_other_code_says_so_in_one_line_and_each_task_records_its_
         m.setattr(Finetune, "on_epoch_start", stop)
         assert run_main([f"--output_dir={out}"])[0] == 130
     code.update(commit="b" * 40, dirty=True)  # a new commit, with uncommitted changes
+    monkeypatch.setattr(engine, "LOADED_CODE", dict(code))  # the resume is a new process: it imports b
     caplog.clear()
     assert run_main([f"--output_dir={out}", "--resume=true"])[0] == 0
     lines = [r.getMessage() for r in caplog.records if "other code" in r.getMessage()]
