@@ -52,7 +52,9 @@ def capture_bn_inputs(layers: list[nn.BatchNorm2d]) -> Iterator[dict[int, Tensor
 
 
 def _affine(scale: Tensor, shift: Tensor, x: Tensor) -> Tensor:
-    return torch.addcmul(shift.to(x.dtype), x, scale.to(x.dtype))
+    if x.dtype == scale.dtype:
+        return torch.addcmul(shift, x, scale)
+    return torch.addcmul(shift, x.to(scale.dtype), scale).to(x.dtype)  # autocast: in float32, as batch_norm does
 
 
 @contextmanager

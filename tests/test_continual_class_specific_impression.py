@@ -222,6 +222,9 @@ def test_frozen_norm_affine_equals_eval_batch_norm_keeps_the_hooks_and_restores_
             assert torch.allclose(torch.autograd.grad(y, x, grad_out)[0], g_ref, rtol=1e-6, atol=1e-6)
         batch_stats = F.batch_norm(x, None, None, training.weight, training.bias, True, 0.0, training.eps)
         assert torch.allclose(training(x), batch_stats, atol=1e-6)  # normalised by its batch's statistics
+        low = x.detach().bfloat16()  # under autocast: computed in float32, returned in the input's dtype
+        exact = F.batch_norm(low.float(), frozen.running_mean, frozen.running_var, frozen.weight, frozen.bias, eps=1e-5)
+        assert frozen(low).dtype == torch.bfloat16 and torch.allclose(frozen(low).float(), exact, rtol=1e-2, atol=1e-2)
     assert all("forward" not in m.__dict__ for m in layers)
     assert torch.equal(frozen(x), expected[0]) and torch.equal(plain_bn(x), expected[1])
 
