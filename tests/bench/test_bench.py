@@ -226,7 +226,7 @@ def test_gpu_check_shortened_runs_without_medmnist_wandb_tensorboard_and_opens_w
     assert re.search(r"^- data: generated .*fake_bloodmnist\.npz \(64 train images, BloodMNIST's shape", text, re.M)
     tasks = [line.split("|")[1].strip() for line in lines if re.match(r"\| [1-4] \| ", line)]
     assert tasks == ["1", "2", "3", "4"]  # the protocol's per-task table
-    assert text.count("| training |") == 3 and text.count("| synthesis |") == 4  # speed.py's rows
+    assert text.count("| training |") == 3 and text.count("| synthesis |") == 5  # speed.py's rows
     assert "FAILED" not in text and "stopped" not in text and re.search(r"^total: \d+\.\d s", text, re.M)
     assert {p.name for p in out.iterdir()} == {
         f"gpu_check_cpu{x}" for x in (".md", ".log", "_protocol.md", "_speed.md")
