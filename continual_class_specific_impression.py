@@ -37,7 +37,6 @@ from synthesis_losses import (
     bn_layers,
     capture_bn_inputs,
     eval_mode,
-    frozen_norm_affine,
     teacher_logits,
 )
 
@@ -306,7 +305,7 @@ def _optimise(
         x5 = images.reshape(g, b, *images.shape[1:])  # (G, B, C, H, W)
         return sl.jitter_flip(x5, shift, flip) if cfg.jitter > 0 or cfg.do_flip else x5
 
-    with capture_bn_inputs(layers) as store, frozen_norm_affine(layers):
+    with capture_bn_inputs(layers) as store:
 
         def iteration(shift: Tensor, flip: Tensor, it: Tensor) -> Tensor:
             with precision.autocast(cfg, x.device):  # fp32: no autocast at all

@@ -12,7 +12,6 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import torch
@@ -49,40 +48,6 @@ def capture_bn_inputs(layers: list[nn.BatchNorm2d]) -> Iterator[dict[int, Tensor
     finally:
         for handle in handles:
             handle.remove()
-
-
-def _affine(scale: Tensor, shift: Tensor, x: Tensor) -> Tensor:
-    if x.dtype == scale.dtype:
-        return torch.addcmul(shift, x, scale)
-    return torch.addcmul(shift, x.to(scale.dtype), scale).to(x.dtype)  # autocast: in float32, as batch_norm does
-
-
-@contextmanager
-def frozen_norm_affine(layers: list[nn.BatchNorm2d]) -> Iterator[None]:
-    """While active, each of ``layers`` in eval mode with running statistics computes its output as one per-channel
-    affine ``x * scale + shift`` precomputed on entry (the layers must not change meanwhile: a frozen teacher).
-
-    Equal to batch_norm's eval output up to float rounding; its input gradient is one multiply, where the CPU's
-    eval batch-norm backward kernel took about twice as long (bench/speed.py, synthesis rows). Forward pre-hooks
-    (``capture_bn_inputs``) still see each layer's input."""
-    patched = []
-    for layer in layers:
-        if layer.training or layer.running_mean is None or layer.running_var is None:
-            continue
-        with torch.no_grad():
-            scale = torch.rsqrt(layer.running_var + layer.eps)
-            if layer.weight is not None:
-                scale = scale * layer.weight
-            shift = -layer.running_mean * scale
-            if layer.bias is not None:
-                shift = shift + layer.bias
-        layer.forward = partial(_affine, scale[:, None, None], shift[:, None, None])  # an instance attribute
-        patched.append(layer)
-    try:
-        yield
-    finally:
-        for layer in patched:
-            del layer.forward  # the class's forward again
 
 
 @contextmanager

@@ -13,10 +13,8 @@ per timed repeat:
   graphs     on CUDA: fastest's precision with compile graphs (the whole step captured as CUDA graphs).
 Synthesis (images x iterations / s): reference = the per-batch loop with the released code's two-pass autograd
 moments, today = ``synthesize`` as the engine calls it (CPU: one batch per tensor; GPU: all; one-pass fused
-moments, ``syn_fused_moments`` true; the frozen teacher's eval normalisation as one affine,
-``synthesis_losses.frozen_norm_affine``), two-pass = today with ``syn_fused_moments: false`` and batch_norm's eval
-kernel and, on a CPU, two batches per tensor (the code before issue 27 item 4; target on a CPU: today >= 1.3x
-two-pass), bn-kernel = today with batch_norm's eval kernel (what the affine adds), fastest = today with the
+moments, ``syn_fused_moments`` true), two-pass = today with ``syn_fused_moments: false`` and, on a CPU, two batches
+per tensor (the code before issue 27 item 4; target on a CPU: today >= 1.3x two-pass), fastest = today with the
 switches, graphs (CUDA) = fastest with compile graphs (the whole iteration captured).
 Each pipeline is warmed up first (timed apart: allocator, caches, compilation); then --repeats rounds each run
 every pipeline once, in turn, so a change in the machine's load touches all of them; min and median per pipeline
@@ -51,7 +49,6 @@ from bench.synthesis_speed import (
     Variant,
     build_teacher,
     describe_machine,
-    normalisation,
     peak_memory,
     reset_peak,
     resolve_device,
@@ -75,7 +72,7 @@ TRAIN_TARGET, SYNTHESIS_TARGET = 5.0, 10.0  # speed-ups over the reference wante
 # with syn_fused_moments (equal up to float rounding).
 FASTEST = {"cpu": ("fp32", False), "cuda": ("bf16", True)}
 PIPELINES = ("reference", "today", "fastest")
-SYNTHESIS_PIPELINES = ("reference", "two-pass", "bn-kernel", "today", "fastest")
+SYNTHESIS_PIPELINES = ("reference", "two-pass", "today", "fastest")
 BEFORE_CPU_CHUNK = 2  # batches per tensor on a CPU before issue 27 (CPU_GROUP_CHUNK at 2b9805c)
 MOMENTS_TARGET = 1.3  # synthesis today / two-pass (the code before issue 27 item 4) on a CPU
 
@@ -209,9 +206,8 @@ def measure_synthesis(args: argparse.Namespace, device: torch.device, variants: 
         conf = cfg.replace(precision=v.precision, compile=v.compile, syn_fused_moments=v.fused_moments)
         chunk = v.chunk if v.vectorised else 1  # 1: one batch at a time, the per-batch loop
 
-        def run(c: config.Config, chunk: int | None = chunk, v: Variant = v) -> Any:
-            with normalisation(v):
-                return synthesize_classes(teacher, CLASSES, (3, 32, 32), c, 0, device, memory, group_chunk=chunk)
+        def run(c: config.Config, chunk: int | None = chunk) -> Any:
+            return synthesize_classes(teacher, CLASSES, (3, 32, 32), c, 0, device, memory, group_chunk=chunk)
 
         warm = conf.replace(syn_iterations=2)
         runs[name] = lambda c=conf, run=run: run(c)
@@ -269,9 +265,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     training = measure_training(args, device, fast, same, graphs)
     chunk = default_group_chunk(device)
     variants = {
-        "reference": Variant(vectorised=False, frozen_affine=False),
-        "two-pass": Variant(chunk=BEFORE_CPU_CHUNK if device.type == "cpu" else chunk, frozen_affine=False),
-        "bn-kernel": Variant(chunk=chunk, fused_moments=True, frozen_affine=False),
+        "reference": Variant(vectorised=False),
+        "two-pass": Variant(chunk=BEFORE_CPU_CHUNK if device.type == "cpu" else chunk),
         "today": Variant(chunk=chunk, fused_moments=True),
         "fastest": Variant(chunk=chunk, precision=fast_precision, compile=fast_compile, fused_moments=True),
     }
@@ -300,12 +295,10 @@ def report(
         "per-batch .to(device), teacher every step; fp32",
         ("training", "today"): "today: train_epoch, BatchLoader on the device, teacher cache; fp32",
         ("training", "fastest"): f"fastest: today's, {switches}" + (" (= today: measured once)" if same else ""),
-        ("synthesis", "reference"): "reference: per-batch loop, two-pass autograd moments, eval batch_norm; fp32",
-        ("synthesis", "two-pass"): "two-pass: the code before issue 27 item 4: syn_fused_moments false, the eval "
-        f"batch_norm kernel{', two batches per tensor' if not gpu else ''}; fp32",
-        ("synthesis", "bn-kernel"): "bn-kernel: today's with the eval batch_norm kernel (fused moments only); fp32",
-        ("synthesis", "today"): "today: batches in one tensor (CPU: one per tensor), one-pass fused moments, the "
-        "teacher's normalisation as a frozen affine; fp32",
+        ("synthesis", "reference"): "reference: per-batch loop, two-pass autograd moments; fp32",
+        ("synthesis", "two-pass"): "two-pass: the code before issue 27 item 4: syn_fused_moments false"
+        f"{', two batches per tensor' if not gpu else ''}; fp32",
+        ("synthesis", "today"): "today: batches in one tensor (CPU: one per tensor), one-pass fused moments; fp32",
         ("synthesis", "fastest"): f"fastest: today's, {switches}, syn_fused_moments",
         ("training", "graphs"): f"graphs: today's, precision {fast.precision}, compile graphs (step captured)",
         ("synthesis", "graphs"): f"graphs: today's, precision {fast.precision}, compile graphs, syn_fused_moments",

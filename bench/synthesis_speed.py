@@ -19,7 +19,7 @@ import platform
 import resource
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,22 +127,6 @@ class Variant:
     precision: str = "fp32"
     compile: bool | str = False  # the compile key: false, true or graphs
     fused_moments: bool = False  # syn_fused_moments
-    frozen_affine: bool = True  # the teacher's eval normalisation as one affine (False: batch_norm's eval kernel)
-
-
-@contextlib.contextmanager
-def normalisation(variant: Variant) -> Iterator[None]:
-    """Synthesis with the teacher's eval normalisation as ``variant`` says: the frozen affine (the engine's path) or,
-    for the code as it was before issue 27, batch_norm's eval kernel (``frozen_norm_affine`` patched out)."""
-    if variant.frozen_affine:
-        yield
-        return
-    original = ccsi.frozen_norm_affine
-    ccsi.frozen_norm_affine = lambda layers: contextlib.nullcontext()
-    try:
-        yield
-    finally:
-        ccsi.frozen_norm_affine = original
 
 
 def measure_synthesis(
@@ -168,8 +152,7 @@ def measure_synthesis(
 
         def run(c: config.Config, v: Variant = v) -> ccsi.SynthesisResult:
             group_chunk = v.chunk if v.vectorised else 1  # 1: one batch at a time, the per-batch loop
-            with normalisation(v):
-                return synthesize_classes(teacher, classes, (3, 32, 32), c, 0, device, memory, group_chunk=group_chunk)
+            return synthesize_classes(teacher, classes, (3, 32, 32), c, 0, device, memory, group_chunk=group_chunk)
 
         warm = conf.replace(syn_iterations=2)
         warmup_s, _ = timed(lambda c=warm: run(c))

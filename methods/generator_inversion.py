@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from dataloaders.batches import BatchShard
 from experiment.config import Config, Option, register_options
-from synthesis_losses import bn_layers, capture_bn_inputs, eval_mode, frozen_norm_affine
+from synthesis_losses import bn_layers, capture_bn_inputs, eval_mode
 
 register_options(
     "generator_inversion",
@@ -168,7 +168,7 @@ class InversionGenerator:
         layers = bn_layers(teacher)
         terms: dict[str, Tensor] = {}
         self.net.train()
-        with eval_mode(teacher), capture_bn_inputs(layers) as inputs, frozen_norm_affine(layers):
+        with eval_mode(teacher), capture_bn_inputs(layers) as inputs:
             for _ in range(cfg.gen_iterations):
                 z = torch.randn(cfg.gen_batch_size, self.net.z_dim, generator=generator).to(self.device)
                 x = self.net(z)  # (B, C, H, W)

@@ -23,7 +23,7 @@ def read_metrics(folder):
 
 @pytest.mark.e2e
 def test_finetune_forgets_and_joint_does_not(make_cfg, tmp_path):
-    common = {"epochs": 3, "lr": 0.1, "nb_cl_fg": 2, "nb_cl": 2}  # measured: finetune last 18.7, joint 95.2
+    common = {"epochs": 2, "lr": 0.1, "nb_cl_fg": 2, "nb_cl": 2}  # measured: finetune last 18.4, joint 93.3
     ft = run(make_cfg(method="finetune", output_dir=str(tmp_path / "ft"), **common))
     joint = run(make_cfg(method="joint", output_dir=str(tmp_path / "joint"), **common))
     # finetune: only the last task's two classes survive

@@ -243,6 +243,7 @@ def test_a_two_point_task_sweep_chains_to_the_better_point_on_val(tmp_path, monk
     monkeypatch.chdir(ROOT)
     sweeps = tmp_path / "sweeps"
     common = {"nb_cl_fg": {"value": 4}, "nb_cl": {"value": 3}, "epochs": {"value": 2}, "progress": {"value": False}}
+    common["batch_size"] = {"value": 64}  # half the steps: the test's time
     task1 = {
         **common,
         "task": {"value": 1},
