@@ -31,14 +31,7 @@ import synthesis_losses as sl
 from dataloaders.image_set import ImageSet
 from experiment.config import Config, Option, register_options
 from runtime import precision
-from synthesis_losses import (
-    LOSS_TERMS,
-    LossWeights,
-    bn_layers,
-    capture_bn_inputs,
-    eval_mode,
-    teacher_logits,
-)
+from synthesis_losses import LOSS_TERMS, LossWeights, bn_layers, capture_bn_inputs, eval_mode, teacher_logits
 
 register_options(
     "synthesis",
