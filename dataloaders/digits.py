@@ -6,6 +6,10 @@ Pixels 0..16 are scaled to 0..255 and resized to 32x32 (bilinear), 1 channel, 10
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
+import numpy as np
 import torch
 
 from dataloaders.image_set import DataSplits, ImageSet
@@ -18,15 +22,22 @@ FRACTIONS = (0.6, 0.1, 0.3)  # train, val, test
 SIZE = 32
 
 
+def digits_file() -> Path:
+    """scikit-learn's digits file (1797 rows: 64 pixels 0..16 and the label), located without importing
+    scikit-learn, whose import costs about a second in every process that loads digits."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("scikit-learn is not installed: pip install -r requirements.txt")
+    return Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+
+
 def digits_images() -> tuple[torch.Tensor, torch.Tensor]:
     """All 1797 images (N, 1, 32, 32) uint8 and labels (N,) int64."""
-    from sklearn.datasets import load_digits as sklearn_digits  # here: scikit-learn (and pandas) cost ~1 s to import
-
-    data = sklearn_digits()
-    x = torch.as_tensor(data.images, dtype=torch.float32)[:, None] * (255.0 / 16.0)  # (N, 1, 8, 8)
+    rows = np.loadtxt(digits_file(), delimiter=",")  # (1797, 65), what sklearn.datasets.load_digits reads
+    x = torch.as_tensor(rows[:, :-1], dtype=torch.float32).reshape(-1, 1, 8, 8) * (255.0 / 16.0)  # (N, 1, 8, 8)
     x = torch.nn.functional.interpolate(x, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
     x = x.round().clamp(0, 255).to(torch.uint8)  # (N, 1, 32, 32)
-    return x, torch.as_tensor(data.target, dtype=torch.long)
+    return x, torch.as_tensor(rows[:, -1], dtype=torch.long)
 
 
 @register_dataset("digits")

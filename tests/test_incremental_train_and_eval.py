@@ -13,6 +13,7 @@ from experiment.errors import CheckpointError, TrainingError
 from incremental_train_and_eval import run
 from methods import METHODS
 from methods.finetune import Finetune
+from tiny import write_digits
 
 THREE_TASKS = {"nb_cl_fg": 4, "nb_cl": 3}  # digits: tasks of 4, 3, 3 classes
 
@@ -72,7 +73,9 @@ RESUMABLE = {
 @pytest.mark.parametrize("method", sorted(RESUMABLE))
 def test_resume_inside_a_task_equals_the_uninterrupted_run(make_cfg, tmp_path, monkeypatch, method):
     """Stopped in task 2 after its 2nd epoch, resumed from task_2_partial.pt: bit-identical results."""
-    values = {**THREE_TASKS, "epochs": 4, "save_every_epochs": 1, **RESUMABLE[method]}
+    data = write_digits(tmp_path / "digits.npz", 10, 400)  # 400 training images: a third of digits, a third the time
+    values = {**THREE_TASKS, "epochs": 4, "save_every_epochs": 1, **RESUMABLE[method], "dataset": "npz"}
+    values["data_path"] = data
     full = run(make_cfg(output_dir=str(tmp_path / "full"), **values))
     assert not list((tmp_path / "full").glob("*_partial.pt"))  # removed once each task completes
     cls = METHODS[method]

@@ -74,9 +74,15 @@ def test_digits_split_is_fixed_and_independent_of_seed():
 def test_digits_scaling_and_resize():
     from sklearn.datasets import load_digits
 
-    x, y = digits.digits_images()
+    x, y = digits.digits_images()  # read from scikit-learn's file without importing scikit-learn
     assert x.shape == (1797, 1, 32, 32) and y[:3].tolist() == [0, 1, 2]
-    src = torch.as_tensor(load_digits().images[0], dtype=torch.float64) * 255 / 16  # (8, 8) in 0..255
+    reference = load_digits()
+    assert torch.equal(y, torch.as_tensor(reference.target)), "the labels scikit-learn gives"
+    size = digits.SIZE
+    scaled = torch.as_tensor(reference.images, dtype=torch.float32)[:, None] * (255.0 / 16.0)
+    resized = torch.nn.functional.interpolate(scaled, size=(size, size), mode="bilinear", align_corners=False)
+    assert torch.equal(x, resized.round().clamp(0, 255).to(torch.uint8)), "the images scikit-learn gives, resized"
+    src = torch.as_tensor(reference.images[0], dtype=torch.float64) * 255 / 16  # (8, 8) in 0..255
     # bilinear x4, half-pixel centres: output i samples input (i + 0.5) / 4 - 0.5
     assert int(x[0, 0, 1, 1]) == round(float(src[0, 0]))  # -0.125 is clamped to pixel 0
     rows, cols = (0.125, 0.875), (0.875, 0.125)  # output row 13 -> 2.875, output col 14 -> 3.125
@@ -523,6 +529,9 @@ def test_cifar100_checksums_are_torchvisions_and_torchvision_is_imported_only_to
         cifar.meta["filename"]: cifar.meta["md5"]
     }
     assert published == torchvision_data.CIFAR100_MD5
-    code = "import sys, dataloaders; print('torchvision' in sys.modules, 'sklearn' in sys.modules)"
+    code = (
+        "import sys, dataloaders; print('torchvision' in sys.modules, 'sklearn' in sys.modules); "
+        "dataloaders.digits.digits_images(); print('sklearn' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["False", "False"]  # start-up imports neither: a digits run pays sklearn when it loads
+    assert out.split() == ["False", "False", "False"]  # start-up imports neither; loading digits reads sklearn's file

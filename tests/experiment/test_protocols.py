@@ -15,7 +15,7 @@ from experiment.config import ConfigError, load_config
 from methods.ccsi import CCSI
 from methods.class_statistics import ClassMemory
 from runtime.data_access import PATHS, DataAccess
-from tiny import ROOT, TWO_TASKS, random_images, tiny_teacher
+from tiny import ROOT, TWO_TASKS, random_images, tiny_teacher, write_digits
 
 # The keys through which a protocol decides which real data reach the method or choose its model.
 DATA_ACCESS_KEYS = {"idc_source", "select_on", "lr_monitor"}
@@ -115,7 +115,8 @@ TINY_GENERATOR = ["--gen_iterations=2", "--gen_batch_size=8", "--gen_width=8", "
 @pytest.mark.parametrize("protocol", ["clean", "improved"])
 @pytest.mark.parametrize("method", ["abd", "rdfcil", "pass"])
 def test_new_data_free_methods_see_no_old_class_image_under_either_protocol(method, protocol, tmp_path):
-    counts = audit(method, tmp_path, f"--protocol={protocol}", *TINY_GENERATOR)
+    data = write_digits(tmp_path / "digits.npz", 10, 300)  # 300 training images: PASS trains on 4 rotations of each
+    counts = audit(method, tmp_path, f"--protocol={protocol}", *TINY_GENERATOR, "--dataset=npz", f"--data_path={data}")
     assert counts == dict.fromkeys([*PATHS, "total"], 0)
 
 

@@ -69,9 +69,9 @@ def test_ccsi_per_task_chain_equals_the_uninterrupted_run(make_cfg, tmp_path):
     """Tasks run one at a time, each continuing the previous checkpoint (a resume after a kill: test_faults.py),
     with CCSI's options on: the prototypes of task 1 come back from its checkpoint for task 2's head refit (the
     paper's settings chain in tests/methods/test_methods.py)."""
-    common = {"method": "ccsi", "nb_cl_fg": 4, "nb_cl": 3, "epochs": 1, "idc_source": "val", **TINY_SYNTHESIS}
-    common.update(OPTIONS, batch_size=64)
-    common.update(nb_cl=6)  # two tasks: the second continues the first's checkpoint and replays impressions
+    data = write_digits(tmp_path / "digits.npz", 10, 400)  # 400 training images: a third of digits, a third the time
+    common = {"method": "ccsi", "nb_cl_fg": 4, "nb_cl": 6, "epochs": 1, "idc_source": "val", **TINY_SYNTHESIS}
+    common.update(OPTIONS, batch_size=64, dataset="npz", data_path=data)  # two tasks: the second continues the first
     full = run(make_cfg(output_dir=str(tmp_path / "full"), **common))
     step = tmp_path / "steps"
     run(make_cfg(output_dir=str(step), task=1, **common))

@@ -10,7 +10,7 @@ import yaml
 from experiment import config
 from experiment.errors import ConfigError
 from reporting.metrics import RunMetrics, TaskEvaluation
-from tiny import ROOT, TWO_TASKS
+from tiny import ROOT, TWO_TASKS, write_digits
 from tuning.compare import compare, find_runs, parse_args, sweep_folders, sweep_table
 from tuning.sweep import main as sweep_main
 
@@ -123,6 +123,8 @@ def test_a_sweep_ends_with_the_table_of_its_points(tmp_path, monkeypatch, capsys
             "output_dir": {"value": str(tmp_path / "sweep" / "seed{seed}-{config_hash}")},
             **{a[2:].split("=")[0]: {"value": a.split("=")[1]} for a in TWO_TASKS},
             "threads": {"value": 1},
+            "dataset": {"value": "npz"},
+            "data_path": {"value": write_digits(tmp_path / "d.npz", 10, 300)},  # 300 training images: fast
         },
     }
     path = tmp_path / "sweep.yaml"

@@ -12,7 +12,7 @@ import yaml
 
 import main
 from experiment.checkpoint import task_checkpoint_path
-from tiny import ROOT
+from tiny import ROOT, write_digits
 from tuning import sweep
 
 SEARCH_FILES = sorted((ROOT / "configs").glob("*/search/*.yaml"))
@@ -75,6 +75,7 @@ def test_an_interrupted_sweep_continues(tmp_path, monkeypatch, capsys):
     params = {k: {"value": v} for k, v in TWO_TASKS.items()}
     params["lr"] = {"values": [0.1, 0.05]}
     params["output_dir"] = {"value": str(tmp_path / "runs" / "seed{seed}-{config_hash}")}
+    params["dataset"], params["data_path"] = {"value": "npz"}, {"value": write_digits(tmp_path / "d.npz", 10, 300)}
     path = write_sweep(tmp_path / "s.yaml", params)
     assert main.main(["sweep", str(path), "--count=1"]) == 0  # the first point only
     [stopped] = list((tmp_path / "runs").iterdir())
