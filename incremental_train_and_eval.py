@@ -450,6 +450,6 @@ def finish_run(state: RunState, main_process: bool) -> dict[str, Any]:
             if path.suffix == ".png":  # the .pdf twins stay in the run folder
                 state.logger.log_image(path.stem, path)
         state.logger.log_summary(summary)
-        info = provenance.collect(state.cfg, state.device, state.run_hash)
+        info = provenance.collect(state.cfg, state.device, state.run_hash, provenance.process_code(LOADED_CODE))
         state.metrics.write(state.output_dir, info, state.cfg.to_dict())
     return summary

@@ -87,15 +87,16 @@ def describe_device(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def collect(cfg: Config, device: torch.device, config_hash: str) -> dict[str, Any]:
-    """Everything that says what produced a run's numbers."""
+def collect(cfg: Config, device: torch.device, config_hash: str, code: dict[str, Any]) -> dict[str, Any]:
+    """Everything that says what produced a run's numbers; ``code``: the commit the finishing process executes
+    (``process_code``), not the checkout's, which may have moved on since the process started."""
     return {
         "method": cfg.method,
         **data_source(cfg),
         "protocol": cfg.protocol,
         "seed": cfg.seed,
         "config_hash": config_hash,
-        **git_commit(),
+        **code,
         "versions": library_versions(),
         "device": describe_device(device),
     }

@@ -147,6 +147,7 @@ def test_a_resume_with_other_code_says_so_in_one_line_and_each_task_records_its_
         assert run_main([f"--output_dir={out}"])[0] == 130
     code.update(commit="b" * 40, dirty=True)  # a new commit, with uncommitted changes
     monkeypatch.setattr(engine, "LOADED_CODE", dict(code))  # the resume is a new process: it imports b
+    monkeypatch.setattr(provenance, "git_commit", lambda root=None: {"commit": "c" * 40, "dirty": False})  # c lands
     caplog.clear()
     assert run_main([f"--output_dir={out}", "--resume=true"])[0] == 0
     lines = [r.getMessage() for r in caplog.records if "other code" in r.getMessage()]
@@ -160,7 +161,7 @@ def test_a_resume_with_other_code_says_so_in_one_line_and_each_task_records_its_
         {"commit": "b" * 40, "dirty": True},
         {"commit": "b" * 40, "dirty": True},
     ]
-    assert (doc["commit"], doc["dirty"]) == ("b" * 40, True)  # the code that finished the run
+    assert (doc["commit"], doc["dirty"]) == ("b" * 40, True)  # the code that finished the run, not the checkout's c
     first = TaskCheckpoint.load(task_checkpoint_path(out, 1)).metrics["tasks"][0]["extra"]["code"]
     assert first == {"commit": "a" * 40, "dirty": False}
 
