@@ -93,6 +93,23 @@ VARIANTS: dict[str, Variant] = {
     "improved_gen16": (CCSI, {**IMPROVED, "nb_generation": "16"}, "640 impressions per task (4x)"),
 }
 METRICS = (("last_accuracy", "last acc"), ("average_incremental_accuracy", "avg inc acc"))
+# At the end of the run: the old classes' accuracy (classes before the last task), the last task's, and the share of
+# old-class test images predicted as one of the last task's classes (the recency bias behind a collapse).
+END_METRICS = (("old_last", "old"), ("new_last", "new"), ("old_as_new", "old→new %"))
+
+
+def end_of_run(doc: dict[str, Any]) -> dict[str, float]:
+    """``END_METRICS`` from a metrics.json: its confusion matrix (rows: true class, in the scenario's order) split at
+    the last task's first class."""
+    confusion = doc["confusion_matrix"]  # (C, C)
+    n_old = len(confusion) - doc["task_sizes"][-1]
+    old_rows = confusion[:n_old]
+    taken_as_new = sum(sum(row[n_old:]) for row in old_rows)
+    return {
+        "old_last": doc["old_accuracy_per_task"][-1],
+        "new_last": doc["new_accuracy_per_task"][-1],
+        "old_as_new": 100.0 * taken_as_new / max(1, sum(map(sum, old_rows))),
+    }
 
 
 def parse_custom(text: str) -> tuple[str, Variant]:
@@ -125,7 +142,8 @@ def run_variant(
         done.write_text(json.dumps({"wall_seconds": time.perf_counter() - start}))
     doc = json.loads((folder / "metrics.json").read_text())
     synthesis = sum(t.get("seconds_before_task", 0.0) for t in doc["tasks"])
-    rec = {"variant": name, "seed": cfg.seed, **{k: doc[k] for k, _ in METRICS}, "synthesis_seconds": synthesis}
+    rec = {"variant": name, "seed": cfg.seed, **{k: doc[k] for k, _ in METRICS}, **end_of_run(doc)}
+    rec["synthesis_seconds"] = synthesis
     return {**rec, **json.loads(done.read_text()), "output_dir": str(folder)}
 
 
@@ -139,8 +157,8 @@ def table(records: list[dict[str, Any]], variants: dict[str, Variant], reference
     """Markdown rows: one per variant, in the order given."""
     lines = [
         f"| variant | what | config + overrides | seeds | last acc | avg inc acc | Δ last vs {reference} "
-        "| min/run | synth s/run |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|",
+        "| last: old | last: new | old→new % | min/run | synth s/run |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, (config_file, values, what) in variants.items():
         recs = [r for r in records if r["variant"] == name]
@@ -150,6 +168,7 @@ def table(records: list[dict[str, Any]], variants: dict[str, Variant], reference
         cells = [name, what, setting, ",".join(str(r["seed"]) for r in recs)]
         cells += [pm(mean_std([r[k] for r in recs])) for k, _ in METRICS]
         cells += [pm(paired_difference(records, name, reference)) if name != reference else "-"]
+        cells += [pm(mean_std([r[k] for r in recs])) for k, _ in END_METRICS]
         cells += [f"{sum(r['wall_seconds'] for r in recs) / len(recs) / 60:.2f}"]
         cells += [f"{sum(r['synthesis_seconds'] for r in recs) / len(recs):.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -210,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         + (f" (--collect: {len(records)} of {len(jobs)} runs finished, the others left out)" if args.collect else ""),
         "- test accuracy (%) on all seen classes, mean ± sample std over seeds; Δ: paired by seed; min/run: wall "
         "time of one run (shared machine: compare within a table); synth s/run: synthesis seconds per run",
+        "- last: old / new: accuracy on the classes before the last task / on the last task's classes, after it; "
+        "old→new %: the share of the old classes' test images the final model predicts as a last-task class",
         "",
         *table(records, variants, args.reference),
     ]

@@ -297,6 +297,18 @@ def test_ablation_custom_variants_and_the_paired_difference():
     assert ablation.paired_difference(records, "new", "ref") == (4.0, pytest.approx(math.sqrt(2.0)))  # 3 and 5
 
 
+def test_the_end_of_run_split_counts_old_images_taken_as_new_classes():
+    doc = {  # classes 0-2 old, 3-4 the last task's; rows: true class
+        "confusion_matrix": [[8, 1, 0, 1, 0], [0, 5, 0, 3, 2], [0, 0, 10, 0, 0], [0, 0, 0, 4, 0], [1, 0, 0, 0, 6]],
+        "task_sizes": [3, 2],
+        "old_accuracy_per_task": [None, 76.67],
+        "new_accuracy_per_task": [90.0, 90.91],
+    }
+    out = ablation.end_of_run(doc)
+    assert out["old_as_new"] == pytest.approx(100 * 6 / 30)  # 1 + 3 + 2 of the 30 old images
+    assert (out["old_last"], out["new_last"]) == (76.67, 90.91)
+
+
 def test_every_ablation_and_protocol_variant_is_a_valid_configuration():
     """A misspelt key or value in a variant table would only fail after the runs before it (hours on a CPU)."""
     for name, (config_file, values, _) in ablation.VARIANTS.items():
@@ -322,7 +334,7 @@ def test_ablation_runs_a_variant_writes_the_table_and_reuses_the_finished_run(tm
     assert "syn_iterations: 2\n" in saved and "select_on: last\n" in saved and "nb_generation: 1\n" in saved
     metrics = json.loads((runs / "it2" / "seed0" / "metrics.json").read_text())
     assert float(row["last_accuracy"]) == pytest.approx(metrics["last_accuracy"])
-    assert re.search(r"\| it2 \| custom: .* \| 0 \| [0-9.]+ ± 0.00 \| [0-9.]+ ± 0.00 \| - \|", md)
+    assert re.search(r"\| it2 \| custom: .* \| 0 \| [0-9.]+ ± 0.00 \| [0-9.]+ ± 0.00 \| - \| [0-9.]+ ± 0.00 \|", md)
     stamp = (runs / "it2" / "seed0" / "task_2.pt").stat().st_mtime_ns
     assert ablation.main(argv) == 0  # same configuration: read back, not rerun
     assert (runs / "it2" / "seed0" / "task_2.pt").stat().st_mtime_ns == stamp
