@@ -22,7 +22,7 @@ from test_files import limit_file_size
 import main
 from experiment.checkpoint import TaskCheckpoint, load_checkpoint
 from experiment.errors import CheckpointError
-from tiny import ROOT, TWO_TASKS
+from tiny import ROOT, TWO_TASKS, write_digits
 
 ARGS = ["--config", str(ROOT / "configs/digits/ccsi.yaml"), *TWO_TASKS, "--threads=1"]
 
@@ -45,10 +45,17 @@ sys.exit(main.main(sys.argv[2:]))
 """
 
 
-def child(out: Path, fault: str | None = None, preexec=None, extra=()) -> subprocess.CompletedProcess:
+@pytest.fixture(scope="module")
+def run_args(tmp_path_factory) -> list[str]:
+    """ARGS on a 300-image digits file (a quarter of digits' training images: the faults, in less time)."""
+    data = write_digits(tmp_path_factory.mktemp("data") / "digits.npz", 10, 300)
+    return [*ARGS, "--dataset=npz", f"--data_path={data}"]
+
+
+def child(out: Path, run_args: list[str], fault: str | None = None, preexec=None) -> subprocess.CompletedProcess:
     """``main.py`` on the two-task ccsi run into ``out`` in a child process, killed at ``fault``."""
     env = {k: v for k, v in os.environ.items() if k != "CIL_FAULT_AT"}
-    args = [*ARGS, f"--output_dir={out}", *extra]
+    args = [*run_args, f"--output_dir={out}"]
     if fault == "epoch":
         command = [sys.executable, "-c", KILL_IN_EPOCH, str(out), *args]
     else:
@@ -58,8 +65,8 @@ def child(out: Path, fault: str | None = None, preexec=None, extra=()) -> subpro
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, preexec_fn=preexec)
 
 
-def resume(out: Path) -> int:
-    return main.main([*ARGS, f"--output_dir={out}", "--resume=true"])
+def resume(out: Path, run_args: list[str]) -> int:
+    return main.main([*run_args, f"--output_dir={out}", "--resume=true"])
 
 
 def tensors(obj, prefix=""):
@@ -83,9 +90,9 @@ def assert_same_result(out: Path, reference: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
+def reference(tmp_path_factory, run_args) -> Path:
     out = tmp_path_factory.mktemp("reference") / "run"
-    assert main.main([*ARGS, f"--output_dir={out}"]) == 0
+    assert main.main([*run_args, f"--output_dir={out}"]) == 0
     return out
 
 
@@ -99,18 +106,20 @@ def reference(tmp_path_factory) -> Path:
         ("write:accuracy_matrix.png", ["task_2.pt", "accuracy_per_task.png"], ["metrics.json"]),  # the figures
     ],
 )
-def test_a_run_killed_at_each_phase_resumes_to_the_uninterrupted_result(tmp_path, reference, fault, left, absent):
+def test_a_run_killed_at_each_phase_resumes_to_the_uninterrupted_result(
+    tmp_path, reference, run_args, fault, left, absent
+):
     out = tmp_path / "run"
-    killed = child(out, fault)
+    killed = child(out, run_args, fault)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert fault != "epoch" or "killed inside an epoch of task 2" in killed.stderr
     assert all(list(out.glob(pattern)) for pattern in left) and not any((out / name).exists() for name in absent)
-    assert resume(out) == 0
+    assert resume(out, run_args) == 0
     assert_same_result(out, reference)
 
 
 @pytest.mark.e2e
-def test_a_truncated_last_checkpoint_is_named_on_load_and_retrained_on_resume(tmp_path, reference, capsys):
+def test_a_truncated_last_checkpoint_is_named_on_load_and_retrained_on_resume(tmp_path, reference, run_args):
     out = tmp_path / "run"
     shutil.copytree(reference, out)
     data = (out / "task_2.pt").read_bytes()
@@ -121,18 +130,18 @@ def test_a_truncated_last_checkpoint_is_named_on_load_and_retrained_on_resume(tm
         f"checkpoint {out / 'task_2.pt'} is corrupt or unreadable (truncated: an interrupted copy or write); copy it "
         "again, or delete it and rerun that task (in its own run folder, --resume=true retrains it)"
     )
-    assert resume(out) == 0
+    assert resume(out, run_args) == 0
     [aside] = out.glob("replaced-*")
     assert (aside / "task_2.pt").read_bytes() == data[: len(data) // 2]  # kept, not deleted
     assert_same_result(out, reference)
 
 
 @pytest.mark.e2e
-def test_a_file_size_limit_while_a_checkpoint_is_written_is_one_line_and_the_run_resumes(tmp_path, reference):
+def test_a_file_size_limit_while_a_checkpoint_is_written_is_one_line_and_the_run_resumes(tmp_path, reference, run_args):
     first, second = ((reference / f"task_{t}.pt").stat().st_size for t in (1, 2))
     assert second - first > 2000  # a limit between them lets task_1.pt through and stops task_2.pt
     out = tmp_path / "run"
-    done = child(out, preexec=limit_file_size((first + second) // 2))
+    done = child(out, run_args, preexec=limit_file_size((first + second) // 2))
     assert done.returncode == 2 and done.stderr.strip().splitlines()[-1] == (
         f"error: cannot write {out / 'task_2.pt'}: file too large (a file size limit of this process or file "
         "system); the files written before it are intact: free space or fix the permissions, then rerun with "
@@ -140,7 +149,7 @@ def test_a_file_size_limit_while_a_checkpoint_is_written_is_one_line_and_the_run
     )
     assert "Traceback" not in done.stderr and not (out / "task_2.pt").exists() and not list(out.glob(".*.cilpart"))
     assert load_checkpoint(out / "task_1.pt")["task"] == 1
-    assert resume(out) == 0
+    assert resume(out, run_args) == 0
     assert_same_result(out, reference)
 
 
