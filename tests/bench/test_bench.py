@@ -23,6 +23,7 @@ from bench import (
     make_hard_digits,
     protocol_timing,
     protocols,
+    recency_bias,
     speed,
 )
 from dataloaders.npz_data import read_npz
@@ -307,6 +308,35 @@ def test_the_end_of_run_split_counts_old_images_taken_as_new_classes():
     out = ablation.end_of_run(doc)
     assert out["old_as_new"] == pytest.approx(100 * 6 / 30)  # 1 + 3 + 2 of the 30 old images
     assert (out["old_last"], out["new_last"]) == (76.67, 90.91)
+
+
+def test_recency_bias_rows_lower_the_last_task_logits_by_delta():
+    logits = torch.tensor([[2.0, 1.0, 2.5], [0.0, 3.0, 3.4], [1.0, 0.0, 0.5], [0.0, 0.0, 1.0]])  # classes 0-1 old
+    y = torch.tensor([0, 1, 0, 2])
+    rows = recency_bias.bias_rows(logits, y, n_old=2, deltas=(0.0, 0.45, math.inf))
+    # delta 0: images 0 and 1 taken as class 2; 0.45: image 0 still (2.05 > 2.0); inf: image 3 lost too
+    assert [(r["all"], r["old"], r["new"], r["old_as_new"]) for r in rows] == [
+        (50.0, pytest.approx(100 / 3), 100.0, pytest.approx(200 / 3)),
+        (75.0, pytest.approx(200 / 3), 100.0, pytest.approx(100 / 3)),
+        (75.0, 100.0, 0.0, 0.0),
+    ]
+
+
+@pytest.mark.e2e
+def test_recency_bias_reads_a_finished_run_back_to_its_own_last_accuracy(tmp_path, capsys):
+    data = write_digits(tmp_path / "digits.npz", 10, 300)
+    out = tmp_path / "run"
+    overrides = {"method": "finetune", "dataset": "npz", "data_path": data, "nb_cl_fg": 8, "nb_cl": 2, "epochs": 1}
+    done = engine.run(config.load_config(overrides={**overrides, "progress": False, "output_dir": str(out)}))
+    assert recency_bias.main([str(out)]) == 0
+    rows = [line.split("|")[2:7] for line in capsys.readouterr().out.splitlines()[2:]]
+    assert float(rows[0][1]) == pytest.approx(done["last_accuracy"], abs=0.005)  # delta 0: the run's evaluation
+    assert rows[-1][0].strip() == "inf" and float(rows[-1][3]) == 0.0 and float(rows[-1][4]) == 0.0
+    assert recency_bias.main([str(tmp_path)]) == 2
+    assert (
+        capsys.readouterr().err
+        == f"error: {tmp_path} holds no finished task (config.yaml and task_<t>.pt); give a run folder\n"
+    )
 
 
 def test_every_ablation_and_protocol_variant_is_a_valid_configuration():
