@@ -21,7 +21,7 @@ TINY_SYNTHESIS = {"nb_generation": 1, "syn_batch_size": 8, "syn_iterations": 3, 
 
 
 @pytest.mark.e2e
-def test_ccsi_never_sees_real_images_of_old_classes(make_cfg, monkeypatch):
+def test_ccsi_never_sees_real_images_of_old_classes(make_cfg, monkeypatch, tmp_path):
     """Every real image the method is handed or trains on belongs to the current task's classes."""
     seen_real, seen_synthetic, handed = [], [], []
     original_before, original_step = CCSI.before_task, CCSI.training_step
@@ -37,7 +37,9 @@ def test_ccsi_never_sees_real_images_of_old_classes(make_cfg, monkeypatch):
 
     monkeypatch.setattr(CCSI, "before_task", before_task)
     monkeypatch.setattr(CCSI, "training_step", training_step)
-    run(make_cfg(method="ccsi", nb_cl_fg=4, nb_cl=3, epochs=1, idc_source="train", **TINY_SYNTHESIS))
+    data = write_digits(tmp_path / "digits.npz", 10, 300)  # 300 training images: every path, less training
+    run(make_cfg(method="ccsi", nb_cl_fg=4, nb_cl=3, epochs=1, idc_source="train", dataset="npz", data_path=data,
+                 **TINY_SYNTHESIS))  # fmt: skip
     assert [t for t, _, _ in handed] == [1, 2, 3]
     for _, labels, new in handed:
         assert labels == new, "ctx.train holds only the new classes"
