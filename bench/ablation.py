@@ -80,6 +80,11 @@ VARIANTS: dict[str, Variant] = {
         {**IMPROVED, **REFIT, "ccsi_prototypes": "true"},
         "improved + head refit with old classes drawn around their feature prototypes (PASS)",
     ),
+    "improved_proto_drift": (
+        CCSI,
+        {**IMPROVED, **REFIT, "ccsi_prototypes": "true", "ccsi_prototype_drift": "true"},
+        "improved_proto_refit with the prototypes moved by the drift of the task's features (SDC)",
+    ),
     "improved_mean_only": (CCSI, {**IMPROVED, "syn_iterations": "0"}, "improved, no synthesis: mean image + noise"),
     "improved_idc_val": (CCSI, {**IMPROVED, "idc_source": "val"}, "LEAK (opt-in): IdC on all seen classes' val images"),
     "improved_frozen": (CCSI, {**IMPROVED, "class_stats_update": "frozen"}, "per-class moments not refreshed"),

@@ -105,6 +105,15 @@ register_options(
             scope="experiment",
         ),
         Option(
+            "ccsi_prototype_drift",
+            "bool",
+            False,
+            "with ccsi_prototypes: after each task >= 2, move the old prototypes by the drift of the task's own "
+            "images' features between the previous and the trained model, weighted by nearness (SDC, Yu et al. 2020), "
+            "before the head refit draws around them",
+            scope="experiment",
+        ),
+        Option(
             "class_weights",
             "str",
             "counts",
@@ -298,6 +307,8 @@ class CCSI(Method):
 
     @classmethod
     def check(cls, cfg: Config, task_sizes: list[int]) -> None:
+        if cfg.ccsi_prototype_drift and not cfg.ccsi_prototypes:
+            raise ConfigError("key 'ccsi_prototype_drift': moves the stored prototypes; set ccsi_prototypes: true")
         for task, n_new in enumerate(task_sizes[1:], start=2):
             task_cfg = cfg.for_task(task)
             if task_cfg.class_stats_update == "refresh" and task_cfg.class_stats != "per_class":
@@ -413,6 +424,13 @@ class CCSI(Method):
         """Keep what synthesis needs: the new classes' mean images and CN moments (no real image); with
         ``class_stats_update: refresh`` the old classes' moments re-estimated on this task's impressions."""
         self.net.eval()
+        if self.cfg.ccsi_prototype_drift and self.teacher is not None and self.prototypes is not None:
+            batch = self.cfg.eval_batch_size
+            before, after = (
+                extract_features(self.teacher, ctx.train, batch),
+                extract_features(self.net, ctx.train, batch),
+            )
+            self.prototypes.compensate_drift(before, after)  # the task's own images: no old class
         if self.cfg.ccsi_head_refit_epochs > 0 and self.synthetic is not None:
             refit_head(self.net, ctx, self.synthetic, self.cfg, self.device, self.prototypes)
         if self.prototypes is not None:

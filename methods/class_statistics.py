@@ -182,6 +182,18 @@ class FeaturePrototypes:
             radius.float() if self.radius is None else torch.cat([self.radius, radius.float().to(self.radius)])
         )
 
+    def compensate_drift(self, before: Tensor, after: Tensor) -> None:
+        """Move each stored mean by the drift of the features near it (SDC, Yu et al., CVPR 2020): ``before`` (N, D)
+        and ``after`` (N, D) are the same images' features under the previous and the trained model (the task's own
+        images: no old class); mean c moves by the average of after - before, weighted by
+        exp(-|before_i - mean_c|^2 / (2 D radius_c^2)), a Gaussian as wide as the class's own spread."""
+        assert self.means is not None and self.radius is not None, "no prototype stored"
+        before, after = before.double().to(self.means.device), after.double().to(self.means.device)
+        d = before.shape[1]
+        distance = torch.cdist(self.means.double(), before).square()  # (K, N)
+        weights = torch.softmax(-distance / (2 * d * self.radius.double()[:, None].square()), dim=1)  # (K, N)
+        self.means = (self.means.double() + weights @ (after - before)).float()
+
     def sample(self, per_class: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """``per_class`` Gaussian draws around each stored prototype, mean + radius * N(0, I):
         (features (K * per_class, D), labels (K * per_class,)) on the prototypes' device."""

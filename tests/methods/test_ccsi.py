@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from experiment.checkpoint import load_checkpoint, task_checkpoint_path
-from experiment.config import load_config, parse_overrides
+from experiment.config import ConfigError, load_config, parse_overrides
 from incremental_train_and_eval import run
 from methods.base import extract_features
 from methods.ccsi import CCSI, local_logits, refit_head
@@ -63,7 +63,7 @@ def test_ccsi_checkpoint_holds_no_real_images(make_cfg, tmp_path):
     assert all(m.shape[0] == 4 for m in memory["layer_means"] + memory["layer_vars"]), "per-class moments only"
 
 
-OPTIONS = {"ccsi_local_ce": True, "ccsi_head_refit_epochs": 2, "ccsi_prototypes": True}
+OPTIONS = {"ccsi_local_ce": True, "ccsi_head_refit_epochs": 2, "ccsi_prototypes": True, "ccsi_prototype_drift": True}
 
 
 @pytest.mark.e2e
@@ -366,3 +366,9 @@ def test_head_refit_balances_the_head_and_leaves_the_backbone(make_cfg):
     assert balanced_ce() < 0.9 * before
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in backbone.items()), "the refit moved the backbone"
     assert int(ctx.access.counts()["total"]) == 0
+
+
+def test_prototype_drift_without_prototypes_is_refused(make_cfg):
+    cfg = make_cfg(method="ccsi", ccsi_prototype_drift=True)
+    with pytest.raises(ConfigError, match=r"^key 'ccsi_prototype_drift': .*set ccsi_prototypes: true$"):
+        CCSI.check(cfg, [2, 2])

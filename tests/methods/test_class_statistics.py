@@ -1,5 +1,7 @@
 """Feature prototypes (``ccsi_prototypes``): what is stored per class, against values computed by hand."""
 
+import math
+
 import torch
 from torch import nn
 
@@ -46,3 +48,18 @@ def test_prototype_draws_are_gaussian_around_each_class_with_its_radius():
     assert torch.allclose(features[:4000].mean(0), torch.tensor([1.0, 2.0]), atol=0.1)
     assert torch.allclose(features[:4000].std(0), torch.full((2,), 2.5**0.5), rtol=0.05)  # radius of class 0
     assert torch.equal(features[4000:], torch.full((4000, 2), 10.0))  # class 1 has no spread
+
+
+def test_drift_compensation_moves_each_prototype_by_the_drift_of_the_features_near_it():
+    protos = FeaturePrototypes()
+    protos.labels = torch.tensor([0, 1, 2])
+    protos.means = torch.tensor([[0.0, 0.0], [10.0, 0.0], [5.0, 0.0]])
+    protos.radius = torch.ones(3)
+    before = torch.tensor([[0.0, 0.0], [10.0, 0.0]])  # the task's two images under the previous model
+    after = torch.tensor([[1.0, 0.0], [10.0, 3.0]])  # and under the trained one: drifts (1, 0) and (0, 3)
+    protos.compensate_drift(before, after)
+    # weights exp(-d^2 / (2 D r^2)), D = 2, r = 1: class 0 sees distances^2 0 and 100 -> w = 1 / (1 + e^-25) on (1, 0)
+    w = 1 / (1 + math.exp(-25))
+    expected = torch.tensor([[w, 3 * (1 - w)], [10 + (1 - w), 3 * w], [5.5, 1.5]])  # class 2: halfway, equal weights
+    assert torch.allclose(protos.means, expected, atol=1e-6)
+    assert protos.labels.tolist() == [0, 1, 2] and torch.equal(protos.radius, torch.ones(3))  # spreads kept
