@@ -49,12 +49,14 @@ def resolved_settings(table: dict[str, Protocol], name: str) -> dict[str, Any]:
 
 
 def table_markdown(table: dict[str, Protocol]) -> str:
-    """The protocols as a Markdown table: one column a protocol, one row a key it sets."""
+    """The protocols as a Markdown table: one column a protocol, one row a key it sets ("-": the protocol leaves
+    the key at its default)."""
     names = list(table)
     keys = sorted({k for n in names for k in resolved_settings(table, n)})
     lines = ["| key | " + " | ".join(f"`{n}`" for n in names) + " |", "|---|" + "---|" * len(names)]
     for key in keys:
-        cells = [f"`{resolved_settings(table, n).get(key, '')}`" for n in names]
+        settings = [resolved_settings(table, n) for n in names]
+        cells = [f"`{s[key]}`" if key in s else "-" for s in settings]
         lines.append(f"| `{key}` | " + " | ".join(cells) + " |")
     lines += ["", *(f"- `{n}`: {table[n].help}" for n in names)]
     return "\n".join(lines)

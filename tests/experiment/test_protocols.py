@@ -46,15 +46,18 @@ def test_clean_equals_original_except_the_keys_of_data_access():
 
 
 IMPROVED = {"class_stats": "per_class", "class_stats_update": "refresh"}
+HEAD_REFIT = {"ccsi_head_refit_epochs": 20, "ccsi_prototypes": True, "ccsi_prototype_drift": True}  # CCSI's options
 
 
 def test_improved_equals_clean_except_its_measured_switches():
     clean = {k: s.value for k, s in config.preset_settings("protocol", "clean").items()}
     improved = {k: s.value for k, s in config.preset_settings("protocol", "improved").items()}
-    assert set(improved) == set(clean) == set(RELEASED)
-    assert {k: v for k, v in improved.items() if clean[k] != v} == IMPROVED
+    assert set(clean) == set(RELEASED) and set(improved) == set(RELEASED) | set(HEAD_REFIT)
+    assert {k: v for k, v in improved.items() if clean.get(k) != v} == {**IMPROVED, **HEAD_REFIT}
     cfg = load_config([ROOT / "configs/digits/ccsi.yaml"], {"protocol": "improved"})
     assert (cfg.class_stats, cfg.class_stats_update, cfg.idc_source) == (*IMPROVED.values(), "train")
+    assert all(getattr(cfg, k) == v for k, v in HEAD_REFIT.items())
+    assert load_config([ROOT / "configs/digits/ccsi.yaml"], {"protocol": "clean"}).ccsi_head_refit_epochs == 0
     mine = load_config([ROOT / "configs/digits/ccsi.yaml"], {"protocol": "improved", "select_on": "val_new"})
     assert mine.select_on == "val_new", "a key set explicitly wins over the preset it inherits from clean too"
     assert load_config(overrides={"method": "deepinversion", "protocol": "improved"}).class_stats == "running"

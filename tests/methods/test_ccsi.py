@@ -58,9 +58,11 @@ def test_ccsi_checkpoint_holds_no_real_images(make_cfg, tmp_path):
     state = load_checkpoint(task_checkpoint_path(tmp_path / "run", 1))["method"]
     memory = state["memory"]
     assert memory["mean_images"].shape == (4, 1, 32, 32), "one mean image per class, nothing else"
-    assert set(state) == {"net", "head_layout", "n_seen", "memory"}
+    assert set(state) == {"net", "head_layout", "n_seen", "memory", "prototypes"}
     assert set(memory) == {"labels", "mean_images", "layer_means", "layer_vars"}
     assert all(m.shape[0] == 4 for m in memory["layer_means"] + memory["layer_vars"]), "per-class moments only"
+    prototypes = state["prototypes"]  # protocol improved: one feature mean and one spread per class
+    assert prototypes["means"].shape == (4, 256) and prototypes["radius"].shape == (4,)
 
 
 OPTIONS = {"ccsi_local_ce": True, "ccsi_head_refit_epochs": 2, "ccsi_prototypes": True, "ccsi_prototype_drift": True}
@@ -369,6 +371,6 @@ def test_head_refit_balances_the_head_and_leaves_the_backbone(make_cfg):
 
 
 def test_prototype_drift_without_prototypes_is_refused(make_cfg):
-    cfg = make_cfg(method="ccsi", ccsi_prototype_drift=True)
+    cfg = make_cfg(method="ccsi", ccsi_prototypes=False, ccsi_prototype_drift=True)
     with pytest.raises(ConfigError, match=r"^key 'ccsi_prototype_drift': .*set ccsi_prototypes: true$"):
         CCSI.check(cfg, [2, 2])
