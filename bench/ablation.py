@@ -43,7 +43,9 @@ PROTOCOL = {"protocol": "clean", "idc_source": "train", "select_on": "last", "sc
 Variant = tuple[str, dict[str, str], str]  # config file, overrides, what it tests
 SHIPPED = {"do_flip": "true", "class_stats": "per_class", "class_weights": "counts"}  # the config before issue 15
 REFRESH = {"class_stats": "per_class", "class_stats_update": "refresh"}
-IMPROVED = {"protocol": "improved"}
+# protocol improved as it was before issue 26 adopted the prototype head refit (the reference of the ablation's runs)
+IMPROVED = {"protocol": "improved", "ccsi_head_refit_epochs": "0", "ccsi_prototypes": "false"}
+IMPROVED["ccsi_prototype_drift"] = "false"
 REFIT = {"ccsi_head_refit_epochs": "20"}
 VARIANTS: dict[str, Variant] = {
     "mean_only": (CCSI, {"syn_iterations": "0"}, "no optimisation: class mean image + noise"),
@@ -67,7 +69,7 @@ VARIANTS: dict[str, Variant] = {
         "impressions clamped to [0, 1] (the released clamp: channel 0 to [-2.1, 2.2])",
     ),
     "tv01": (CCSI, {"tv_l2": "0.01"}, "10x the total-variation prior (0.01, the value of some CCSI configs)"),
-    "improved": (CCSI, {"protocol": "improved"}, "protocol improved: per-class moments refreshed after each task"),
+    "improved": (CCSI, IMPROVED, "protocol improved before issue 26: per-class moments refreshed after each task"),
     "refresh_unit": (CCSI, {**REFRESH, "syn_clamp": "unit"}, "improved + impressions clamped to [0, 1]"),
     "icarl": ("configs/digits/icarl.yaml", {}, "iCaRL, 200 real exemplars (not data-free)"),
     # issue 26, on real images: the field's lessons as CCSI options, the settings chosen since fa7b86d one at a time
@@ -83,7 +85,8 @@ VARIANTS: dict[str, Variant] = {
     "improved_proto_drift": (
         CCSI,
         {**IMPROVED, **REFIT, "ccsi_prototypes": "true", "ccsi_prototype_drift": "true"},
-        "improved_proto_refit with the prototypes moved by the drift of the task's features (SDC)",
+        "improved_proto_refit with the prototypes moved by the drift of the task's features (SDC): protocol improved "
+        "since issue 26",
     ),
     "improved_mean_only": (CCSI, {**IMPROVED, "syn_iterations": "0"}, "improved, no synthesis: mean image + noise"),
     "improved_idc_val": (CCSI, {**IMPROVED, "idc_source": "val"}, "LEAK (opt-in): IdC on all seen classes' val images"),
