@@ -422,7 +422,8 @@ class CCSI(Method):
 
     def after_task(self, ctx: TaskContext) -> None:
         """Keep what synthesis needs: the new classes' mean images and CN moments (no real image); with
-        ``class_stats_update: refresh`` the old classes' moments re-estimated on this task's impressions."""
+        ``class_stats_update: refresh`` the old classes' moments re-estimated on this task's impressions. Before that,
+        the options: old prototypes moved by the task's feature drift, the head refit, the new classes' prototypes."""
         self.net.eval()
         if self.cfg.ccsi_prototype_drift and self.teacher is not None and self.prototypes is not None:
             batch = self.cfg.eval_batch_size

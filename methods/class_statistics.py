@@ -191,7 +191,8 @@ class FeaturePrototypes:
         before, after = before.double().to(self.means.device), after.double().to(self.means.device)
         d = before.shape[1]
         distance = torch.cdist(self.means.double(), before).square()  # (K, N)
-        weights = torch.softmax(-distance / (2 * d * self.radius.double()[:, None].square()), dim=1)  # (K, N)
+        width = (2 * d * self.radius.double()[:, None].square()).clamp_min(1e-12)  # a one-image class: nearest image
+        weights = torch.softmax(-distance / width, dim=1)  # (K, N)
         self.means = (self.means.double() + weights @ (after - before)).float()
 
     def sample(self, per_class: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:

@@ -63,3 +63,10 @@ def test_drift_compensation_moves_each_prototype_by_the_drift_of_the_features_ne
     expected = torch.tensor([[w, 3 * (1 - w)], [10 + (1 - w), 3 * w], [5.5, 1.5]])  # class 2: halfway, equal weights
     assert torch.allclose(protos.means, expected, atol=1e-6)
     assert protos.labels.tolist() == [0, 1, 2] and torch.equal(protos.radius, torch.ones(3))  # spreads kept
+
+
+def test_drift_of_a_class_without_spread_is_its_nearest_image_s():
+    protos = FeaturePrototypes()
+    protos.labels, protos.means, protos.radius = torch.tensor([0]), torch.tensor([[1.0, 0.0]]), torch.zeros(1)
+    protos.compensate_drift(torch.tensor([[1.0, 0.0], [3.0, 0.0]]), torch.tensor([[1.0, 2.0], [3.0, 5.0]]))
+    assert torch.equal(protos.means, torch.tensor([[1.0, 2.0]]))  # the image at its mean: drift (0, 2), no NaN
